@@ -1,0 +1,133 @@
+"""The ``qc::`` ops: fake kernels for export, readable references, fast CPU paths.
+
+Canonical ops take the artifact's kernel-neutral layout (``codegen.quant``) and compute
+exactly their reference on every device. ``lower_for_cpu`` (``codegen.cpu``) swaps them,
+at load time, for the ``*_cpu`` ops below, which run torch's packed CPU kernels with
+16-bit (bf16) activations — the "A16" of W4A16/W8A16 — and fp32 accumulation.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .quant import dequantize_weight_ref
+
+# NOTE: torch's int4/int8 packed CPU kernels are per-row GEMVs: they beat a dense bf16
+# GEMM only for a few rows. Past this many rows a dequantize + bf16 GEMM wins (bench/linear_cpu.py).
+PACKED_MAX_ROWS = 32
+
+
+def quantized_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
+                         bias: Optional[Tensor], bits: int) -> Tensor:
+    """``F.linear(x, (q - zero) * scale, bias)`` in ``x.dtype``."""
+    w = dequantize_weight_ref(qweight, scales, zeros, bits).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _out_features(qweight: Tensor) -> int:
+    return qweight.shape[0]
+
+
+# --- dequantize (the q/dq form the quantize pass inserts, before fusion) ---------------
+
+@torch.library.custom_op("qc::dequantize_weight", mutates_args=())
+def dequantize_weight(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int) -> Tensor:
+    return dequantize_weight_ref(qweight, scales, zeros, bits)
+
+
+@dequantize_weight.register_fake
+def _(qweight, scales, zeros, bits):
+    K = qweight.shape[1] * (2 if bits == 4 else 1)
+    return scales.new_empty(qweight.shape[0], K)
+
+
+# --- weight-only linears, canonical layout -------------------------------------------
+
+@torch.library.custom_op("qc::w4a16_linear", mutates_args=())
+def w4a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
+                 bias: Optional[Tensor]) -> Tensor:
+    """``x [..., K]`` @ int4 weight (uint8 ``[N, K/2]``, scales/zeros ``[N, K/G]``) -> ``[..., N]``."""
+    return quantized_linear_ref(x, qweight, scales, zeros, bias, bits=4)
+
+
+@torch.library.custom_op("qc::w8a16_linear", mutates_args=())
+def w8a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
+                 bias: Optional[Tensor]) -> Tensor:
+    """``x [..., K]`` @ int8 weight (int8 ``[N, K]``, scales/zeros ``[N, K/G]``) -> ``[..., N]``."""
+    return quantized_linear_ref(x, qweight, scales, zeros, bias, bits=8)
+
+
+@w4a16_linear.register_fake
+def _(x, qweight, scales, zeros, bias):
+    return x.new_empty(*x.shape[:-1], _out_features(qweight))
+
+
+@w8a16_linear.register_fake
+def _(x, qweight, scales, zeros, bias):
+    return x.new_empty(*x.shape[:-1], _out_features(qweight))
+
+
+# --- CPU fast paths (layouts prepared once at load time by codegen.cpu) ----------------
+
+def _dequantize_bf16(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int) -> Tensor:
+    if bits == 4:
+        q = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).to(torch.bfloat16) - 8.0
+    else:
+        q = qweight.to(torch.bfloat16)
+    N, ngroups = scales.shape
+    q = q.reshape(N, ngroups, -1)
+    if zeros is not None:
+        q = q - zeros.to(torch.bfloat16).unsqueeze(-1)
+    return (q * scales.to(torch.bfloat16).unsqueeze(-1)).reshape(N, -1)
+
+
+def _dense_bf16(x2: Tensor, qweight, scales, zeros, bits) -> Tensor:
+    return F.linear(x2.to(torch.bfloat16), _dequantize_bf16(qweight, scales, zeros, bits))
+
+
+def _finish(y: Tensor, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+@torch.library.custom_op("qc::w4a16_linear_cpu", mutates_args=())
+def w4a16_linear_cpu(x: Tensor, int4pack: Tensor, scales_and_zeros: Tensor, qweight: Tensor,
+                     scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """``qc::w4a16_linear`` on CPU: torch's int4pack kernel (``int4pack``, ``scales_and_zeros``
+    from ``codegen.cpu.pack_int4_for_cpu``) for few rows, a bf16 dequantize + GEMM for many."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] <= PACKED_MAX_ROWS:
+        group_size = x.shape[-1] // scales.shape[1]
+        y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), int4pack, group_size, scales_and_zeros)
+    else:
+        y = _dense_bf16(x2, qweight, scales, zeros, bits=4)
+    return _finish(y, x, bias)
+
+
+@torch.library.custom_op("qc::w8a16_linear_cpu", mutates_args=())
+def w8a16_linear_cpu(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
+                     bias: Optional[Tensor]) -> Tensor:
+    """``qc::w8a16_linear`` on CPU for per-channel weights: torch's int8pack kernel for few rows
+    (an asymmetric zero point is a rank-1 correction ``- rowsum(x) * zero * scale``), a bf16
+    dequantize + GEMM for many."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] <= PACKED_MAX_ROWS:
+        xb = x2.to(torch.bfloat16)
+        s = scales.reshape(-1).to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(xb, qweight, s).float()
+        if zeros is not None:
+            y = y - xb.float().sum(-1, keepdim=True) * (zeros.reshape(-1).float() * scales.reshape(-1).float())
+    else:
+        y = _dense_bf16(x2, qweight, scales, zeros, bits=8)
+    return _finish(y, x, bias)
+
+
+@w4a16_linear_cpu.register_fake
+def _(x, int4pack, scales_and_zeros, qweight, scales, zeros, bias):
+    return x.new_empty(*x.shape[:-1], _out_features(qweight))
+
+
+@w8a16_linear_cpu.register_fake
+def _(x, qweight, scales, zeros, bias):
+    return x.new_empty(*x.shape[:-1], _out_features(qweight))

@@ -1,0 +1,100 @@
+"""Integer weight quantization math shared by the compiler passes and the op references.
+
+Canonical, kernel-neutral layouts (what an artifact stores):
+  * int4: ``qweight`` uint8 ``[N, K // 2]``, two values per byte, column ``2j`` in the low
+    nibble and ``2j + 1`` in the high one, offset-binary (stored ``q + 8``, ``q`` in [-8, 7]);
+  * int8: ``qweight`` int8 ``[N, K]``;
+  * ``scales`` ``[N, K // group_size]`` in the model's float dtype (per-channel: one group);
+  * ``zeros`` int8 ``[N, K // group_size]``, signed, in ``q``'s domain, or ``None`` (symmetric).
+Dequantization is always ``w = (q - zero) * scale``.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+
+class QuantizedWeight(NamedTuple):
+    qweight: Tensor
+    scales: Tensor
+    zeros: Optional[Tensor]
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def compute_qparams(w: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """Round-to-nearest scales (and integer zero points) per group of ``group_size`` input channels.
+
+    Symmetric: ``scale = absmax / ((qmax - qmin) / 2)`` (absmax/7.5 for int4, the same
+    choice as llm-compressor; values at +absmax clip to qmax). Asymmetric: the range is
+    widened to include 0 so that 0 stays exact, ``scale = (max - min) / (qmax - qmin)``
+    and ``zero = qmin - round(min / scale)``."""
+    N, K = w.shape
+    assert K % group_size == 0, f"group_size {group_size} does not divide K={K}"
+    qmin, qmax = qrange(bits)
+    wg = w.detach().float().reshape(N, K // group_size, group_size)
+    eps = torch.finfo(torch.float32).tiny
+    if symmetric:
+        absmax = wg.abs().amax(-1)
+        return (absmax / ((qmax - qmin) / 2)).clamp_min(eps), None
+    lo = wg.amin(-1).clamp(max=0.0)
+    hi = wg.amax(-1).clamp(min=0.0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(eps)
+    zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero.to(torch.int8)
+
+
+def quantize(w: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: int) -> Tensor:
+    """Signed integer codes ``clamp(round(w / scale) + zero, qmin, qmax)`` as int8 ``[N, K]``."""
+    N, K = w.shape
+    qmin, qmax = qrange(bits)
+    wg = w.detach().float().reshape(N, K // group_size, group_size)
+    q = torch.round(wg / scales.float().unsqueeze(-1))
+    if zeros is not None:
+        q = q + zeros.float().unsqueeze(-1)
+    return q.clamp(qmin, qmax).to(torch.int8).reshape(N, K)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """int8 codes in [-8, 7], ``[N, K]`` (K even) -> uint8 ``[N, K // 2]`` (offset-binary nibbles)."""
+    assert q.dtype == torch.int8 and q.shape[-1] % 2 == 0, f"need int8 [N, even K], got {q.dtype} {tuple(q.shape)}"
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """uint8 ``[N, K // 2]`` -> int8 codes in [-8, 7], ``[N, K]``."""
+    lo = (packed & 0xF).to(torch.int8) - 8
+    hi = (packed >> 4).to(torch.int8) - 8
+    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def quantize_weight(w: Tensor, bits: int, group_size: Optional[int], symmetric: bool) -> QuantizedWeight:
+    """Round-to-nearest quantization of a linear weight ``[N, K]`` into the canonical layout.
+    ``group_size=None`` means one group per output channel (per-channel)."""
+    assert bits in (4, 8), f"bits must be 4 or 8, got {bits}"
+    G = group_size or w.shape[1]
+    scales, zeros = compute_qparams(w, bits, G, symmetric)
+    q = quantize(w, scales, zeros, bits, G)
+    qweight = pack_int4(q) if bits == 4 else q
+    return QuantizedWeight(qweight, scales.to(w.dtype), zeros)
+
+
+def dequantize_weight_ref(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int) -> Tensor:
+    """Canonical layout -> float weight ``[N, K]`` in ``scales.dtype``: ``(q - zero) * scale``."""
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    N, K = q.shape
+    ngroups = scales.shape[-1]
+    qg = q.reshape(N, ngroups, K // ngroups).float()
+    if zeros is not None:
+        qg = qg - zeros.float().unsqueeze(-1)
+    return (qg * scales.float().unsqueeze(-1)).reshape(N, K).to(scales.dtype)
+
+
+def sqnr_db(ref: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10·log10(‖ref‖² / ‖ref − approx‖²)."""
+    ref, approx = ref.double(), approx.double()
+    noise = (ref - approx).pow(2).sum().clamp_min(1e-30)
+    return float(10 * torch.log10(ref.pow(2).sum() / noise))

@@ -1,0 +1,84 @@
+"""quantize_weights: round-to-nearest weight quantization as inserted dequantize nodes.
+
+Every ``aten.linear`` whose weight is a constant gets ``qc.dequantize_weight(qweight, scales,
+zeros)`` of that weight in its place; the integer weights become the program's constants.
+Invariant: outputs equal the float program with each such weight replaced by
+``dequantize(quantize(W))`` (the plain-PyTorch reference of the scheme). Layers the scheme
+cannot take (input size not divisible by the group size) and the output projection
+(lm_head, unless asked) stay float; ``gm.meta["qc_layers"]`` records what happened to each."""
+import logging
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+from tqdm import tqdm
+
+from qcompiler.codegen.fx import finish, get_constant, insert_call, insert_constant
+from qcompiler.codegen.quant import dequantize_weight_ref, quantize_weight, sqnr_db
+
+log = logging.getLogger("qcompiler")
+aten = torch.ops.aten
+
+
+def linear_nodes(gm: GraphModule) -> list[Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default]
+
+
+def output_linears(gm: GraphModule) -> set[Node]:
+    """Linears whose result reaches the program output without passing another linear (lm_head)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    found, seen, stack = set(), set(), list(out.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target is aten.linear.default:
+            found.add(n)
+        else:
+            stack.extend(n.all_input_nodes)
+    return found
+
+
+def layer_name(fqn: str) -> str:
+    """Graph constant name -> the model's own module name (drops the capture wrapper's prefix)."""
+    return fqn.removeprefix("model.").removesuffix(".weight")
+
+
+def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], symmetric: bool,
+                     include_lm_head: bool = False, progress: bool = False) -> GraphModule:
+    layers = gm.meta.setdefault("qc_layers", {})
+    heads = output_linears(gm)
+    done: dict[str, Node] = {}
+    warned: set[str] = set()
+    todo = [n for n in linear_nodes(gm) if n.args[1].op == "get_attr"]
+    for node in tqdm(todo, desc=f"quantize int{bits}", disable=not progress, unit="layer"):
+        w_node = node.args[1]
+        fqn, w = w_node.target, get_constant(gm, w_node.target)
+        name = layer_name(fqn)
+        N, K = w.shape
+        G = group_size or K
+        reason = None
+        if node in heads and not include_lm_head:
+            reason = "lm_head kept float (pass include_lm_head to quantize it)"
+        elif K % G or (bits == 4 and K % 2):
+            reason = f"input size {K} not divisible by group size {G}"
+            if reason not in warned:
+                log.warning("%s: %s; such layers stay float", name, reason)
+                warned.add(reason)
+        if reason:
+            layers[name] = {"status": "float", "reason": reason, "shape": [N, K]}
+            continue
+        if fqn not in done:
+            qw = quantize_weight(w, bits, group_size, symmetric)
+            prefix = fqn.removesuffix(".weight")
+            with gm.graph.inserting_before(node):
+                args = [insert_constant(gm, f"{prefix}.qweight", qw.qweight),
+                        insert_constant(gm, f"{prefix}.scales", qw.scales),
+                        None if qw.zeros is None else insert_constant(gm, f"{prefix}.zeros", qw.zeros)]
+                done[fqn] = insert_call(gm, torch.ops.qc.dequantize_weight.default, (*args, bits))
+            deq = dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, bits)
+            layers[name] = {"status": "quantized", "bits": bits, "group_size": G, "symmetric": symmetric,
+                            "shape": [N, K], "weight_sqnr_db": round(sqnr_db(w, deq), 2)}
+        node.replace_input_with(w_node, done[fqn])
+    return finish(gm)

@@ -1,0 +1,168 @@
+"""``qcompile``: compile a model to an artifact (the default action), or evaluate one."""
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .targets import TARGETS
+
+SUBCOMMANDS = ("compile", "eval")
+DESCRIPTION = """Compile a PyTorch language model into a quantized artifact, or evaluate one.
+
+  qcompile MODEL --target w4a16 [-o DIR]     compile (same as: qcompile compile MODEL ...)
+  qcompile eval ARTIFACT [--compare-float]   perplexity on the bundled evaluation text
+
+MODEL is a model.py defining build_model(), a Hugging Face model directory, or a .gguf file.
+Targets:
+  float   no quantization: captured, normalized and packaged as is
+  w4a16   int4 weights in groups (--group-size, default 128), 16-bit activations
+  w8a16   int8 weights per output channel (or --group-size), 16-bit activations
+Embeddings and lm_head stay float (--quantize-lm-head quantizes lm_head). A linear whose
+input size the group size does not divide stays float; the manifest records it."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        print(f"qcompile: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _group_size(s: str):
+    if s in ("channel", "none"):
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be an integer or 'channel', got {s!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qcompile", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    c = sub.add_parser("compile", help="compile MODEL into an artifact (the default action)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("model", help="model.py, Hugging Face model directory, or .gguf file")
+    c.add_argument("--target", "-t", default="w4a16", help=f"one of {', '.join(TARGETS)} (default w4a16)")
+    c.add_argument("--group-size", "-g", type=_group_size, default=None,
+                   help="input channels per scale: a power of two >= 16, or 'channel' (w8a16 default)")
+    sym = c.add_mutually_exclusive_group()
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", default=None,
+                     help="integer zero point per group (default: symmetric)")
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true")
+    c.add_argument("--method", default=None, help="weight quantization method (rtn)")
+    c.add_argument("--quantize-lm-head", action="store_true", default=None, help="quantize the output projection too")
+    c.add_argument("--dtype", default=None, help="cast the model first: float32, bfloat16 or float16")
+    c.add_argument("-o", "--output", default=None, help="artifact directory (default build/<model>-<target>)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    e = sub.add_parser("eval", help="perplexity of an artifact on the bundled evaluation text")
+    e.add_argument("artifact")
+    e.add_argument("--windows", type=int, default=16)
+    e.add_argument("--window-len", type=int, default=1024)
+    e.add_argument("--text-file", default=None, help="evaluate on this UTF-8 text instead")
+    e.add_argument("--compare-float", action="store_true", help="also evaluate the float source model")
+    e.add_argument("--reference", action="store_true", help="run the canonical reference ops, not the fast CPU kernels")
+    e.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def print_summary(rep, model: str) -> None:
+    from .artifact import WEIGHTS
+    layers = rep.manifest["layers"]
+    q = [v for v in layers.values() if v["status"] == "quantized"]
+    kept = {k: v["reason"] for k, v in layers.items() if v["status"] == "float"}
+    art = sum(f["bytes"] for f in rep.manifest["files"].values())
+    t = rep.manifest["target"]
+    print(f"\nqcompile: {model} -> {rep.out}  [{t['name']}{': ' + rep.target.scheme if q or kept else ''}]")
+    print(f"  {'layers':<12} {len(q)} quantized, {len(kept)} kept float"
+          + (f" ({'; '.join(f'{k}: {r}' for k, r in list(kept.items())[:3])}{' …' if len(kept) > 3 else ''})" if kept else ""))
+    if q:
+        n = sum(v["shape"][0] * v["shape"][1] for v in q)
+        bits = 8 * sum(_layer_bytes(rep, v) for v in q) / n
+        print(f"  {'bits/weight':<12} {bits:.2f} over the quantized linears (scales and zero points included)")
+    ratio = art / rep.float_bytes if rep.float_bytes else float("nan")
+    print(f"  {'size':<12} float {_mb(rep.float_bytes)} -> artifact {_mb(art)} ({ratio:.2f}x; "
+          f"{WEIGHTS} {_mb(rep.manifest['files'][WEIGHTS]['bytes'])})")
+    total = sum(rep.stages.values())
+    print(f"  {'seconds':<12} " + " · ".join(f"{k.removeprefix('pass:')} {v:.1f}" for k, v in rep.stages.items())
+          + f" = {total:.1f}")
+
+
+def _layer_bytes(rep, v) -> float:
+    N, K = v["shape"]
+    groups = N * (K // v["group_size"])
+    scale_bytes = {"float32": 4}.get(rep.manifest["model"]["dtype"], 2)
+    return N * K * v["bits"] / 8 + groups * (scale_bytes + (0 if v["symmetric"] else 1))
+
+
+def cmd_compile(a) -> int:
+    from .compiler import compile_model
+    from .targets import make_target
+    target = make_target(a.target, group_size=a.group_size, symmetric=a.symmetric, method=a.method,
+                         quantize_lm_head=a.quantize_lm_head) if a.target in TARGETS else make_target(a.target)
+    out = a.output or f"build/{Path(a.model).stem.lower()}-{target.name}"
+    rep = compile_model(a.model, target, out, dtype=a.dtype, progress=not a.quiet)
+    print_summary(rep, a.model)
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from . import load
+    from .capture import FlatTokenModule
+    from .data import britannica_text
+    from .evaluate import eval_tokens, perplexity
+    from .models import load_source
+    if a.windows < 1 or a.window_len < 2:
+        raise ValueError(f"need --windows >= 1 and --window-len >= 2, got {a.windows} and {a.window_len}")
+    m = load(a.artifact, fast=not a.reference)
+    text = Path(a.text_file).read_text(encoding="utf-8") if a.text_file else britannica_text()
+    tokens = eval_tokens(m.tokenizer, text, a.windows * a.window_len)
+    rows = []
+    if a.compare_float:
+        src = load_source(m.manifest["model"]["path"])
+        flat = FlatTokenModule(src.model)
+        t0 = time.perf_counter()
+        rows.append(("float (source model, eager)", perplexity(flat, tokens, a.window_len, not a.quiet, "float"),
+                     time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    name = m.manifest["target"]["name"]
+    rows.append((f"{name} (artifact)", perplexity(m.flat, tokens, a.window_len, not a.quiet, name), time.perf_counter() - t0))
+    print(f"\nperplexity, {a.windows} windows x {a.window_len} tokens of "
+          f"{a.text_file or 'the bundled Britannica article'}:")
+    for label, ppl, secs in rows:
+        print(f"  {label:<30} {ppl:8.3f}   ({secs:.0f} s)")
+    if len(rows) == 2:
+        print(f"  {'change':<30} {100 * (rows[1][1] / rows[0][1] - 1):+7.2f}%")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "compile")
+    a = build_parser().parse_args(argv)
+    if a.command is None:
+        build_parser().print_help()
+        return 2
+    logging.basicConfig(format="qcompile: %(levelname)s: %(message)s", level=logging.INFO)
+    logging.getLogger("qcompiler").setLevel(logging.INFO)
+    from .artifact import ArtifactError
+    try:
+        return {"compile": cmd_compile, "eval": cmd_eval}[a.command](a)
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, ArtifactError) as e:
+        if os.environ.get("QCOMPILE_DEBUG"):
+            raise
+        print(f"qcompile: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("qcompile: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The compile driver: source -> capture -> pipeline -> export -> artifact, timed per stage."""
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .artifact import save_artifact
+from .capture import capture, export_flat, max_tokens_of
+from .models import ModelSource, load_source
+from .pipeline import run_pipeline
+from .targets import Target
+
+log = logging.getLogger("qcompiler")
+
+
+@dataclass
+class CompileReport:
+    target: Target
+    out: Path
+    manifest: dict
+    stages: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    float_bytes: int = 0                                     # the model's own parameters and buffers
+
+
+def check_writable(out: Path) -> None:
+    """Fails early, before minutes of work, when ``out`` cannot be written."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"cannot write the artifact to {out}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write the artifact to {out}: {probe} is not writable")
+
+
+@contextmanager
+def _stage(stages: dict, name: str):
+    t0 = time.perf_counter()
+    yield
+    stages[name] = round(time.perf_counter() - t0, 3)
+
+
+def _state_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, dtype: str | None = None,
+                  progress: bool = False) -> CompileReport:
+    """Compiles ``model`` (a path or a loaded ``ModelSource``) for ``target`` into the artifact ``out``."""
+    out = Path(out)
+    check_writable(out)
+    stages: dict[str, float] = {}
+    with _stage(stages, "load"):
+        src = model if isinstance(model, ModelSource) else load_source(str(model), dtype)
+    max_tokens = max_tokens_of(src.model)
+    with _stage(stages, "capture"):
+        ep = capture(src.model, max_tokens)
+    with torch.no_grad():
+        result = run_pipeline(ep, target, progress=progress)
+    for rec in result.records:
+        stages[f"pass:{rec['name']}"] = rec["seconds"]
+    with _stage(stages, "export"):
+        final = export_flat(result.gm, max_tokens)
+    manifest = {
+        "target": target.to_dict(),
+        "model": {"source": src.kind, "path": src.path, "config": src.config,
+                  "dtype": str(next(src.model.parameters()).dtype).removeprefix("torch.")},
+        "program": {"inputs": {"input_ids": "int64[T]", "positions": "int64[T]"}, "output": "logits[T, V]",
+                    "max_tokens": max_tokens},
+        "passes": result.records,
+        "layers": result.layers,
+    }
+    with _stage(stages, "save"):
+        manifest = save_artifact(out, final, manifest, src.tokenizer_dir)
+    return CompileReport(target, out, manifest, stages, _state_bytes(src.model))

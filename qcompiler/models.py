@@ -1,0 +1,143 @@
+"""Model input: a ``model.py`` with ``build_model()``, a Hugging Face model directory, or a
+GGUF file. Every source becomes a ``ModelSource``: an eval-mode module called as
+``model(input_ids=ids, position_ids=pos)`` on ``[1, T]`` tensors, plus what is known of its
+tokenizer and texts."""
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+log = logging.getLogger("qcompiler")
+CACHE_DIR = Path(os.environ.get("QCOMPILER_CACHE", Path.home() / ".cache" / "qcompiler"))
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    model: torch.nn.Module
+    kind: str                                   # "model.py" | "hf" | "gguf"
+    path: str
+    tokenizer: Any = None                       # a transformers tokenizer, or None
+    tokenizer_dir: Optional[str] = None         # files to copy into the artifact
+    calibration_texts: Optional[Callable[[], list[str]]] = None
+    calibration_data: Optional[Callable[[], list[torch.Tensor]]] = None
+    eval_text: Optional[Callable[[], str]] = None
+    config: dict = field(default_factory=dict)  # model facts for the manifest
+
+
+def _hf_config_dict(model) -> dict:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return {}
+    keep = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
+            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
+            "bos_token_id", "eos_token_id")
+    d = cfg.to_dict()
+    return {k: d[k] for k in keep if k in d}
+
+
+def _prepare(model: torch.nn.Module, dtype: Optional[torch.dtype]) -> torch.nn.Module:
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"build_model() must return a torch.nn.Module, got {type(model).__name__}")
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "use_cache", False):
+        cfg.use_cache = False  # the program is stateless; the runtime owns the KV cache
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def load_model_py(path: Path, dtype=None) -> ModelSource:
+    spec = importlib.util.spec_from_file_location(f"qc_user_model_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    if not callable(getattr(mod, "build_model", None)):
+        raise ValueError(f"{path} defines no build_model(): a model file must define build_model() "
+                         "returning an nn.Module")
+    model = _prepare(mod.build_model(), dtype)
+    tok = mod.build_tokenizer() if callable(getattr(mod, "build_tokenizer", None)) else None
+    return ModelSource(model=model, kind="model.py", path=str(path), tokenizer=tok,
+                       tokenizer_dir=getattr(tok, "name_or_path", None) if tok is not None else None,
+                       calibration_texts=getattr(mod, "calibration_texts", None),
+                       calibration_data=getattr(mod, "calibration_data", None),
+                       eval_text=getattr(mod, "eval_text", None), config=_hf_config_dict(model))
+
+
+def load_hf_dir(path: Path, dtype=None) -> ModelSource:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa")
+    tok = None
+    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tok = AutoTokenizer.from_pretrained(path)
+    return ModelSource(model=_prepare(model, None), kind="hf", path=str(path), tokenizer=tok,
+                       tokenizer_dir=str(path) if tok is not None else None, config=_hf_config_dict(model))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def gguf_to_hf_dir(path: Path) -> Path:
+    """Dequantizes a GGUF file once into a float HF directory under ``~/.cache/qcompiler``
+    (keyed by the file's SHA-256) and returns that directory."""
+    out = CACHE_DIR / "gguf" / _file_sha256(path)[:16]
+    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+        return out
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    log.info("converting %s to float (once; cached in %s)", path.name, out)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # the weights are float now
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "qcompiler_source.json").write_text(json.dumps({"gguf": str(path)}))
+    if out.exists():  # a concurrent conversion finished first
+        return out
+    tmp.rename(out)
+    return out
+
+
+def load_gguf(path: Path, dtype=None) -> ModelSource:
+    src = load_hf_dir(gguf_to_hf_dir(path), dtype)
+    src.kind, src.path = "gguf", str(path)
+    return src
+
+
+def load_source(path: str, dtype: Optional[str] = None) -> ModelSource:
+    """Loads a model from ``model.py``, a Hugging Face directory or a ``.gguf`` file."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; available: {', '.join(DTYPES)}")
+    td = DTYPES.get(dtype) if dtype else None
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model not found: {path} (expected a model.py, a Hugging Face model directory or a .gguf file)")
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ValueError(f"{path} is a directory without config.json: not a Hugging Face model directory")
+        return load_hf_dir(p, td)
+    if p.suffix == ".py":
+        return load_model_py(p, td)
+    if p.suffix == ".gguf":
+        return load_gguf(p, td)
+    raise ValueError(f"cannot load {path}: expected a .py file, a .gguf file or a Hugging Face model directory")

@@ -1,0 +1,75 @@
+"""``qcompiler.load``: an artifact back as a callable model, after every check has passed."""
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from qcompiler.codegen.cpu import lower_for_cpu
+
+from .artifact import ArtifactError, load_program, read_manifest
+
+
+class CompiledModel:
+    """The artifact's program, called like the source model: ``m(input_ids=[1, T], position_ids=[1, T])
+    -> logits [1, T, V]`` (or flat ``[T]`` -> ``[T, V]``). Rows of a ``[B, T]`` batch are
+    independent sequences."""
+
+    def __init__(self, path: Path, manifest: dict, gm: torch.nn.Module):
+        self.path, self.manifest, self.program = path, manifest, gm
+        self._tokenizer = None
+
+    @property
+    def max_tokens(self) -> int:
+        return self.manifest["program"]["max_tokens"]
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if not self.manifest.get("tokenizer"):
+                raise ValueError(f"{self.path}: the artifact has no tokenizer (the model had none)")
+            from transformers import AutoTokenizer
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+        return self._tokenizer
+
+    def flat(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``input_ids[T]``, ``positions[T]`` -> ``logits[T, V]``: the program itself."""
+        T = input_ids.shape[0]
+        if not 1 <= T <= self.max_tokens:
+            raise ValueError(f"{T} tokens; this program takes 1 to {self.max_tokens}")
+        with torch.no_grad():
+            return self.program(input_ids, positions)
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None, positions=None):
+        pos = position_ids if position_ids is not None else positions
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if pos is None:
+            pos = torch.arange(ids.shape[-1]).expand_as(ids)
+        pos = torch.as_tensor(pos, dtype=torch.long)
+        if ids.shape != pos.shape or ids.dim() not in (1, 2):
+            raise ValueError(f"input_ids {tuple(ids.shape)} and positions {tuple(pos.shape)} must both be [T] or [B, T]")
+        if ids.dim() == 1:
+            return self.flat(ids, pos)
+        return torch.stack([self.flat(i, p) for i, p in zip(ids, pos)])
+
+
+def load(path: str | Path, *, fast: bool = True, compile: bool = False, verify: bool = True) -> CompiledModel:
+    """Loads an artifact written by ``qcompile``.
+
+    Args:
+        path: the artifact directory.
+        fast: swap canonical ops for the fast CPU kernels (weights repacked once, here).
+        compile: run the program through ``torch.compile`` (Inductor).
+        verify: check every file's size and SHA-256 against the manifest first.
+    """
+    path = Path(path)
+    manifest = read_manifest(path, verify=verify)
+    ep = load_program(path, manifest)
+    gm = ep.module()
+    if fast:
+        gm = lower_for_cpu(gm)
+    if compile:
+        gm = torch.compile(gm, dynamic=True)
+    return CompiledModel(path, manifest, gm)
+
+
+__all__ = ["ArtifactError", "CompiledModel", "load"]
