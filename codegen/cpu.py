@@ -4,7 +4,8 @@ import torch
 from torch.fx import GraphModule
 
 from . import ops  # noqa: F401  (registers qc::)
-from .fx import finish, get_constant, insert_call, insert_constant
+from .fx import finish, get_constant, insert_call, insert_constant, set_constant
+from .ops import aligned
 
 qc = torch.ops.qc
 
@@ -48,6 +49,7 @@ def lower_for_cpu(gm: GraphModule) -> GraphModule:
             else:
                 if scales.shape[1] != 1:
                     continue
+                set_constant(gm, qw_n.target, aligned(qweight))  # once here, not per call
                 new = insert_call(gm, qc.w8a16_linear_cpu.default, (x, qw_n, s_n, z_n, bias))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

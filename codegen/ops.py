@@ -91,6 +91,15 @@ def _finish(y: Tensor, x: Tensor, bias: Optional[Tensor]) -> Tensor:
     return y if bias is None else y + bias.to(x.dtype)
 
 
+CPU_ALIGN = 64
+
+
+def aligned(t: Tensor) -> Tensor:
+    """``t``, or a copy of it at a 64-byte-aligned address: torch's int8pack CPU kernel reads
+    weights with aligned vector loads and crashes on tensors that safetensors placed elsewhere."""
+    return t if t.data_ptr() % CPU_ALIGN == 0 and t.is_contiguous() else t.contiguous().clone()
+
+
 @torch.library.custom_op("qc::w4a16_linear_cpu", mutates_args=())
 def w4a16_linear_cpu(x: Tensor, int4pack: Tensor, scales_and_zeros: Tensor, qweight: Tensor,
                      scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
@@ -99,7 +108,8 @@ def w4a16_linear_cpu(x: Tensor, int4pack: Tensor, scales_and_zeros: Tensor, qwei
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] <= PACKED_MAX_ROWS:
         group_size = x.shape[-1] // scales.shape[1]
-        y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), int4pack, group_size, scales_and_zeros)
+        y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), aligned(int4pack), group_size,
+                                              aligned(scales_and_zeros))
     else:
         y = _dense_bf16(x2, qweight, scales, zeros, bits=4)
     return _finish(y, x, bias)
@@ -115,7 +125,7 @@ def w8a16_linear_cpu(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
     if x2.shape[0] <= PACKED_MAX_ROWS:
         xb = x2.to(torch.bfloat16)
         s = scales.reshape(-1).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(xb, qweight, s).float()
+        y = torch._weight_int8pack_mm(xb, aligned(qweight), s).float()
         if zeros is not None:
             y = y - xb.float().sum(-1, keepdim=True) * (zeros.reshape(-1).float() * scales.reshape(-1).float())
     else:

@@ -95,6 +95,6 @@ def dequantize_weight_ref(qweight: Tensor, scales: Tensor, zeros: Optional[Tenso
 
 def sqnr_db(ref: Tensor, approx: Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 10·log10(‖ref‖² / ‖ref − approx‖²)."""
-    ref, approx = ref.double(), approx.double()
+    ref, approx = ref.detach().double(), approx.detach().double()
     noise = (ref - approx).pow(2).sum().clamp_min(1e-30)
     return float(10 * torch.log10(ref.pow(2).sum() / noise))

@@ -1,6 +1,6 @@
 """The compile driver: source -> capture -> pipeline -> export -> artifact, timed per stage."""
 import logging
-import os
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -10,7 +10,7 @@ import torch
 
 from .artifact import save_artifact
 from .capture import capture, export_flat, max_tokens_of
-from .models import ModelSource, load_source
+from .models import ModelSource, load_source, source_kind
 from .pipeline import run_pipeline
 from .targets import Target
 
@@ -27,14 +27,15 @@ class CompileReport:
 
 
 def check_writable(out: Path) -> None:
-    """Fails early, before minutes of work, when ``out`` cannot be written."""
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"cannot write the artifact to {out}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write the artifact to {out}: {probe} is not writable")
+    """Fails early, before minutes of work, when ``out`` cannot be written: creates it and a probe file."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cannot write the artifact to {out}: it is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise PermissionError(f"cannot write the artifact to {out}: {e.strerror or e}") from e
 
 
 @contextmanager
@@ -57,6 +58,8 @@ def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, 
                   progress: bool = False) -> CompileReport:
     """Compiles ``model`` (a path or a loaded ``ModelSource``) for ``target`` into the artifact ``out``."""
     out = Path(out)
+    if not isinstance(model, ModelSource):
+        source_kind(str(model))  # a bad path fails before anything is created
     check_writable(out)
     stages: dict[str, float] = {}
     with _stage(stages, "load"):

@@ -124,20 +124,25 @@ def load_gguf(path: Path, dtype=None) -> ModelSource:
     return src
 
 
-def load_source(path: str, dtype: Optional[str] = None) -> ModelSource:
-    """Loads a model from ``model.py``, a Hugging Face directory or a ``.gguf`` file."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; available: {', '.join(DTYPES)}")
-    td = DTYPES.get(dtype) if dtype else None
+def source_kind(path: str) -> str:
+    """``"model.py" | "hf" | "gguf"`` for an existing, recognizable model path; raises otherwise."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model not found: {path} (expected a model.py, a Hugging Face model directory or a .gguf file)")
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ValueError(f"{path} is a directory without config.json: not a Hugging Face model directory")
-        return load_hf_dir(p, td)
-    if p.suffix == ".py":
-        return load_model_py(p, td)
-    if p.suffix == ".gguf":
-        return load_gguf(p, td)
+        return "hf"
+    if p.suffix in (".py", ".gguf"):
+        return {".py": "model.py", ".gguf": "gguf"}[p.suffix]
     raise ValueError(f"cannot load {path}: expected a .py file, a .gguf file or a Hugging Face model directory")
+
+
+LOADERS = {"model.py": load_model_py, "hf": load_hf_dir, "gguf": load_gguf}
+
+
+def load_source(path: str, dtype: Optional[str] = None) -> ModelSource:
+    """Loads a model from ``model.py``, a Hugging Face directory or a ``.gguf`` file."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; available: {', '.join(DTYPES)}")
+    return LOADERS[source_kind(path)](Path(path), DTYPES.get(dtype) if dtype else None)

@@ -1,0 +1,71 @@
+"""Perplexity of each scheme on SmolLM2-135M, ANCHORS.md protocol (16 windows x 1024 tokens
+of the Britannica article), with compile seconds per stage and artifact size.
+
+    .venv/bin/python bench/quality.py [--threads 2] [--out build/quality]
+
+Each scheme is evaluated through the fast CPU kernels (bf16 activations, as served) and
+through the canonical reference ops (fp32 activations)."""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import smollm2  # noqa: E402
+
+from qcompiler import load  # noqa: E402
+from qcompiler.capture import FlatTokenModule  # noqa: E402
+from qcompiler.compiler import compile_model  # noqa: E402
+from qcompiler.data import britannica_text  # noqa: E402
+from qcompiler.evaluate import eval_tokens, perplexity  # noqa: E402
+from qcompiler.targets import W4A16, W8A16, Float  # noqa: E402
+
+ANCHORS = {"float": 22.62, "w4a16 g64 sym": 32.68, "w4a16 g64 asym": 28.87, "w4a16 g32 asym": 27.91}
+SCHEMES = {
+    "float": Float(),
+    "w4a16 g64 sym": W4A16(group_size=64, symmetric=True),
+    "w4a16 g64 asym": W4A16(group_size=64, symmetric=False),
+    "w4a16 g32 asym": W4A16(group_size=32, symmetric=False),
+    "w8a16 per-channel sym": W8A16(),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="build/quality")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--only", nargs="*", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    src = smollm2._source()
+    tokens = eval_tokens(src.tokenizer, britannica_text(), a.windows * 1024)
+    rows = []
+    eager = perplexity(FlatTokenModule(src.model), tokens, 1024)
+    print(f"eager source model: {eager:.3f}", flush=True)
+    for label, target in SCHEMES.items():
+        if a.only and label not in a.only:
+            continue
+        out = Path(a.out) / label.replace(" ", "-")
+        rep = compile_model(src, target, out)
+        size = sum(f["bytes"] for f in rep.manifest["files"].values())
+        fast = perplexity(load(out).flat, tokens, 1024)
+        ref = perplexity(load(out, fast=False).flat, tokens, 1024)
+        row = {"scheme": label, "ppl_fast": round(fast, 3), "ppl_reference": round(ref, 3),
+               "anchor": ANCHORS.get(label), "artifact_mib": round(size / 2**20, 1),
+               "float_mib": round(rep.float_bytes / 2**20, 1), "stages_s": rep.stages}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| scheme | PPL (served: bf16 activations) | PPL (reference ops, fp32) | anchor | artifact MiB | compile s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['scheme']} | {r['ppl_fast']:.2f} | {r['ppl_reference']:.2f} | {r['anchor'] or '–'} | "
+              f"{r['artifact_mib']} | {sum(r['stages_s'].values()):.0f} |")
+    print(f"\neager source model (fp32): {eager:.3f}; threads {a.threads}; torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Artifact round trip through the API, and every way a damaged artifact must fail: with one
+clear message naming the file."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import qcompiler
+from qcompiler.artifact import MANIFEST, PROGRAM, WEIGHTS, ArtifactError
+from qcompiler.capture import capture
+from qcompiler.compiler import compile_model
+from qcompiler.models import load_source
+from qcompiler.pipeline import run_pipeline
+from qcompiler.targets import W4A16, W8A16
+from tests_paths import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "plain-w4a16"
+    src = load_source(str(FIXTURES / "plain_lm.py"))
+    rep = compile_model(src, W4A16(group_size=32, symmetric=False), out)
+    return out, src, rep
+
+
+def test_roundtrip_equals_pipeline_and_source_convention(artifact):
+    out, src, rep = artifact
+    gm = run_pipeline(capture(src.model, 256), W4A16(group_size=32, symmetric=False)).gm
+    m = qcompiler.load(out, fast=False)
+    for T in (1, 2, 13):
+        ids, pos = torch.randint(0, 96, (T,)), torch.arange(5, 5 + T)
+        with torch.no_grad():
+            torch.testing.assert_close(m.flat(ids, pos), gm(ids, pos), rtol=0, atol=0)
+    ids = torch.randint(0, 96, (2, 7))
+    y = m(input_ids=ids, position_ids=torch.arange(7).expand(2, 7))
+    assert y.shape == (2, 7, 96)
+    torch.testing.assert_close(y[1], m.flat(ids[1], torch.arange(7)))
+    fast = qcompiler.load(out)  # int4pack CPU kernels: bf16 activations
+    err = (fast.flat(ids[0], torch.arange(7)) - y[0]).abs().max()
+    assert err < 2e-2 * y[0].abs().max()
+
+
+def test_manifest_records_scheme_layers_and_files(artifact):
+    out, _, rep = artifact
+    man = json.loads((out / MANIFEST).read_text())
+    assert man["target"] == {"name": "w4a16", "group_size": 32, "symmetric": False, "method": "rtn",
+                             "quantize_lm_head": False}
+    assert [p["name"] for p in man["passes"]] == ["normalize", "quantize_weights", "fuse_weight_only"]
+    assert man["layers"]["layers.0.wq"]["status"] == "quantized"
+    assert man["layers"]["layers.0.w2"]["status"] == "quantized"
+    assert man["layers"]["out"]["status"] == "float"
+    assert set(man["files"]) == {WEIGHTS, PROGRAM} and man["torch_version"] == torch.__version__
+    # the program file holds no weights: they are in weights.safetensors only
+    stored = torch.export.load(out / PROGRAM).state_dict
+    assert stored and all(t.untyped_storage().nbytes() <= t.element_size() for t in stored.values())
+
+
+def _damaged(artifact, tmp_path):
+    src = artifact[0]
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_file(artifact, tmp_path):
+    d = _damaged(artifact, tmp_path)
+    (d / WEIGHTS).unlink()
+    with pytest.raises(ArtifactError, match=f"{WEIGHTS}: missing"):
+        qcompiler.load(d)
+
+
+def test_truncated_file(artifact, tmp_path):
+    d = _damaged(artifact, tmp_path)
+    data = (d / PROGRAM).read_bytes()
+    (d / PROGRAM).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match=f"{PROGRAM}: .* bytes, the manifest says .*truncated"):
+        qcompiler.load(d)
+
+
+def test_tampered_file(artifact, tmp_path):
+    d = _damaged(artifact, tmp_path)
+    data = bytearray((d / WEIGHTS).read_bytes())
+    data[-1] ^= 0xFF
+    (d / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=f"{WEIGHTS}: SHA-256 does not match"):
+        qcompiler.load(d)
+
+
+def test_version_mismatch(artifact, tmp_path):
+    d = _damaged(artifact, tmp_path)
+    man = json.loads((d / MANIFEST).read_text())
+    man["format_version"] = 99
+    (d / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(ArtifactError, match="format version 99 .*recompile"):
+        qcompiler.load(d)
+
+
+def test_missing_manifest_and_not_a_dir(artifact, tmp_path):
+    d = _damaged(artifact, tmp_path)
+    (d / MANIFEST).unlink()
+    with pytest.raises(ArtifactError, match="manifest.json: missing"):
+        qcompiler.load(d)
+    with pytest.raises(ArtifactError, match="no such artifact"):
+        qcompiler.load(tmp_path / "nope")
+
+
+def test_w8a16_per_channel_roundtrip(tmp_path):
+    src = load_source(str(FIXTURES / "plain_lm.py"))
+    out = tmp_path / "w8"
+    compile_model(src, W8A16(symmetric=False), out)
+    ids, pos = torch.randint(0, 96, (6,)), torch.arange(6)
+    ref, fast = qcompiler.load(out, fast=False), qcompiler.load(out)
+    assert any("w8a16_linear_cpu" in str(n.target) for n in fast.program.graph.nodes)
+    y = ref.flat(ids, pos)
+    assert (fast.flat(ids, pos) - y).abs().max() < 2e-2 * y.abs().max()

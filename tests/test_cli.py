@@ -1,0 +1,92 @@
+"""The qcompile command: round trips through the real entry point, and one clear line plus a
+non-zero exit for every kind of bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qcompiler.cli import main
+from tests_paths import EXAMPLES, FIXTURES, ROOT
+
+QCOMPILE = str(Path(sys.executable).with_name("qcompile"))
+LOAD_AND_RUN = ("import sys, torch, qcompiler; m = qcompiler.load(sys.argv[1]); "
+                "ids = torch.randint(0, {v}, (1, 5)); pos = torch.arange(5)[None]; print(tuple(m(ids, pos).shape))")
+
+
+def _run(*args, **kw):
+    return subprocess.run([*args], capture_output=True, text=True, cwd=ROOT, timeout=600, **kw)
+
+
+def test_tiny_llama_w4a16_roundtrip(tmp_path):
+    out = tmp_path / "tiny-w4a16"
+    r = _run(QCOMPILE, str(EXAMPLES / "tiny_llama.py"), "--target", "w4a16", "-q", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "14 quantized, 1 kept float" in r.stdout and "bits/weight" in r.stdout and "seconds" in r.stdout
+    r = _run(sys.executable, "-c", LOAD_AND_RUN.format(v=1024), str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "(1, 5, 1024)"
+
+
+def test_plain_pytorch_model_w8a16_roundtrip(tmp_path):
+    out = tmp_path / "plain-w8a16"
+    r = _run(QCOMPILE, "compile", str(FIXTURES / "plain_lm.py"), "--target", "w8a16", "--asymmetric", "-q",
+             "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["target"]["name"] == "w8a16" and man["model"]["source"] == "model.py"
+    r = _run(sys.executable, "-c", LOAD_AND_RUN.format(v=96), str(out))
+    assert r.returncode == 0 and r.stdout.strip() == "(1, 5, 96)", r.stderr
+
+
+def test_hf_directory_input(tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    import tiny_llama
+    tiny_llama.build_model().save_pretrained(tmp_path / "hf")
+    out = tmp_path / "hf-w8a16"
+    assert main([str(tmp_path / "hf"), "--target", "w8a16", "-q", "-o", str(out)]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["model"]["source"] == "hf" and man["model"]["config"]["hidden_size"] == 128
+
+
+def _one_error_line(capsys, code, expect: str):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("qcompile: error:") and expect in err[0], err
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["missing/model.py"], "model not found: missing/model.py"),
+    ([str(FIXTURES / "plain_lm.py"), "--target", "w3a9"], "unknown target 'w3a9'; available: float, w4a16, w8a16"),
+    ([str(FIXTURES / "no_build_model.py")], "defines no build_model()"),
+    ([str(FIXTURES / "plain_lm.py"), "--group-size", "48"], "group size must be a power of two >= 16, got 48"),
+    ([str(FIXTURES / "plain_lm.py"), "--group-size", "8"], "got 8"),
+    ([str(FIXTURES / "plain_lm.py"), "--target", "float", "--group-size", "64"], "takes no option group_size"),
+    ([str(FIXTURES / "plain_lm.py"), "-o", "/proc/qc-artifact"], "cannot write the artifact to /proc/qc-artifact"),
+    ([str(ROOT / "README.md")], "expected a .py file, a .gguf file or a Hugging Face model directory"),
+    (["eval", str(FIXTURES)], "is not a qcompiler artifact"),
+])
+def test_bad_input_one_line(capsys, args, expect):
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    _one_error_line(capsys, code, expect)
+
+
+def test_output_under_a_file_and_argparse_errors(capsys, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    _one_error_line(capsys, main([str(FIXTURES / "plain_lm.py"), "-o", str(f / "sub")]), "cannot write the artifact")
+    _one_error_line(capsys, main([str(FIXTURES / "plain_lm.py"), "-o", str(f)]), "is a file, not a directory")
+    with pytest.raises(SystemExit) as e:
+        main([str(FIXTURES / "plain_lm.py"), "--group-size", "abc"])
+    _one_error_line(capsys, e.value.code, "group size must be an integer or 'channel'")
+
+
+def test_help_explains_targets():
+    r = _run(QCOMPILE, "--help")
+    assert r.returncode == 0
+    for word in ("float", "w4a16", "w8a16", "--group-size", "eval"):
+        assert word in r.stdout

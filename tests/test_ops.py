@@ -1,0 +1,97 @@
+"""qc:: ops: canonical ops equal their references exactly; fast CPU paths equal them up to
+bf16 activation rounding; fake kernels and schemas pass opcheck."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qcompiler.codegen import ops
+from qcompiler.codegen.cpu import pack_int4_for_cpu
+from qcompiler.codegen.quant import dequantize_weight_ref, quantize_weight
+from reference import fake_quant_ref
+
+qc = torch.ops.qc
+
+
+def _x(M, K, seed=0):
+    return torch.randn(M, K, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, None), (8, 32)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_canonical_linear_equals_reference(bits, group, symmetric):
+    w, bias = _x(48, 128, 1), _x(1, 48, 2)[0]
+    qw = quantize_weight(w, bits, group, symmetric)
+    op = qc.w4a16_linear if bits == 4 else qc.w8a16_linear
+    x = _x(5, 128).reshape(5, 1, 128)  # leading dims are kept
+    y = op(x, *qw, bias)
+    assert y.shape == (5, 1, 48)
+    torch.testing.assert_close(y, F.linear(x, fake_quant_ref(w, bits, group, symmetric), bias))
+
+
+def assert_close_bf16(y, ref):
+    """bf16 activations, scales and outputs: max error within 1% of the output's range."""
+    err = (y.float() - ref.float()).abs().max().item()
+    assert err <= 1e-2 * ref.abs().max().item(), f"max error {err} vs output range {ref.abs().max().item()}"
+
+
+def _bf16_ref(x, w, bias):
+    """What the fast path computes: bf16 activations and weights, fp32 accumulation."""
+    return F.linear(x.bfloat16().float(), w.bfloat16().float(), bias)
+
+
+@pytest.mark.parametrize("M", [1, 3, 17, ops.PACKED_MAX_ROWS + 1, 70])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_w4a16_cpu_fast_path(M, symmetric, group):
+    w = _x(64, 256, 3)
+    qw = quantize_weight(w, 4, group, symmetric)
+    int4pack, sz = pack_int4_for_cpu(*qw)
+    x, bias = _x(M, 256), _x(1, 64, 4)[0]
+    y = qc.w4a16_linear_cpu(x, int4pack, sz, *qw, bias)
+    ref = _bf16_ref(x, dequantize_weight_ref(*qw, bits=4), bias)
+    assert_close_bf16(y, ref)
+    assert_close_bf16(y, qc.w4a16_linear(x, *qw, bias))
+
+
+@pytest.mark.parametrize("M", [1, 5, ops.PACKED_MAX_ROWS + 3])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_w8a16_cpu_fast_path(M, symmetric):
+    w = _x(48, 96, 5)
+    qw = quantize_weight(w, 8, None, symmetric)
+    x = _x(M, 96)
+    y = qc.w8a16_linear_cpu(x, *qw, None)
+    assert_close_bf16(y, _bf16_ref(x, dequantize_weight_ref(*qw, bits=8), None))
+    assert_close_bf16(y, qc.w8a16_linear(x, *qw, None))
+
+
+def test_cpu_fast_path_keeps_fp16_and_bf16_outputs():
+    w = _x(32, 64, 6)
+    qw = quantize_weight(w, 4, 32, True)
+    int4pack, sz = pack_int4_for_cpu(*qw)
+    for dt in (torch.bfloat16, torch.float16):
+        assert qc.w4a16_linear_cpu(_x(2, 64).to(dt), int4pack, sz, *qw, None).dtype == dt
+
+
+def test_opcheck_all_ops():
+    w = _x(32, 64, 7)
+    q4 = quantize_weight(w, 4, 32, False)
+    q8 = quantize_weight(w, 8, None, False)
+    x = _x(3, 64)
+    int4pack, sz = pack_int4_for_cpu(*q4)
+    torch.library.opcheck(qc.dequantize_weight, (*q4, 4))
+    torch.library.opcheck(qc.w4a16_linear, (x, *q4, None))
+    torch.library.opcheck(qc.w8a16_linear, (x, *q8, _x(1, 32)[0]))
+    torch.library.opcheck(qc.w4a16_linear_cpu, (x, int4pack, sz, *q4, None))
+    torch.library.opcheck(qc.w8a16_linear_cpu, (x, *q8, None))
+
+
+def test_w8a16_cpu_survives_unaligned_weights():
+    """safetensors may place a tensor at any offset; torch's int8pack kernel needs 64-byte alignment."""
+    qw = quantize_weight(_x(16, 64, 8), 8, None, True)
+    buf = torch.zeros(qw.qweight.numel() + 8, dtype=torch.int8)
+    unaligned = buf[8:].view(16, 64)
+    unaligned.copy_(qw.qweight)
+    assert unaligned.data_ptr() % ops.CPU_ALIGN != 0
+    x = _x(6, 64)
+    torch.testing.assert_close(qc.w8a16_linear_cpu(x, unaligned, qw.scales, None, None),
+                               qc.w8a16_linear_cpu(x, qw.qweight, qw.scales, None, None))

@@ -1,0 +1,75 @@
+"""Quantization math against hand-computed cases, and its invariants on random weights."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qcompiler.codegen.quant import (compute_qparams, dequantize_weight_ref, pack_int4, quantize, quantize_weight,
+                                     sqnr_db, unpack_int4)
+from reference import fake_quant_ref
+
+
+def test_int4_symmetric_by_hand():
+    w = torch.tensor([[-1.5, 0.75, 0.0, 1.5]])
+    s, z = compute_qparams(w, 4, 4, symmetric=True)
+    assert z is None and s.item() == pytest.approx(0.2)  # absmax / 7.5
+    # -7.5 rounds half-to-even to -8; +7.5 -> 8 clips to 7
+    assert quantize(w, s, z, 4, 4).tolist() == [[-8, 4, 0, 7]]
+    qw = quantize_weight(w, 4, 4, symmetric=True)
+    torch.testing.assert_close(dequantize_weight_ref(*qw, bits=4), torch.tensor([[-1.6, 0.8, 0.0, 1.4]]))
+
+
+def test_int4_asymmetric_positive_range_includes_zero():
+    w = torch.tensor([[0.5, 1.0, 2.0, 3.5]])
+    s, z = compute_qparams(w, 4, 4, symmetric=False)
+    assert s.item() == pytest.approx(3.5 / 15) and z.tolist() == [[-8]]  # range widened to [0, 3.5]
+    assert quantize(w, s, z, 4, 4).tolist() == [[-6, -4, 1, 7]]
+    deq = dequantize_weight_ref(*quantize_weight(w, 4, 4, symmetric=False), bits=4)
+    torch.testing.assert_close(deq, torch.tensor([[2, 4, 9, 15]]) * (3.5 / 15))
+
+
+def test_int4_asymmetric_zero_point_and_half_to_even():
+    w = torch.tensor([[-1.0, -0.5, 0.25, 2.0]])
+    s, z = compute_qparams(w, 4, 4, symmetric=False)
+    assert s.item() == pytest.approx(0.2) and z.tolist() == [[-3]]
+    assert quantize(w, s, z, 4, 4).tolist() == [[-8, -5, -2, 7]]  # -2.5 -> -2, 1.25 -> 1
+    deq = dequantize_weight_ref(*quantize_weight(w, 4, 4, symmetric=False), bits=4)
+    torch.testing.assert_close(deq, torch.tensor([[-1.0, -0.4, 0.2, 2.0]]))
+
+
+def test_int8_symmetric_per_channel():
+    w = torch.tensor([[2.55, -1.0, 0.0, 0.01], [0.0, 0.0, 0.0, 0.0]])
+    qw = quantize_weight(w, 8, None, symmetric=True)
+    assert qw.qweight.dtype == torch.int8 and qw.scales.shape == (2, 1)
+    assert qw.scales[0].item() == pytest.approx(2.55 / 127.5)
+    assert qw.qweight[0].tolist() == [127, -50, 0, 0]  # 127.5 clips to 127
+    assert qw.qweight[1].tolist() == [0, 0, 0, 0]      # an all-zero row stays zero, no NaN
+    assert torch.isfinite(dequantize_weight_ref(*qw, bits=8)).all()
+
+
+def test_pack_layout_low_nibble_first():
+    q = torch.tensor([[-8, 7, 0, -1]], dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.tolist() == [[0xF0, 0x78]]
+    assert unpack_int4(packed).tolist() == q.tolist()
+
+
+@given(st.integers(1, 5), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_pack_roundtrip(n, k2, seed):
+    q = torch.randint(-8, 8, (n, 2 * k2), dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+
+
+@given(bits=st.sampled_from([4, 8]), group=st.sampled_from([16, 32, None]), symmetric=st.booleans(),
+       seed=st.integers(0, 2**31 - 1), scale=st.floats(1e-3, 1e3))
+def test_rtn_matches_reference_and_error_bound(bits, group, symmetric, seed, scale):
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(seed)) * scale
+    qw = quantize_weight(w, bits, group, symmetric)
+    deq = dequantize_weight_ref(*qw, bits=bits)
+    torch.testing.assert_close(deq, fake_quant_ref(w, bits, group, symmetric), rtol=1e-5, atol=1e-6 * scale)
+    G = group or 64
+    step = qw.scales.float().repeat_interleave(G, dim=1)
+    # every weight within half a step, but for the clipped top code of a symmetric grid (one step)
+    bound = step * (1.0 if symmetric else 0.5) * (1 + 1e-5)
+    assert ((w - deq).abs() <= bound).all()
+    assert sqnr_db(w, deq) > (17 if bits == 4 else 40)
