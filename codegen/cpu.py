@@ -1,13 +1,20 @@
 """Load-time lowering for CPU: swaps canonical weight-only linears for ops that run torch's
-packed CPU kernels, repacking each weight once (never per call)."""
-import torch
-from torch.fx import GraphModule
+packed CPU kernels, repacking each weight once (never per call).
 
-from . import ops  # noqa: F401  (registers qc::)
-from .fx import finish, get_constant, insert_call, insert_constant, set_constant
+Linears that read the same input with the same scheme (q/k/v, gate/up) are merged into one
+call on the concatenated weight, then split: rows quantize independently, so this is exact,
+and one wide call costs far less than several narrow ones at decode sizes (bench/linear_cpu.py)."""
+import operator
+from collections import defaultdict
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .fx import finish, get_constant, insert_call, insert_constant
 from .ops import aligned
 
-qc = torch.ops.qc
+qc, aten = torch.ops.qc, torch.ops.aten
+BITS = {qc.w4a16_linear.default: 4, qc.w8a16_linear.default: 8}
 
 
 def pack_int4_for_cpu(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None):
@@ -21,36 +28,70 @@ def pack_int4_for_cpu(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     return int4pack, torch.stack([s.t(), m.t()], dim=-1).contiguous().to(torch.bfloat16)
 
 
-def _packable_group(qweight, scales) -> bool:
-    K = qweight.shape[1] * 2
-    return K // scales.shape[1] in (32, 64, 128, 256) and scales.shape[0] % 16 == 0 and K % 32 == 0
+def _constants(gm: GraphModule, node: Node):
+    """(qweight, scales, zeros, bias) of a weight-only linear, or None unless all are constants."""
+    _, *args = node.args
+    if any(a is not None and a.op != "get_attr" for a in args):
+        return None
+    return [None if a is None else get_constant(gm, a.target) for a in args]
 
 
-def lower_for_cpu(gm: GraphModule) -> GraphModule:
-    """``qc.w4a16_linear`` -> ``qc.w4a16_linear_cpu`` (int4pack), ``qc.w8a16_linear`` with
-    per-channel scales -> ``qc.w8a16_linear_cpu``. Outputs equal up to bf16 activation rounding."""
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in (qc.w4a16_linear.default, qc.w8a16_linear.default):
-            continue
-        x, qw_n, s_n, z_n, bias = node.args
-        if any(a is not None and a.op != "get_attr" for a in (qw_n, s_n, z_n)):
-            continue
-        qweight, scales = get_constant(gm, qw_n.target), get_constant(gm, s_n.target)
-        zeros = None if z_n is None else get_constant(gm, z_n.target)
-        with gm.graph.inserting_before(node):
-            if node.target == qc.w4a16_linear.default:
-                if not _packable_group(qweight, scales):
-                    continue
-                prefix = qw_n.target.rpartition(".")[0]
-                int4pack, sz = pack_int4_for_cpu(qweight, scales, zeros)
-                p_n = insert_constant(gm, f"{prefix}.int4pack", int4pack)
-                sz_n = insert_constant(gm, f"{prefix}.scales_and_zeros", sz)
-                new = insert_call(gm, qc.w4a16_linear_cpu.default, (x, p_n, sz_n, qw_n, s_n, z_n, bias))
-            else:
-                if scales.shape[1] != 1:
-                    continue
-                set_constant(gm, qw_n.target, aligned(qweight))  # once here, not per call
-                new = insert_call(gm, qc.w8a16_linear_cpu.default, (x, qw_n, s_n, z_n, bias))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+def _cpu_key(gm: GraphModule, node: Node):
+    """Nodes with equal keys can share one call; None: this node has no CPU fast path."""
+    c = _constants(gm, node)
+    if c is None:
+        return None
+    qweight, scales, zeros, bias = c
+    bits = BITS[node.target]
+    K = qweight.shape[1] * (2 if bits == 4 else 1)
+    G = K // scales.shape[1]
+    if bits == 4 and (G not in (32, 64, 128, 256) or K % 32):
+        return None
+    if bits == 8 and scales.shape[1] != 1:
+        return None
+    return (node.args[0], bits, G, zeros is None, bias is None, scales.dtype)
+
+
+def _cat(ts):
+    return None if ts[0] is None else torch.cat(ts, dim=0)
+
+
+def _lower_group(gm: GraphModule, nodes: list[Node], bits: int) -> None:
+    consts = [_constants(gm, n) for n in nodes]
+    qweight, scales, zeros, bias = (_cat([c[i] for c in consts]) for i in range(4))
+    sizes = [c[0].shape[0] for c in consts]
+    prefix = nodes[0].args[1].target.rpartition(".")[0] + ("_merged" if len(nodes) > 1 else "") + ".cpu_"
+    x = nodes[0].args[0]
+    with gm.graph.inserting_before(nodes[0]):
+        put = lambda name, t: None if t is None else insert_constant(gm, prefix + name, t)  # noqa: E731
+        if bits == 4:
+            int4pack, sz = pack_int4_for_cpu(qweight, scales, zeros)
+            args = (x, put("int4pack", int4pack), put("scales_and_zeros", sz), put("qweight", qweight),
+                    put("scales", scales), put("zeros", zeros), put("bias", bias))
+            out = insert_call(gm, qc.w4a16_linear_cpu.default, args)
+        else:
+            args = (x, put("qweight", aligned(qweight)), put("scales", scales), put("zeros", zeros), put("bias", bias))
+            out = insert_call(gm, qc.w8a16_linear_cpu.default, args)
+        if len(nodes) == 1:
+            nodes[0].replace_all_uses_with(out)
+        else:
+            parts = insert_call(gm, aten.split_with_sizes.default, (out, sizes, -1))
+            for i, n in enumerate(nodes):
+                n.replace_all_uses_with(insert_call(gm, operator.getitem, (parts, i)))
+    for n in nodes:
+        gm.graph.erase_node(n)
+
+
+def lower_for_cpu(gm: GraphModule, merge: bool = True) -> GraphModule:
+    """``qc.w4a16_linear`` -> ``qc.w4a16_linear_cpu`` (int4pack), per-channel ``qc.w8a16_linear``
+    -> ``qc.w8a16_linear_cpu``, siblings merged when ``merge``. Outputs equal the canonical
+    program up to bf16 activation rounding."""
+    groups: dict[tuple, list[Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in BITS:
+            key = _cpu_key(gm, node)
+            if key is not None:
+                groups[key if merge else (key, node)].append(node)
+    for key, nodes in groups.items():
+        _lower_group(gm, nodes, BITS[nodes[0].target])
     return finish(gm)
