@@ -15,7 +15,7 @@ from .quant import dequantize_weight_ref
 
 # NOTE: torch's int4/int8 packed CPU kernels are per-row GEMVs: they beat a dense bf16
 # GEMM only for a few rows. Past this many rows a dequantize + bf16 GEMM wins (bench/linear_cpu.py).
-PACKED_MAX_ROWS = 32
+PACKED_MAX_ROWS = 64
 
 
 def quantized_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
