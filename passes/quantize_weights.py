@@ -60,7 +60,7 @@ def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], s
         G = group_size or K
         reason = None
         if node in heads and not include_lm_head:
-            reason = "lm_head kept float (pass include_lm_head to quantize it)"
+            reason = "output projection (lm_head) kept float unless asked"
         elif K % G or (bits == 4 and K % 2):
             reason = f"input size {K} not divisible by group size {G}"
             if reason not in warned:

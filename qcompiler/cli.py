@@ -4,6 +4,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .targets import TARGETS
@@ -149,6 +150,9 @@ def main(argv=None) -> int:
     if a.command is None:
         build_parser().print_help()
         return 2
+    # torch/transformers deprecation chatter is not the user's concern
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="No complete tensor found")
     logging.basicConfig(format="qcompile: %(levelname)s: %(message)s", level=logging.INFO)
     logging.getLogger("qcompiler").setLevel(logging.INFO)
     from .artifact import ArtifactError

@@ -12,7 +12,7 @@ from qcompiler.capture import capture
 from qcompiler.compiler import compile_model
 from qcompiler.models import load_source
 from qcompiler.pipeline import run_pipeline
-from qcompiler.targets import W4A16, W8A16
+from qcompiler.targets import W4A16, W8A16, Float
 from tests_paths import FIXTURES
 
 
@@ -114,3 +114,25 @@ def test_w8a16_per_channel_roundtrip(tmp_path):
     assert any("w8a16_linear_cpu" in str(n.target) for n in fast.program.graph.nodes)
     y = ref.flat(ids, pos)
     assert (fast.flat(ids, pos) - y).abs().max() < 2e-2 * y.abs().max()
+
+
+def test_float_target_equals_eager(tmp_path):
+    src = load_source(str(FIXTURES / "plain_lm.py"))
+    out = tmp_path / "float"
+    rep = compile_model(src, Float(), out)
+    assert rep.manifest["layers"] == {} and [p["name"] for p in rep.manifest["passes"]] == ["normalize"]
+    m = qcompiler.load(out)
+    ids, pos = torch.randint(0, 96, (11,)), torch.arange(11)
+    with torch.no_grad():
+        ref = src.model(input_ids=ids[None], position_ids=pos[None])[0]
+    torch.testing.assert_close(m.flat(ids, pos), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_model_keeps_its_dtype(tmp_path):
+    src = load_source(str(FIXTURES / "plain_lm.py"), dtype="bfloat16")
+    out = tmp_path / "bf16"
+    compile_model(src, W4A16(group_size=32), out)
+    m = qcompiler.load(out)
+    assert json.loads((out / MANIFEST).read_text())["model"]["dtype"] == "bfloat16"
+    y = m.flat(torch.randint(0, 96, (3,)), torch.arange(3))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()

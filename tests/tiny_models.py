@@ -39,7 +39,7 @@ def rope(x, pos, base):  # x [B, H, S, D], pos [B, S]
     ang = pos[:, None, :, None].float() * inv  # [B, 1, S, D/2]
     cos, sin = ang.cos(), ang.sin()
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class Block(nn.Module):
