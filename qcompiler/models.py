@@ -2,7 +2,6 @@
 GGUF file. Every source becomes a ``ModelSource``: an eval-mode module called as
 ``model(input_ids=ids, position_ids=pos)`` on ``[1, T]`` tensors, plus what is known of its
 tokenizer and texts."""
-import hashlib
 import importlib.util
 import json
 import logging
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+
+from .artifact import sha256_of
 
 log = logging.getLogger("qcompiler")
 CACHE_DIR = Path(os.environ.get("QCOMPILER_CACHE", Path.home() / ".cache" / "qcompiler"))
@@ -82,18 +83,10 @@ def load_hf_dir(path: Path, dtype=None) -> ModelSource:
                        tokenizer_dir=str(path) if tok is not None else None, config=_hf_config_dict(model))
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def gguf_to_hf_dir(path: Path) -> Path:
     """Dequantizes a GGUF file once into a float HF directory under ``~/.cache/qcompiler``
     (keyed by the file's SHA-256) and returns that directory."""
-    out = CACHE_DIR / "gguf" / _file_sha256(path)[:16]
+    out = CACHE_DIR / "gguf" / sha256_of(path)[:16]
     if (out / "model.safetensors").exists() and (out / "config.json").exists():
         return out
     from safetensors.torch import save_file
