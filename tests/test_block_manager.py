@@ -1,0 +1,166 @@
+"""Block manager + radix cache: exact block ids for the simple cases, LRU eviction order, and a
+stateful model check: every block is free xor referenced, ref counts equal their holders, an
+idle pool is total minus cached, and every sequence reads back exactly the tokens it wrote
+(prefix reuse and copy-on-write included), modelled with a fake KV store."""
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from qcompiler.runtime.block_manager import BlockManager
+from qcompiler.runtime.block_pool import BlockPool
+from qcompiler.runtime.radix_cache import RadixCache
+from qcompiler.runtime.sequence import Sequence
+
+
+def test_allocate_append_deallocate_exact_ids():
+    bm = BlockManager(num_blocks=8, block_size=4, prefix_cache=False)
+    s = Sequence(list(range(6)))
+    assert bm.can_allocate(s)
+    bm.allocate(s)
+    assert s.block_table == [0, 1] and bm.num_free == 6
+    s.num_computed_tokens = 6
+    for t in (6, 7):
+        s.token_ids.append(t)
+        assert bm.can_append(s) and bm.may_append(s) == []
+        s.num_computed_tokens += 1
+    assert s.block_table == [0, 1]
+    s.token_ids.append(8)
+    bm.may_append(s)
+    assert s.block_table == [0, 1, 2] and bm.slot(s, 8) == 8
+    bm.deallocate(s)
+    assert bm.num_free == 8 and list(bm.pool.free) == [3, 4, 5, 6, 7, 0, 1, 2]
+
+
+def test_prefix_reuse_and_cached_tokens():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = Sequence(list(range(10)))
+    bm.allocate(a)
+    a.num_computed_tokens = 10
+    bm.deallocate(a)                       # blocks 0, 1 (tokens 0..7) cached, block 2 freed
+    assert bm.num_cached == 2 and bm.num_free == 6
+    b = Sequence(list(range(9)) + [99])    # shares 9 tokens: 2 whole blocks
+    bm.allocate(b)
+    assert b.block_table[:2] == [0, 1] and b.num_cached_tokens == 8
+    c = Sequence(list(range(8)))           # the whole prompt is cached: still computes its last token
+    bm.allocate(c)
+    assert c.num_cached_tokens == 4 and c.block_table[0] == 0 and c.block_table[1] != 1
+
+
+def test_lru_eviction_order():
+    pool = BlockPool(8, 2)
+    cache = RadixCache(pool)
+    blocks = {}
+    for name, toks in (("a", [1, 1]), ("b", [2, 2]), ("c", [3, 3])):
+        blocks[name] = pool.allocate()
+        cache.insert(toks, [blocks[name]])
+        pool.decref(blocks[name])          # the cache is now the only holder
+    cache.match_prefix([1, 1])             # touch a: b is now the least recently used
+    assert cache.evict(1) == 1 and pool.ref[blocks["b"]] == 0 and list(pool.free)[-1] == blocks["b"]
+    assert cache.evict(1) == 1 and pool.ref[blocks["c"]] == 0
+    m = cache.match_prefix([1, 1, 5])
+    cache.lock(m.node)
+    assert cache.evict(1) == 0             # a is locked
+    cache.unlock(m.node)
+    assert cache.evict(1) == 1 and cache.num_blocks == 0
+
+
+def test_split_edge_on_partial_match():
+    pool = BlockPool(8, 2)
+    cache = RadixCache(pool)
+    bs = [pool.allocate() for _ in range(3)]
+    cache.insert([1, 2, 3, 4, 5, 6], bs)
+    m = cache.match_prefix([1, 2, 3, 4, 9, 9])
+    assert m.blocks == bs[:2] and m.num_tokens == 4
+    other = pool.allocate()
+    assert cache.insert([1, 2, 3, 4, 7, 7], bs[:2] + [other]) == 4
+    assert cache.match_prefix([1, 2, 3, 4, 7, 7]).blocks == bs[:2] + [other]
+    assert cache.match_prefix([1, 2, 3, 4, 5, 6]).blocks == bs
+
+
+BS, NB = 4, 24
+prompts = st.lists(st.integers(0, 3), min_size=1, max_size=14)
+
+
+class BlockMachine(RuleBasedStateMachine):
+    """Runs sequences against the manager and a fake KV store: ``kv[block][offset]`` = token."""
+
+    def __init__(self):
+        super().__init__()
+        self.bm = BlockManager(NB, BS, prefix_cache=True)
+        self.running: list[Sequence] = []
+        self.kv: dict[int, list] = {b: [None] * BS for b in range(NB)}
+
+    def _write(self, s: Sequence, upto: int):
+        for p in range(s.num_computed_tokens, upto):
+            self.kv[s.block_table[p // BS]][p % BS] = s.token_ids[p]
+        s.num_computed_tokens = upto
+
+    @rule(prompt=prompts, prefix=st.sampled_from([[], [7, 7, 7, 7], [7, 7, 7, 7, 8, 8, 8, 8]]))
+    def add(self, prompt, prefix):
+        s = Sequence(prefix + prompt)
+        if self.bm.can_allocate(s):
+            self.bm.allocate(s)
+            assert s.num_cached_tokens % BS == 0 and s.num_cached_tokens < len(s)
+            self._write(s, len(s))  # prefill
+            self.running.append(s)
+
+    @precondition(lambda self: self.running)
+    @rule(i=st.integers(0, 100), tok=st.integers(0, 3))
+    def append(self, i, tok):
+        s = self.running[i % len(self.running)]
+        s.token_ids.append(tok)
+        if not self.bm.can_append(s):
+            s.token_ids.pop()
+            return
+        for src, dst in self.bm.may_append(s):
+            self.kv[dst] = list(self.kv[src])
+        self._write(s, len(s))
+
+    @precondition(lambda self: self.running)
+    @rule(i=st.integers(0, 100))
+    def fork(self, i):
+        parent = self.running[i % len(self.running)]
+        child = Sequence(list(parent.token_ids), parent.num_prompt_tokens)
+        self.bm.fork(parent, child)
+        self.running.append(child)
+
+    @precondition(lambda self: self.running)
+    @rule(i=st.integers(0, 100), cache=st.booleans())
+    def finish(self, i, cache):
+        s = self.running.pop(i % len(self.running))
+        self.bm.deallocate(s, cache=cache)
+
+    @rule(n=st.integers(1, 4))
+    def evict(self, n):
+        self.bm.cache.evict(n)
+
+    @invariant()
+    def reads_back_what_was_written(self):
+        for s in self.running:
+            for p in range(s.num_computed_tokens):
+                assert self.kv[s.block_table[p // BS]][p % BS] == s.token_ids[p], (s, p)
+        for node in self.bm.cache._nodes():  # cached blocks hold the tokens of their edge
+            for j, b in enumerate(node.blocks):
+                assert self.kv[b] == list(node.tokens[j * BS:(j + 1) * BS])
+
+    @invariant()
+    def refs_match_holders(self):
+        pool = self.bm.pool
+        holders = [0] * NB
+        for s in self.running:
+            for b in s.block_table:
+                holders[b] += 1
+        for node in self.bm.cache._nodes():
+            for b in node.blocks:
+                holders[b] += 1
+        assert holders == pool.ref
+        free = list(pool.free)
+        assert len(free) == len(set(free)) and all(pool.ref[b] == 0 for b in free)
+        assert sum(1 for r in pool.ref if r == 0) == len(free)
+        if not self.running:
+            assert pool.num_free == NB - self.bm.num_cached
+            assert all(n.lock_ref == 0 for n in self.bm.cache._nodes())
+
+
+TestBlockMachine = BlockMachine.TestCase
+TestBlockMachine.settings = __import__("hypothesis").settings(max_examples=150, stateful_step_count=40,
+                                                              deadline=None)
