@@ -10,7 +10,7 @@ from collections import defaultdict
 import torch
 from torch.fx import GraphModule, Node
 
-from .fx import finish, get_constant, insert_call, insert_constant
+from .fx import finish, free_name, get_constant, insert_call, insert_constant
 from .ops import aligned
 
 qc, aten = torch.ops.qc, torch.ops.aten
@@ -60,7 +60,9 @@ def _lower_group(gm: GraphModule, nodes: list[Node], bits: int) -> None:
     consts = [_constants(gm, n) for n in nodes]
     qweight, scales, zeros, bias = (_cat([c[i] for c in consts]) for i in range(4))
     sizes = [c[0].shape[0] for c in consts]
-    prefix = nodes[0].args[1].target.rpartition(".")[0] + ("_merged" if len(nodes) > 1 else "") + ".cpu_"
+    # NOTE: unique: one weight may feed several groups (a tied or reused weight)
+    prefix = free_name(gm, nodes[0].args[1].target.rpartition(".")[0] + ("_merged" if len(nodes) > 1 else "") + "_cpu")
+    prefix += "."
     x = nodes[0].args[0]
     with gm.graph.inserting_before(nodes[0]):
         put = lambda name, t: None if t is None else insert_constant(gm, prefix + name, t)  # noqa: E731

@@ -19,6 +19,21 @@ def get_constant(gm: GraphModule, fqn: str) -> torch.Tensor:
     return getattr(gm.get_submodule(mod) if mod else gm, name)
 
 
+def free_name(gm: GraphModule, fqn: str) -> str:
+    """``fqn``, or ``fqn_1``, ``fqn_2``… : the first dotted path not yet taken in ``gm``."""
+    def taken(name):
+        try:
+            get_constant(gm, name)
+            return True
+        except AttributeError:
+            return False
+    name, i = fqn, 0
+    while taken(name):
+        i += 1
+        name = f"{fqn}_{i}"
+    return name
+
+
 def set_constant(gm: GraphModule, fqn: str, value: torch.Tensor) -> None:
     """Registers ``value`` as a buffer at dotted path ``fqn`` (creating parent modules)."""
     mod_path, _, name = fqn.rpartition(".")
@@ -27,6 +42,7 @@ def set_constant(gm: GraphModule, fqn: str, value: torch.Tensor) -> None:
         if not hasattr(mod, part):
             mod.add_module(part, torch.nn.Module())
         mod = getattr(mod, part)
+        assert isinstance(mod, torch.nn.Module), f"{fqn}: {part} is a {type(mod).__name__}, not a module"
     if hasattr(mod, name):
         delattr(mod, name)
     mod.register_buffer(name, value)

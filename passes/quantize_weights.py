@@ -45,6 +45,12 @@ def layer_name(fqn: str) -> str:
     return fqn.removeprefix("model.").removesuffix(".weight")
 
 
+def constants_prefix(fqn: str) -> str:
+    """Where a weight's integer codes, scales and zero points live: beside ``module.weight``
+    in its module, or in a new submodule ``<name>_q`` for a bare parameter ``module.<name>``."""
+    return fqn.removesuffix(".weight") if fqn.endswith(".weight") else f"{fqn}_q"
+
+
 def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], symmetric: bool,
                      include_lm_head: bool = False, progress: bool = False) -> GraphModule:
     layers = gm.meta.setdefault("qc_layers", {})
@@ -71,7 +77,7 @@ def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], s
             continue
         if fqn not in done:
             qw = quantize_weight(w, bits, group_size, symmetric)
-            prefix = fqn.removesuffix(".weight")
+            prefix = constants_prefix(fqn)
             with gm.graph.inserting_before(node):
                 args = [insert_constant(gm, f"{prefix}.qweight", qw.qweight),
                         insert_constant(gm, f"{prefix}.scales", qw.scales),

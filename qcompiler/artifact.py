@@ -10,6 +10,8 @@ Weights live only in ``weights.safetensors``: the program is saved with zero-str
 their place and gets the real tensors back at load time, after every hash has been checked."""
 import hashlib
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -22,8 +24,7 @@ from . import __version__
 FORMAT = "qcompiler-artifact"
 FORMAT_VERSION = 1
 MANIFEST, WEIGHTS, PROGRAM = "manifest.json", "weights.safetensors", "program.pt2"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+log = logging.getLogger("qcompiler")
 
 
 class ArtifactError(ValueError):
@@ -56,26 +57,49 @@ def _weightless(ep: ExportedProgram) -> ExportedProgram:
         constants={k: _stub(v) if isinstance(v, torch.Tensor) else v for k, v in ep.constants.items()})
 
 
-def save_artifact(out: Path, ep: ExportedProgram, manifest: dict, tokenizer_dir: str | None = None) -> dict:
-    """Writes the artifact into ``out`` (created) and returns the manifest it wrote."""
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {**ep.state_dict, **_tensor_constants(ep)}
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, out / WEIGHTS, metadata={"format": "pt"})
-    torch.export.save(_weightless(ep), out / PROGRAM)
-    tok_files = []
-    if tokenizer_dir:
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.exists():
-                shutil.copyfile(src, out / name)
-                tok_files.append(name)
-    files = [WEIGHTS, PROGRAM, *tok_files]
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "qcompiler_version": __version__,
-                "torch_version": torch.__version__, **manifest,
-                "tokenizer": {"files": tok_files} if tok_files else None,
-                "files": {f: {"sha256": sha256_of(out / f), "bytes": (out / f).stat().st_size} for f in files}}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return manifest
+def is_artifact(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output_dir(out: Path) -> None:
+    """``out`` may be new, empty, or an artifact (replaced whole on success); nothing else."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cannot write the artifact to {out}: it is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not is_artifact(out):
+        raise ValueError(f"{out} is not empty and holds no qcompiler artifact: choose a new or empty directory")
+
+
+def save_artifact(out: Path, ep: ExportedProgram, manifest: dict, tokenizer=None) -> dict:
+    """Writes the artifact into a sibling temporary directory, then swaps it in for ``out``:
+    a failure leaves any previous artifact at ``out`` untouched. Returns the manifest."""
+    check_output_dir(out)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tensors = {**ep.state_dict, **_tensor_constants(ep)}
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS, metadata={"format": "pt"})
+        torch.export.save(_weightless(ep), tmp / PROGRAM)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        files = sorted(p.name for p in tmp.iterdir())
+        tok_files = [f for f in files if f not in (WEIGHTS, PROGRAM)]
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "qcompiler_version": __version__,
+                    "torch_version": torch.__version__, **manifest,
+                    "tokenizer": {"files": tok_files} if tok_files else None,
+                    "files": {f: {"sha256": sha256_of(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_manifest(path: Path, verify: bool = True) -> dict:
@@ -89,13 +113,21 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{mpath}: not valid JSON ({e}); recompile the model") from e
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{mpath}: format version {manifest.get('format_version')} but this qcompiler "
                             f"({__version__}) reads version {FORMAT_VERSION}; recompile the model")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not {WEIGHTS, PROGRAM} <= set(files) or \
+            not all(isinstance(m, dict) and {"sha256", "bytes"} <= set(m) for m in files.values()):
+        raise ArtifactError(f"{mpath}: its file list is missing or incomplete (needs {WEIGHTS} and {PROGRAM} "
+                            "with sha256 and bytes); recompile the model")
+    written = str(manifest.get("torch_version", "?"))
+    if written.split(".")[:2] != torch.__version__.split(".")[:2]:
+        log.warning("%s was written by torch %s; this is torch %s: loading may fail", path, written, torch.__version__)
     if verify:
-        for name, meta in manifest.get("files", {}).items():
+        for name, meta in files.items():
             f = path / name
             if not f.exists():
                 raise ArtifactError(f"{f}: missing from the artifact")

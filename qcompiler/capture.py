@@ -3,6 +3,11 @@
 The model is called on one packed sequence (``[1, T]``); the token dimension ``T`` is dynamic,
 so prefill, decode and chunks are one program. ``aten.linear`` and SDPA stay visible: the
 passes match on them."""
+import io
+import logging
+import os
+from contextlib import contextmanager, redirect_stderr
+
 import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
@@ -20,6 +25,8 @@ class FlatTokenModule(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0))
         logits = getattr(out, "logits", None)
+        if logits is None and isinstance(out, dict):
+            logits = out.get("logits")
         if logits is None:
             logits = out[0] if isinstance(out, (tuple, list)) else out
         return logits[0]  # [T, V]
@@ -44,6 +51,23 @@ def export_flat(module: nn.Module, max_tokens: int) -> ExportedProgram:
         return torch.export.export(module, example_inputs(), dynamic_shapes=token_dim(max_tokens))
 
 
+@contextmanager
+def _quiet_torch_logs():
+    """torch.export prints and logs whole graphs when it fails; the error we raise says what
+    matters. ``QCOMPILE_DEBUG=1`` keeps them."""
+    if os.environ.get("QCOMPILE_DEBUG"):
+        yield
+        return
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def capture(model: nn.Module, max_tokens: int | None = None) -> ExportedProgram:
     """Exports ``model`` as the flat-token program. Raises ``ValueError`` naming the cause when
     the model cannot be called or exported with that convention."""
@@ -54,6 +78,12 @@ def capture(model: nn.Module, max_tokens: int | None = None) -> ExportedProgram:
     except Exception as e:  # user code: report what convention it failed
         raise ValueError(f"the model cannot be called as model(input_ids=[1, T], position_ids=[1, T]): "
                          f"{type(e).__name__}: {e}") from e
-    if out.dim() != 2 or out.shape[0] != 4:
-        raise ValueError(f"the model must return logits [1, T, V]; for T=4 it returned {tuple(out.shape)} after [0]")
-    return export_flat(flat, max_tokens or max_tokens_of(model))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 4:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the model must return logits [1, T, V] (or .logits); for T=4 it returned {got} after [0]")
+    try:
+        with _quiet_torch_logs():
+            return export_flat(flat, max_tokens or max_tokens_of(model))
+    except Exception as e:  # torch.export's reasons are long: keep the first line, chain the rest
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"torch.export could not capture the model: {type(e).__name__}: {first}") from e

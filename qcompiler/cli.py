@@ -10,6 +10,7 @@ from pathlib import Path
 from .targets import TARGETS
 
 SUBCOMMANDS = ("compile", "eval")
+PER_CHANNEL = "channel"  # --group-size channel: one group per output channel
 DESCRIPTION = """Compile a PyTorch language model into a quantized artifact, or evaluate one.
 
   qcompile MODEL --target w4a16 [-o DIR]     compile (same as: qcompile compile MODEL ...)
@@ -31,8 +32,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _group_size(s: str):
-    if s in ("channel", "none"):
-        return None
+    if s == "channel":
+        return PER_CHANNEL
     try:
         return int(s)
     except ValueError:
@@ -104,8 +105,13 @@ def _layer_bytes(rep, v) -> float:
 def cmd_compile(a) -> int:
     from .compiler import compile_model
     from .targets import make_target
-    target = make_target(a.target, group_size=a.group_size, symmetric=a.symmetric, method=a.method,
-                         quantize_lm_head=a.quantize_lm_head) if a.target in TARGETS else make_target(a.target)
+    group_size = a.group_size
+    if group_size == PER_CHANNEL:
+        if a.target != "w8a16":
+            raise ValueError(f"--group-size channel applies to w8a16 only; {a.target} needs a power of two >= 16")
+        group_size = None
+    target = make_target(a.target, group_size=group_size, symmetric=a.symmetric, method=a.method,
+                         quantize_lm_head=a.quantize_lm_head)
     out = a.output or f"build/{Path(a.model).stem.lower()}-{target.name}"
     rep = compile_model(a.model, target, out, dtype=a.dtype, progress=not a.quiet)
     print_summary(rep, a.model)
@@ -158,7 +164,7 @@ def main(argv=None) -> int:
     from .artifact import ArtifactError
     try:
         return {"compile": cmd_compile, "eval": cmd_eval}[a.command](a)
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, ArtifactError) as e:
+    except (ValueError, OSError, ArtifactError) as e:
         if os.environ.get("QCOMPILE_DEBUG"):
             raise
         print(f"qcompile: error: {e}", file=sys.stderr)

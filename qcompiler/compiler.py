@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .artifact import save_artifact
+from .artifact import check_output_dir, save_artifact
 from .capture import capture, export_flat, max_tokens_of
-from .models import ModelSource, load_source, source_kind
+from .models import DTYPES, ModelSource, load_source, source_kind
 from .pipeline import run_pipeline
 from .targets import Target
 
@@ -27,12 +27,12 @@ class CompileReport:
 
 
 def check_writable(out: Path) -> None:
-    """Fails early, before minutes of work, when ``out`` cannot be written: creates it and a probe file."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"cannot write the artifact to {out}: it is a file, not a directory")
+    """Fails early, before minutes of work, when ``out`` cannot be written: creates its parent
+    and a probe file there (the artifact itself is swapped in at the end)."""
+    check_output_dir(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
             pass
     except OSError as e:
         raise PermissionError(f"cannot write the artifact to {out}: {e.strerror or e}") from e
@@ -54,12 +54,19 @@ def _state_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def _model_dtype(model: torch.nn.Module) -> str:
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return str(floats[0] if floats else torch.get_default_dtype()).removeprefix("torch.")
+
+
 def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, dtype: str | None = None,
                   progress: bool = False) -> CompileReport:
     """Compiles ``model`` (a path or a loaded ``ModelSource``) for ``target`` into the artifact ``out``."""
-    out = Path(out)
+    out = Path(out).resolve()
     if not isinstance(model, ModelSource):
-        source_kind(str(model))  # a bad path fails before anything is created
+        source_kind(str(model))  # bad input fails before anything is created
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; available: {', '.join(DTYPES)}")
     check_writable(out)
     stages: dict[str, float] = {}
     with _stage(stages, "load"):
@@ -75,13 +82,13 @@ def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, 
         final = export_flat(result.gm, max_tokens)
     manifest = {
         "target": target.to_dict(),
-        "model": {"source": src.kind, "path": src.path, "config": src.config,
-                  "dtype": str(next(src.model.parameters()).dtype).removeprefix("torch.")},
+        "model": {"source": src.kind, "path": str(Path(src.path).resolve()), "config": src.config,
+                  "dtype": _model_dtype(src.model)},
         "program": {"inputs": {"input_ids": "int64[T]", "positions": "int64[T]"}, "output": "logits[T, V]",
                     "max_tokens": max_tokens},
         "passes": result.records,
         "layers": result.layers,
     }
     with _stage(stages, "save"):
-        manifest = save_artifact(out, final, manifest, src.tokenizer_dir)
+        manifest = save_artifact(out, final, manifest, src.tokenizer)
     return CompileReport(target, out, manifest, stages, _state_bytes(src.model))

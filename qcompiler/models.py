@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,6 @@ class ModelSource:
     kind: str                                   # "model.py" | "hf" | "gguf"
     path: str
     tokenizer: Any = None                       # a transformers tokenizer, or None
-    tokenizer_dir: Optional[str] = None         # files to copy into the artifact
     calibration_texts: Optional[Callable[[], list[str]]] = None
     calibration_data: Optional[Callable[[], list[torch.Tensor]]] = None
     eval_text: Optional[Callable[[], str]] = None
@@ -60,14 +60,22 @@ def load_model_py(path: Path, dtype=None) -> ModelSource:
     spec = importlib.util.spec_from_file_location(f"qc_user_model_{path.stem}", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # the user's file: say which and why, in one line
+        raise ValueError(f"{path} failed to import: {type(e).__name__}: {e}") from e
     if not callable(getattr(mod, "build_model", None)):
         raise ValueError(f"{path} defines no build_model(): a model file must define build_model() "
                          "returning an nn.Module")
-    model = _prepare(mod.build_model(), dtype)
-    tok = mod.build_tokenizer() if callable(getattr(mod, "build_tokenizer", None)) else None
+    try:
+        model = mod.build_model()
+        tok = mod.build_tokenizer() if callable(getattr(mod, "build_tokenizer", None)) else None
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: build_model()/build_tokenizer() raised {type(e).__name__}: {e}") from e
+    model = _prepare(model, dtype)
     return ModelSource(model=model, kind="model.py", path=str(path), tokenizer=tok,
-                       tokenizer_dir=getattr(tok, "name_or_path", None) if tok is not None else None,
                        calibration_texts=getattr(mod, "calibration_texts", None),
                        calibration_data=getattr(mod, "calibration_data", None),
                        eval_text=getattr(mod, "eval_text", None), config=_hf_config_dict(model))
@@ -75,12 +83,15 @@ def load_model_py(path: Path, dtype=None) -> ModelSource:
 
 def load_hf_dir(path: Path, dtype=None) -> ModelSource:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa")
-    tok = None
-    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        tok = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa")
+        tok = None
+        if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: not a loadable Hugging Face causal LM: {type(e).__name__}: {e}") from e
     return ModelSource(model=_prepare(model, None), kind="hf", path=str(path), tokenizer=tok,
-                       tokenizer_dir=str(path) if tok is not None else None, config=_hf_config_dict(model))
+                       config=_hf_config_dict(model))
 
 
 def gguf_to_hf_dir(path: Path) -> Path:
@@ -92,23 +103,28 @@ def gguf_to_hf_dir(path: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
     log.info("converting %s to float (once; cached in %s)", path.name, out)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"{path}: transformers cannot read this GGUF file: {type(e).__name__}: {e}") from e
     cfg = model.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config  # the weights are float now
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    cfg.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tied = getattr(cfg, "tie_word_embeddings", False)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
-    (tmp / "qcompiler_source.json").write_text(json.dumps({"gguf": str(path)}))
-    if out.exists():  # a concurrent conversion finished first
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        cfg.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tied = getattr(cfg, "tie_word_embeddings", False)
+        sd = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "qcompiler_source.json").write_text(json.dumps({"gguf": str(path)}))
+        if not out.exists():  # else a concurrent conversion finished first
+            tmp.rename(out)
         return out
-    tmp.rename(out)
-    return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial conversion, or the loser of a race
 
 
 def load_gguf(path: Path, dtype=None) -> ModelSource:

@@ -34,6 +34,9 @@ class CompiledModel:
     def flat(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``input_ids[T]``, ``positions[T]`` -> ``logits[T, V]``: the program itself."""
         T = input_ids.shape[0]
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(f"flat input_ids and positions must both be [T], got {tuple(input_ids.shape)} "
+                             f"and {tuple(positions.shape)}")
         if not 1 <= T <= self.max_tokens:
             raise ValueError(f"{T} tokens; this program takes 1 to {self.max_tokens}")
         with torch.no_grad():

@@ -45,6 +45,9 @@ class WeightOnly(Target):
     def __post_init__(self):
         _check_group_size(self.group_size, allow_none=self.bits == 8)
         _check_method(self.method)
+        for name in ("symmetric", "quantize_lm_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def scheme(self) -> str:

@@ -13,6 +13,7 @@ from qcompiler.compiler import compile_model
 from qcompiler.models import load_source
 from qcompiler.pipeline import run_pipeline
 from qcompiler.targets import W4A16, W8A16, Float
+from reference import fake_quant_model, fake_quant_ref
 from tests_paths import FIXTURES
 
 
@@ -35,7 +36,8 @@ def test_roundtrip_equals_pipeline_and_source_convention(artifact):
     ids = torch.randint(0, 96, (2, 7))
     y = m(input_ids=ids, position_ids=torch.arange(7).expand(2, 7))
     assert y.shape == (2, 7, 96)
-    torch.testing.assert_close(y[1], m.flat(ids[1], torch.arange(7)))
+    with torch.no_grad():  # each row of a batch is its own sequence
+        torch.testing.assert_close(y[1], gm(ids[1], torch.arange(7)), rtol=0, atol=0)
     fast = qcompiler.load(out)  # int4pack CPU kernels: bf16 activations
     err = (fast.flat(ids[0], torch.arange(7)) - y[0]).abs().max()
     assert err < 2e-2 * y[0].abs().max()
@@ -134,5 +136,36 @@ def test_bfloat16_model_keeps_its_dtype(tmp_path):
     compile_model(src, W4A16(group_size=32), out)
     m = qcompiler.load(out)
     assert json.loads((out / MANIFEST).read_text())["model"]["dtype"] == "bfloat16"
-    y = m.flat(torch.randint(0, 96, (3,)), torch.arange(3))
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    ids, pos = torch.randint(0, 96, (5,)), torch.arange(5)
+    y = m.flat(ids, pos)
+    with torch.no_grad():
+        ref = fake_quant_model(src.model, 4, 32, True, skip=("out",))(input_ids=ids[None], position_ids=pos[None])[0]
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref.float()).abs().max() < 3e-2 * ref.float().abs().max()
+
+
+def test_bare_parameter_linears_and_dict_output(tmp_path):
+    src = load_source(str(FIXTURES / "bare_param_lm.py"))
+    rep = compile_model(src, W8A16(), tmp_path / "bare")
+    layers = rep.manifest["layers"]
+    assert layers["w_in"]["status"] == layers["w_out"]["status"] == "quantized"
+    ids, pos = torch.randint(0, 64, (6,)), torch.arange(6)
+    with torch.no_grad():
+        ref = fake_quant_model(src.model, 8, None, True, skip=("head",))
+        for name in ("w_in", "w_out"):  # bare parameters: fake-quantize them by hand
+            getattr(ref, name).copy_(fake_quant_ref(getattr(src.model, name), 8, None, True))
+        expect = ref(input_ids=ids[None], position_ids=pos[None])["logits"][0]
+    torch.testing.assert_close(qcompiler.load(tmp_path / "bare", fast=False).flat(ids, pos), expect,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_recompile_replaces_an_artifact_and_incomplete_manifest_fails(artifact, tmp_path):
+    d = _damaged(artifact, tmp_path)
+    (d / "stale.txt").write_text("left from before")
+    compile_model(load_source(str(FIXTURES / "plain_lm.py")), W8A16(), d)  # an artifact: replaced whole
+    assert not (d / "stale.txt").exists() and json.loads((d / MANIFEST).read_text())["target"]["name"] == "w8a16"
+    man = json.loads((d / MANIFEST).read_text())
+    del man["files"][PROGRAM]
+    (d / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(ArtifactError, match="file list is missing or incomplete"):
+        qcompiler.load(d)

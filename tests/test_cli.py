@@ -66,6 +66,11 @@ def _one_error_line(capsys, code, expect: str):
     ([str(FIXTURES / "plain_lm.py"), "-o", "/proc/qc-artifact"], "cannot write the artifact to /proc/qc-artifact"),
     ([str(ROOT / "README.md")], "expected a .py file, a .gguf file or a Hugging Face model directory"),
     (["eval", str(FIXTURES)], "is not a qcompiler artifact"),
+    ([str(FIXTURES / "plain_lm.py"), "--group-size", "channel"], "--group-size channel applies to w8a16 only"),
+    ([str(FIXTURES / "import_error.py")], "import_error.py failed to import: ModuleNotFoundError"),
+    ([str(FIXTURES / "data_dependent.py")], "torch.export could not capture the model"),
+    ([str(FIXTURES / "plain_lm.py"), "--dtype", "float64"], "unknown dtype 'float64'"),
+    ([str(FIXTURES / "plain_lm.py"), "-o", str(FIXTURES)], "is not empty and holds no qcompiler artifact"),
 ])
 def test_bad_input_one_line(capsys, args, expect):
     try:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from qcompiler.capture import capture
+from qcompiler.codegen import ops
 from qcompiler.codegen.cpu import lower_for_cpu
 from qcompiler.codegen.fx import call_nodes
 from qcompiler.pipeline import run_pipeline
@@ -18,7 +19,8 @@ qc = torch.ops.qc
 def test_merge_siblings_and_match_canonical(target, fast_op):
     a = Args(vocab=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128, bias=True)
     gm = run_pipeline(capture(build(a), max_tokens=128), target).gm
-    ids, pos = torch.randint(0, 64, (40,)), torch.arange(40)
+    T_dense = ops.PACKED_MAX_ROWS + 1
+    ids, pos = torch.randint(0, 64, (T_dense,)), torch.arange(T_dense)
     with torch.no_grad():
         ref = gm(ids, pos)
         lowered = {m: lower_for_cpu(run_pipeline(capture(build(a), max_tokens=128), target).gm, merge=m)
@@ -26,7 +28,7 @@ def test_merge_siblings_and_match_canonical(target, fast_op):
         # wq+wk+wv (biased) one call, w1+w3 one call, wo and w2 alone: 4 per layer instead of 7
         assert len(call_nodes(lowered[True], fast_op)) == 4 * a.n_layers
         assert len(call_nodes(lowered[False], fast_op)) == 7 * a.n_layers
-        for T in (1, 40):  # the packed GEMV path and the dense bf16 path
+        for T in (1, T_dense):  # the packed GEMV path and the dense bf16 path
             outs = [lowered[m](ids[:T], pos[:T]) for m in (False, True)]
             torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=1e-3 * ref.abs().max().item())
             assert (outs[1] - ref[:T]).abs().max() < 2e-2 * ref.abs().max()
