@@ -1,0 +1,93 @@
+"""Paged KV cache ops: ``qc::reshape_and_cache`` (write a step's keys and values into their
+slots) and ``qc::paged_attention`` (causal attention of a step's queries over each sequence's
+blocks: prefill, decode and chunked prefill are one op).
+
+KV cache layout: ``kv_cache [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``;
+token ``p`` of a sequence lives in slot ``block_tables[s, p // block_size] * block_size +
+p % block_size``. A step's tokens are packed: sequence ``s`` owns query rows
+``query_start_loc[s]:query_start_loc[s + 1]``, which are its last tokens: ``seq_lens[s]``
+counts every token of ``s`` including them. Heads are grouped (GQA): query head ``h``
+reads KV head ``h // (num_heads // num_kv_heads)``."""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check_cache(kv_cache: Tensor, layer: int, key: Tensor) -> None:
+    assert kv_cache.dim() == 6 and kv_cache.shape[1] == 2, f"kv_cache must be [L, 2, blocks, block, H_kv, D], got {tuple(kv_cache.shape)}"
+    assert 0 <= layer < kv_cache.shape[0], f"layer {layer} outside {kv_cache.shape[0]} layers"
+    assert key.shape[1:] == kv_cache.shape[4:], f"key [T, H_kv, D] {tuple(key.shape)} vs cache heads {tuple(kv_cache.shape[4:])}"
+
+
+@torch.library.custom_op("qc::reshape_and_cache", mutates_args=("kv_cache",))
+def reshape_and_cache(kv_cache: Tensor, layer: int, key: Tensor, value: Tensor, slot_mapping: Tensor) -> None:
+    """``key``/``value`` ``[T, H_kv, D]`` into ``kv_cache[layer]`` at ``slot_mapping[T]``; slots < 0 are skipped."""
+    _check_cache(kv_cache, layer, key)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    H, D = kv_cache.shape[4:]
+    kv_cache[layer, 0].view(-1, H, D).index_copy_(0, slots, key[keep].to(kv_cache.dtype))
+    kv_cache[layer, 1].view(-1, H, D).index_copy_(0, slots, value[keep].to(kv_cache.dtype))
+
+
+@reshape_and_cache.register_fake
+def _(kv_cache, layer, key, value, slot_mapping):
+    return None
+
+
+def gather_kv(kv_cache: Tensor, layer: int, block_table: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+    """One sequence's keys and values ``[seq_len, H_kv, D]`` in token order."""
+    bs = kv_cache.shape[3]
+    blocks = block_table[: -(-seq_len // bs)]
+    k = kv_cache[layer, 0, blocks].flatten(0, 1)[:seq_len]
+    v = kv_cache[layer, 1, blocks].flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def paged_attention_ref(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
+                        query_start_loc: Tensor, scale: float) -> Tensor:
+    """Readable reference: per sequence, per query, softmax over the keys at or before it (fp32)."""
+    T, Hq, D = query.shape
+    Hkv = kv_cache.shape[4]
+    out = torch.empty_like(query)
+    for s in range(seq_lens.shape[0]):
+        q0, q1, n = int(query_start_loc[s]), int(query_start_loc[s + 1]), int(seq_lens[s])
+        k, v = gather_kv(kv_cache, layer, block_tables[s], n)
+        for i in range(q0, q1):
+            pos = n - (q1 - q0) + (i - q0)  # absolute position of this query
+            for h in range(Hq):
+                kh = k[: pos + 1, h // (Hq // Hkv)].float()
+                vh = v[: pos + 1, h // (Hq // Hkv)].float()
+                p = torch.softmax(kh @ query[i, h].float() * scale, dim=0)
+                out[i, h] = (p @ vh).to(query.dtype)
+    return out
+
+
+@torch.library.custom_op("qc::paged_attention", mutates_args=())
+def paged_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
+                    query_start_loc: Tensor, scale: float) -> Tensor:
+    """``query [T, H, D]`` -> ``[T, H, D]``: causal attention over each sequence's cached KV
+    (the step's own keys must already be written). CPU/any device: one SDPA per sequence."""
+    T, Hq, D = query.shape
+    Hkv = kv_cache.shape[4]
+    assert Hq % Hkv == 0, f"{Hq} query heads not a multiple of {Hkv} KV heads"
+    out = torch.empty_like(query)
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for s, n in enumerate(lens):
+        q0, q1 = starts[s], starts[s + 1]
+        if q1 == q0:
+            continue
+        k, v = gather_kv(kv_cache, layer, block_tables[s], n)
+        q = query[q0:q1].transpose(0, 1).unsqueeze(0)            # [1, Hq, q_len, D]
+        k, v = (t.transpose(0, 1).unsqueeze(0).to(query.dtype) for t in (k, v))  # [1, Hkv, n, D]
+        q_len = q1 - q0
+        # query i sits at position n - q_len + i: it sees keys 0 .. n - q_len + i
+        mask = torch.ones(q_len, n, dtype=torch.bool, device=query.device).tril(n - q_len)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out
+
+
+@paged_attention.register_fake
+def _(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale):
+    return torch.empty_like(query)
