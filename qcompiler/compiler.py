@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .artifact import check_output_dir, save_artifact
-from .capture import capture, export_flat, max_tokens_of
+from .capture import capture, export_paged, max_tokens_of
 from .models import DTYPES, ModelSource, load_source, source_kind
 from .pipeline import run_pipeline
 from .targets import Target
@@ -78,14 +78,19 @@ def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, 
         result = run_pipeline(ep, target, progress=progress)
     for rec in result.records:
         stages[f"pass:{rec['name']}"] = rec["seconds"]
+    paged = result.gm.meta["qc_paged"]
+    dtype = _model_dtype(src.model)
     with _stage(stages, "export"):
-        final = export_flat(result.gm, max_tokens)
+        final = export_paged(result.gm, max_tokens, paged, getattr(torch, dtype))
     manifest = {
         "target": target.to_dict(),
         "model": {"source": src.kind, "path": str(Path(src.path).resolve()), "config": src.config,
-                  "dtype": _model_dtype(src.model)},
-        "program": {"inputs": {"input_ids": "int64[T]", "positions": "int64[T]"}, "output": "logits[T, V]",
-                    "max_tokens": max_tokens},
+                  "dtype": dtype},
+        "program": {"inputs": {"input_ids": "int64[T]", "positions": "int64[T]",
+                               "kv_cache": "[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]",
+                               "slot_mapping": "int64[T]", "block_tables": "int64[S, max_blocks]",
+                               "seq_lens": "int64[S]", "query_start_loc": "int64[S + 1]"},
+                    "output": "logits[T, V]", "max_tokens": max_tokens, "paged": paged},
         "passes": result.records,
         "layers": result.layers,
     }

@@ -1,6 +1,6 @@
 """The pass pipeline: for each target, one readable ordered list of named passes.
 
-    capture ─► normalize ─► [quantize_weights ─► fuse_weight_only] ─► export
+    capture ─► normalize ─► [quantize_weights ─► fuse_weight_only] ─► paged_attention ─► export
 
 Dispatch is on the target's config type; the manifest records every pass that ran, with
 its parameters and seconds."""
@@ -12,7 +12,7 @@ from typing import Callable
 from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
-from qcompiler.passes import fuse_weight_only, normalize, quantize_weights
+from qcompiler.passes import fuse_weight_only, normalize, paged_attention, quantize_weights
 
 from .targets import Float, Target, WeightOnly
 
@@ -40,7 +40,8 @@ PIPELINES: dict[type, Callable[[Target, bool], list[Pass]]] = {
 def passes_for(target: Target, progress: bool = False) -> list[Pass]:
     for cls in type(target).__mro__:
         if cls in PIPELINES:
-            return [("normalize", normalize, {})] + PIPELINES[cls](target, progress)
+            return [("normalize", normalize, {}), *PIPELINES[cls](target, progress),
+                    ("paged_attention", paged_attention, {})]
     raise TypeError(f"no pipeline for target type {type(target).__name__}")
 
 

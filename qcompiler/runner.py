@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 
 from qcompiler.codegen.cpu import lower_for_cpu
+from qcompiler.runtime.step_inputs import single_sequence
 
 from .artifact import ArtifactError, load_program, read_manifest
 
@@ -12,7 +13,8 @@ from .artifact import ArtifactError, load_program, read_manifest
 class CompiledModel:
     """The artifact's program, called like the source model: ``m(input_ids=[1, T], position_ids=[1, T])
     -> logits [1, T, V]`` (or flat ``[T]`` -> ``[T, V]``). Rows of a ``[B, T]`` batch are
-    independent sequences."""
+    independent sequences, each computed from scratch with a KV cache of its own; the serving
+    engine calls ``program`` itself with a shared paged cache."""
 
     def __init__(self, path: Path, manifest: dict, gm: torch.nn.Module):
         self.path, self.manifest, self.program = path, manifest, gm
@@ -39,8 +41,10 @@ class CompiledModel:
                              f"and {tuple(positions.shape)}")
         if not 1 <= T <= self.max_tokens:
             raise ValueError(f"{T} tokens; this program takes 1 to {self.max_tokens}")
+        prog = self.manifest["program"]
+        dtype = getattr(torch, self.manifest["model"]["dtype"])
         with torch.no_grad():
-            return self.program(input_ids, positions)
+            return self.program(*single_sequence(input_ids, positions, prog["paged"], dtype))
 
     def __call__(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None, positions=None):
         pos = position_ids if position_ids is not None else positions

@@ -14,6 +14,17 @@ class StepInputs(NamedTuple):
     query_start_loc: torch.Tensor  # [S + 1]
 
 
+def single_sequence(input_ids: torch.Tensor, positions: torch.Tensor, paged: dict, dtype: torch.dtype,
+                    block_size: int = 16) -> tuple:
+    """The paged program's inputs for one sequence of ``T`` tokens computed from scratch,
+    with a KV cache of its own: what a plain ``model(ids, positions)`` call means."""
+    T = input_ids.shape[0]
+    nb = -(-T // block_size)
+    kv = torch.zeros(paged["num_layers"], 2, nb, block_size, paged["num_kv_heads"], paged["head_dim"], dtype=dtype)
+    return (input_ids, positions, kv, torch.arange(T), torch.arange(nb).view(1, nb), torch.tensor([T]),
+            torch.tensor([0, T]))
+
+
 def step_inputs(block_tables: Seq[Seq[int]], num_cached: Seq[int], new_tokens: Seq[Seq[int]],
                 block_size: int) -> StepInputs:
     ids, pos, slots, lens, starts = [], [], [], [], [0]

@@ -8,6 +8,7 @@ from qcompiler.codegen import ops
 from qcompiler.codegen.cpu import lower_for_cpu
 from qcompiler.codegen.fx import call_nodes
 from qcompiler.pipeline import run_pipeline
+from qcompiler.runtime.step_inputs import single_sequence
 from qcompiler.targets import W4A16, W8A16
 from tiny_models import Args, build
 
@@ -22,13 +23,15 @@ def test_merge_siblings_and_match_canonical(target, fast_op):
     T_dense = ops.PACKED_MAX_ROWS + 1
     ids, pos = torch.randint(0, 64, (T_dense,)), torch.arange(T_dense)
     with torch.no_grad():
-        ref = gm(ids, pos)
         lowered = {m: lower_for_cpu(run_pipeline(capture(build(a), max_tokens=128), target).gm, merge=m)
                    for m in (False, True)}
         # wq+wk+wv (biased) one call, w1+w3 one call, wo and w2 alone: 4 per layer instead of 7
         assert len(call_nodes(lowered[True], fast_op)) == 4 * a.n_layers
         assert len(call_nodes(lowered[False], fast_op)) == 7 * a.n_layers
+        paged = lowered[True].meta["qc_paged"]
+        args = lambda T: single_sequence(ids[:T], pos[:T], paged, torch.float32)  # noqa: E731
+        ref = gm(*args(T_dense))
         for T in (1, T_dense):  # the packed GEMV path and the dense bf16 path
-            outs = [lowered[m](ids[:T], pos[:T]) for m in (False, True)]
+            outs = [lowered[m](*args(T)) for m in (False, True)]
             torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=1e-3 * ref.abs().max().item())
             assert (outs[1] - ref[:T]).abs().max() < 2e-2 * ref.abs().max()
