@@ -72,10 +72,11 @@ class BlockManager:
         seq.block_table += self._take(self.blocks_needed(len(seq)) - len(seq.block_table))
 
     # --- decode -----------------------------------------------------------------------------
-    def can_append(self, seq: Sequence, num_tokens: int = 1) -> bool:
-        """Room for ``num_tokens`` more tokens (a new block, or a private copy of a shared last block)."""
-        need = self.blocks_needed(len(seq) + num_tokens) - len(seq.block_table)
-        if seq.block_table and len(seq) % self.block_size and self.pool.ref[seq.block_table[-1]] > 1:
+    def can_append(self, seq: Sequence) -> bool:
+        """Room for every token of ``seq`` (call after appending): new blocks, plus a private
+        copy of a shared last block that the next token would be written into."""
+        need = self.blocks_needed(len(seq)) - len(seq.block_table)
+        if seq.block_table and seq.num_computed_tokens % self.block_size and self.pool.ref[seq.block_table[-1]] > 1:
             need += 1
         return need <= self.num_available()
 

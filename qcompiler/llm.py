@@ -1,0 +1,95 @@
+"""``LLM``: offline generation from a compiled artifact, vLLM's shape.
+
+    llm = LLM("build/smollm2-w4a16")
+    outs = llm.generate(["Once upon a time"], SamplingParams(max_tokens=64, temperature=0.0))
+"""
+from dataclasses import dataclass
+from typing import Optional, Sequence as Seq, Union
+
+import torch
+
+from qcompiler.runtime.engine import Engine, ModelRunner
+from qcompiler.runtime.sampling import SamplingParams
+
+from .runner import load
+
+Prompt = Union[str, list[int]]
+
+
+@dataclass
+class GenerationOutput:
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str           # "stop" | "length" | "error"
+    num_cached_tokens: int       # prompt tokens served from the prefix cache
+    error: Optional[str] = None
+
+
+class LLM:
+    """Args:
+        path: an artifact directory written by ``qcompile``.
+        kv_cache_memory: bytes for the KV cache (sets the number of blocks), unless ``num_blocks``.
+        block_size: tokens per KV block.
+        prefix_cache: reuse KV blocks of earlier requests' shared prefixes (radix cache).
+        max_num_seqs / max_num_batched_tokens: continuous batching limits per step (the token
+            budget is what chunks long prompts).
+        compile: run the program through ``torch.compile``.
+    """
+
+    def __init__(self, path: str, *, kv_cache_memory: int = 256 << 20, num_blocks: Optional[int] = None,
+                 block_size: int = 16, prefix_cache: bool = True, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 512, compile: bool = False):
+        if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError(f"block_size, max_num_seqs and max_num_batched_tokens must be >= 1, got "
+                             f"{block_size}, {max_num_seqs}, {max_num_batched_tokens}")
+        self.model = load(path)
+        man = self.model.manifest
+        paged, dtype = man["program"]["paged"], getattr(torch, man["model"]["dtype"])
+        per_block = paged["num_layers"] * 2 * block_size * paged["num_kv_heads"] * paged["head_dim"] * dtype.itemsize
+        num_blocks = num_blocks or max(1, kv_cache_memory // per_block)
+        program = torch.compile(self.model.program, dynamic=True) if compile else self.model.program
+        self.tokenizer = self.model.tokenizer if man.get("tokenizer") else None
+        eos = man["model"]["config"].get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.engine = Engine(ModelRunner(program, paged, dtype, num_blocks, block_size), num_blocks, block_size,
+                             self.tokenizer, tuple(eos), prefix_cache, max_num_seqs, max_num_batched_tokens,
+                             man["program"]["max_tokens"])
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this artifact has no tokenizer: pass prompts as lists of token ids")
+            return self.tokenizer(prompt)["input_ids"]
+        return [int(t) for t in prompt]
+
+    def generate(self, prompts: Union[Prompt, Seq[Prompt]],
+                 params: Union[SamplingParams, Seq[SamplingParams], None] = None) -> list[GenerationOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters")
+        reqs = [self.engine.add_request(self._encode(p), sp) for p, sp in zip(prompts, params)]
+        pending = {id(r) for r in reqs}
+        while pending:
+            for r in self.engine.step():
+                pending.discard(id(r))
+        return [self._output(p, r) for p, r in zip(prompts, reqs)]
+
+    def _output(self, prompt, req) -> GenerationOutput:
+        seq = req.seq
+        ids = seq.token_ids[seq.num_prompt_tokens:]
+        text = req.text
+        if not text and self.tokenizer is not None:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return GenerationOutput(prompt if isinstance(prompt, str) else None, seq.token_ids[:seq.num_prompt_tokens],
+                                text, ids, req.finish_reason, req.num_cached_tokens,
+                                req.error)
+
+    def stats(self) -> dict:
+        return self.engine.stats()

@@ -1,0 +1,121 @@
+"""The engine: one step = schedule -> run the paged program -> sample and postprocess."""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .block_manager import BlockManager
+from .sampling import SamplingParams, sample
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .step_inputs import step_inputs
+
+
+@dataclass
+class Request:
+    seq: Sequence
+    params: SamplingParams
+    generator: Optional[torch.Generator]
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    text: str = ""
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served at the last admission
+
+
+class ModelRunner:
+    """Owns the KV cache and runs the program on a step's packed tokens."""
+
+    def __init__(self, program, paged: dict, dtype: torch.dtype, num_blocks: int, block_size: int):
+        self.program, self.block_size = program, block_size
+        self.kv_cache = torch.zeros(paged["num_layers"], 2, num_blocks, block_size, paged["num_kv_heads"],
+                                    paged["head_dim"], dtype=dtype)
+
+    def run(self, inp) -> torch.Tensor:
+        with torch.no_grad():
+            return self.program(inp.input_ids, inp.positions, self.kv_cache, inp.slot_mapping, inp.block_tables,
+                                inp.seq_lens, inp.query_start_loc)
+
+    def copy_blocks(self, copies) -> None:
+        for src, dst in copies:
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, num_blocks: int, block_size: int, tokenizer=None,
+                 eos_token_ids: tuple[int, ...] = (), prefix_cache: bool = True, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 512, max_model_len: int = 1 << 30):
+        self.runner, self.tokenizer, self.eos = runner, tokenizer, set(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.bm = BlockManager(num_blocks, block_size, prefix_cache)
+        self.scheduler = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens)
+        self.requests: dict[int, Request] = {}
+        self.prompt_tokens = self.cached_tokens = 0
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        if not prompt_ids:
+            raise ValueError("empty prompt: at least one token is needed")
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        req = Request(Sequence(prompt_ids), params, gen)
+        self.requests[req.seq.seq_id] = req
+        self.scheduler.add(req.seq)
+        return req
+
+    def step(self) -> list[Request]:
+        """Runs one step; returns the requests that finished in it."""
+        sched = self.scheduler.schedule()
+        finished = []
+        for seq in sched.rejected:
+            req = self.requests.pop(seq.seq_id)
+            req.finish_reason = "error"
+            req.error = (f"the request needs {self.bm.blocks_needed(len(seq) + 1)} KV blocks; the pool has "
+                         f"{self.bm.pool.num_blocks}: raise the KV cache budget or shorten the prompt")
+            finished.append(req)
+        if not sched.seqs:
+            return finished
+        self.runner.copy_blocks(sched.copies)
+        for seq in sched.admitted:
+            self.prompt_tokens += len(seq)
+            self.cached_tokens += seq.num_cached_tokens
+            self.requests[seq.seq_id].num_cached_tokens = seq.num_cached_tokens
+        inp = step_inputs([s.seq.block_table for s in sched.seqs], [s.seq.num_computed_tokens for s in sched.seqs],
+                          [s.seq.token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_new_tokens]
+                           for s in sched.seqs], self.bm.block_size)
+        logits = self.runner.run(inp)
+        ends = inp.query_start_loc[1:].tolist()
+        for s, end in zip(sched.seqs, ends):
+            seq = s.seq
+            seq.num_computed_tokens += s.num_new_tokens
+            if seq.num_computed_tokens < len(seq):
+                continue  # a prompt chunk: nothing to sample yet
+            req = self.requests[seq.seq_id]
+            tok = sample(logits[end - 1], req.params, req.generator)
+            seq.token_ids.append(tok)
+            reason = self._finish_reason(req, tok)
+            if reason:
+                req.finish_reason = reason
+                self.scheduler.finish(seq)
+                finished.append(self.requests.pop(seq.seq_id))
+        return finished
+
+    def _finish_reason(self, req: Request, tok: int) -> Optional[str]:
+        p, seq = req.params, req.seq
+        if tok in p.stop_token_ids or (tok in self.eos and not p.ignore_eos):
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+            for s in p.stop:
+                if s in text:
+                    req.text = text[: text.index(s)]
+                    return "stop"
+        if len(seq.completion_token_ids) >= p.max_tokens:
+            return "length"
+        if len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+    def stats(self) -> dict:
+        bm = self.bm
+        return {"blocks_total": bm.pool.num_blocks, "blocks_free": bm.num_free, "blocks_cached": bm.num_cached,
+                "prefix_cache_hit_rate": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+                "num_preemptions": self.scheduler.num_preemptions,
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}

@@ -1,0 +1,93 @@
+"""LLM.generate against the un-paged eager model's greedy continuation, token for token:
+single requests, mixed-length batches, chunked prefill, prefix caching on and off, and a pool
+so small that preemption happens. After every run the pool holds total minus cached free."""
+import pytest
+import torch
+
+from qcompiler import LLM, SamplingParams
+from qcompiler.compiler import compile_model
+from qcompiler.models import load_source
+from qcompiler.targets import Float
+from tests_paths import FIXTURES
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    src = load_source(str(FIXTURES / "plain_lm.py"))
+    out = tmp_path_factory.mktemp("engine") / "plain-float"
+    compile_model(src, Float(), out)
+    return out, src.model
+
+
+def greedy_ref(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            x = torch.tensor(ids)[None]
+            ids.append(int(model(input_ids=x, position_ids=torch.arange(len(ids))[None])[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def prompts(n, seed, lo=1, hi=30, prefix=()):
+    g = torch.Generator().manual_seed(seed)
+    return [list(prefix) + torch.randint(0, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),),
+                                         generator=g).tolist() for _ in range(n)]
+
+
+def check_pool(llm):
+    st = llm.stats()
+    assert st["blocks_free"] == st["blocks_total"] - st["blocks_cached"], st
+    assert st["running"] == st["waiting"] == 0
+
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),                                                   # one step prefills everything
+    dict(max_num_batched_tokens=7),                           # prompts chunked over steps
+    dict(prefix_cache=False),
+    dict(num_blocks=6, block_size=4, max_num_batched_tokens=16),  # preemption by recompute
+])
+def test_greedy_equals_eager(artifact, kw):
+    out, model = artifact
+    llm = LLM(out, **kw)
+    ps = prompts(5, seed=1, hi=14 if "num_blocks" in kw else 30)
+    outs = llm.generate(ps, GREEDY)
+    for p, o in zip(ps, outs):
+        assert o.finish_reason == "length" and o.token_ids == greedy_ref(model, p, 12), (p, o)
+    if "num_blocks" in kw:
+        assert llm.stats()["num_preemptions"] > 0
+    check_pool(llm)
+
+
+def test_prefix_cache_hits_and_same_output(artifact):
+    out, model = artifact
+    llm = LLM(out, block_size=4)
+    shared = list(range(1, 33))
+    first = llm.generate(prompts(3, seed=2, prefix=shared), GREEDY)
+    second_ps = prompts(3, seed=3, prefix=shared)
+    second = llm.generate(second_ps, GREEDY)
+    assert all(o.num_cached_tokens == 0 for o in first[:1])
+    assert all(o.num_cached_tokens >= 32 for o in second)
+    for p, o in zip(second_ps, second):
+        assert o.token_ids == greedy_ref(model, p, 12)
+    assert llm.stats()["prefix_cache_hit_rate"] > 0.3
+    check_pool(llm)
+
+
+def test_stop_tokens_seeds_and_a_request_that_never_fits(artifact):
+    out, model = artifact
+    llm = LLM(out, num_blocks=4, block_size=4)
+    p = prompts(1, seed=4, lo=5, hi=6)[0]
+    ref = greedy_ref(model, p, 6)
+    stop = llm.generate([p], SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(ref[3],)))[0]
+    assert stop.finish_reason == "stop" and stop.token_ids == ref[:ref.index(ref[3]) + 1]
+    sampled = [llm.generate([p], SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=7))[0].token_ids
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]  # the same seed, the same tokens
+    big, ok = llm.generate([list(range(40)), p], SamplingParams(max_tokens=2, temperature=0.0))
+    assert big.finish_reason == "error" and "KV blocks" in big.error and ok.finish_reason == "length"
+    check_pool(llm)
