@@ -21,6 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/qcompile examples/smollm2.py --target w4a16 --group-size 64 --asymmetric -o build/smollm2-w4a16
 	$(BIN)/qcompile eval build/smollm2-w4a16 --compare-float
+	$(BIN)/qcompile generate build/smollm2-w4a16 "What is the capital of France?" --chat --max-tokens 48
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from .targets import TARGETS
 
-SUBCOMMANDS = ("compile", "eval")
+SUBCOMMANDS = ("compile", "eval", "generate")
 PER_CHANNEL = "channel"  # --group-size channel: one group per output channel
 DESCRIPTION = """Compile a PyTorch language model into a quantized artifact, or evaluate one.
 
   qcompile MODEL --target w4a16 [-o DIR]     compile (same as: qcompile compile MODEL ...)
   qcompile eval ARTIFACT [--compare-float]   perplexity on the bundled evaluation text
+  qcompile generate ARTIFACT "PROMPT"        generate text with the paged runtime
 
 MODEL is a model.py defining build_model(), a Hugging Face model directory, or a .gguf file.
 Targets:
@@ -66,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compare-float", action="store_true", help="also evaluate the float source model")
     e.add_argument("--reference", action="store_true", help="run the canonical reference ops, not the fast CPU kernels")
     e.add_argument("-q", "--quiet", action="store_true")
+    g = sub.add_parser("generate", help="generate text from an artifact (greedy unless --temperature)")
+    g.add_argument("artifact")
+    g.add_argument("prompt")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     return p
 
 
@@ -148,6 +159,36 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_generate(a) -> int:
+    from . import LLM, SamplingParams
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                            seed=a.seed)
+    llm = LLM(a.artifact)
+    prompt = a.prompt
+    if a.chat:
+        if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
+            raise ValueError(f"{a.artifact}: the tokenizer has no chat template")
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                   add_generation_prompt=True)
+    t0 = time.perf_counter()
+    if a.stream:
+        it = llm.stream(prompt, params)
+        try:
+            while True:
+                print(next(it), end="", flush=True)
+        except StopIteration as stop:
+            out = stop.value
+        print()
+    else:
+        out = llm.generate([prompt], params)[0]
+        print(out.text)
+    if out.error:
+        raise ValueError(out.error)
+    secs = time.perf_counter() - t0
+    print(f"[{len(out.token_ids)} tokens, {out.finish_reason}, {len(out.token_ids) / secs:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
@@ -163,7 +204,7 @@ def main(argv=None) -> int:
     logging.getLogger("qcompiler").setLevel(logging.INFO)
     from .artifact import ArtifactError
     try:
-        return {"compile": cmd_compile, "eval": cmd_eval}[a.command](a)
+        return {"compile": cmd_compile, "eval": cmd_eval, "generate": cmd_generate}[a.command](a)
     except (ValueError, OSError, ArtifactError) as e:
         if os.environ.get("QCOMPILE_DEBUG"):
             raise

@@ -81,6 +81,23 @@ class LLM:
                 pending.discard(id(r))
         return [self._output(p, r) for p, r in zip(prompts, reqs)]
 
+    def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None):
+        """Yields the text of one request as it is generated (incremental detokenization: a
+        piece is released once it no longer ends in an incomplete character), then its output."""
+        if self.tokenizer is None:
+            raise ValueError("streaming text needs a tokenizer; this artifact has none")
+        req = self.engine.add_request(self._encode(prompt), params or SamplingParams())
+        sent, done = "", False
+        while not done:
+            done = any(r is req for r in self.engine.step())
+            text = req.text or self.tokenizer.decode(req.seq.completion_token_ids, skip_special_tokens=True)
+            if not done:
+                text = text.rstrip("\ufffd")
+            if len(text) > len(sent) and text.startswith(sent):
+                yield text[len(sent):]
+                sent = text
+        return self._output(prompt, req)
+
     def _output(self, prompt, req) -> GenerationOutput:
         seq = req.seq
         ids = seq.token_ids[seq.num_prompt_tokens:]

@@ -40,6 +40,6 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: Optional[torch.Ge
     probs = torch.softmax(logits, -1)
     if p.top_p < 1:
         sorted_p, idx = probs.sort(descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest set reaching top_p
+        drop = sorted_p.cumsum(-1) - sorted_p >= p.top_p  # keep the smallest set reaching top_p
         probs = probs.scatter(0, idx, sorted_p.masked_fill(drop, 0.0))
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -39,3 +39,29 @@ def test_smollm2_w4a16_perplexity_near_float(tmp_path):
     ppl_w4 = perplexity(m.flat, tokens, WINDOW_LEN)
     assert 5 < ppl_float < 40, ppl_float
     assert 1.01 * ppl_float < ppl_w4 < MAX_RATIO * ppl_float, (ppl_float, ppl_w4)
+
+
+def test_smollm2_float_greedy_generation_equals_transformers(tmp_path, capsys):
+    """The paged engine's greedy continuation of the bundled model equals transformers'
+    eager greedy ``generate``, token for token (fp32), streamed text included."""
+    sys.path.insert(0, str(EXAMPLES))
+    import smollm2
+    from qcompiler import LLM, SamplingParams
+    out = tmp_path / "smollm2-float"
+    assert main([str(EXAMPLES / "smollm2.py"), "--target", "float", "-q", "-o", str(out)]) == 0
+    llm = LLM(out, block_size=16, max_num_batched_tokens=24)  # the longer prompt takes two chunks
+    src = smollm2._source()
+    prompts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived a"]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    for p, o in zip(prompts, outs):
+        ids = src.tokenizer(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = src.model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
+        assert o.token_ids == ref.tolist(), (p, o.text)
+    streamed = "".join(llm.stream(prompts[0], params))
+    assert streamed == outs[0].text and llm.stats()["blocks_free"] == llm.stats()["blocks_total"] - llm.stats()["blocks_cached"]
+    capsys.readouterr()
+    assert main(["generate", str(out), prompts[0], "--max-tokens", "16", "--stream"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(outs[0].text[:20]) and printed.strip()
