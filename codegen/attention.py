@@ -82,8 +82,14 @@ def paged_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: T
         k, v = (t.transpose(0, 1).unsqueeze(0).to(query.dtype) for t in (k, v))  # [1, Hkv, n, D]
         q_len = q1 - q0
         # query i sits at position n - q_len + i: it sees keys 0 .. n - q_len + i
-        mask = torch.ones(q_len, n, dtype=torch.bool, device=query.device).tril(n - q_len)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+        if q_len == 1:  # decode: every cached key
+            mask, causal = None, False
+        elif q_len == n:  # a whole prompt: plain causal
+            mask, causal = None, True
+        else:  # a chunk after cached tokens
+            mask, causal = torch.ones(q_len, n, dtype=torch.bool, device=query.device).tril(n - q_len), False
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                           enable_gqa=Hq != Hkv)
         out[q0:q1] = o[0].transpose(0, 1)
     return out
 

@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 
 from qcompiler.codegen.cpu import lower_for_cpu
+from qcompiler.codegen.fx import hoist_constants
 from qcompiler.runtime.step_inputs import single_sequence
 
 from .artifact import ArtifactError, load_program, read_manifest
@@ -73,7 +74,7 @@ def load(path: str | Path, *, fast: bool = True, compile: bool = False, verify: 
     ep = load_program(path, manifest)
     gm = ep.module()
     if fast:
-        gm = lower_for_cpu(gm)
+        gm = hoist_constants(lower_for_cpu(gm))
     if compile:
         gm = torch.compile(gm, dynamic=True)
     return CompiledModel(path, manifest, gm)
