@@ -58,7 +58,7 @@ def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], s
     done: dict[str, Node] = {}
     warned: set[str] = set()
     todo = [n for n in linear_nodes(gm) if n.args[1].op == "get_attr"]
-    for node in tqdm(todo, desc=f"quantize int{bits}", disable=not progress, unit="layer"):
+    for node in tqdm(todo, desc=f"quantize int{bits}", disable=None if progress else True, unit="layer"):
         w_node = node.args[1]
         fqn, w = w_node.target, get_constant(gm, w_node.target)
         name = layer_name(fqn)

@@ -24,7 +24,7 @@ def perplexity(fn: LogitsFn, tokens: torch.Tensor, window_len: int, progress: bo
     nll, count = 0.0, 0
     pos = torch.arange(window_len)
     with torch.no_grad():
-        for i in tqdm(range(windows), desc=desc, disable=not progress, unit="window"):
+        for i in tqdm(range(windows), desc=desc, disable=None if progress else True, unit="window"):
             w = tokens[i * window_len:(i + 1) * window_len]
             logits = fn(w, pos)
             nll += F.cross_entropy(logits[:-1].float(), w[1:], reduction="sum").item()

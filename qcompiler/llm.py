@@ -90,7 +90,7 @@ class LLM:
         sent, done = "", False
         while not done:
             done = any(r is req for r in self.engine.step())
-            text = req.text or self.tokenizer.decode(req.seq.completion_token_ids, skip_special_tokens=True)
+            text = req.text or self.engine.detokenize(req.seq.completion_token_ids)
             if not done:
                 text = text.rstrip("\ufffd")
             if len(text) > len(sent) and text.startswith(sent):
@@ -103,7 +103,7 @@ class LLM:
         ids = seq.token_ids[seq.num_prompt_tokens:]
         text = req.text
         if not text and self.tokenizer is not None:
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text = self.engine.detokenize(ids)
         return GenerationOutput(prompt if isinstance(prompt, str) else None, seq.token_ids[:seq.num_prompt_tokens],
                                 text, ids, req.finish_reason, req.num_cached_tokens,
                                 req.error)

@@ -36,6 +36,16 @@ class BlockManager:
         """Free blocks plus cached blocks that could be evicted now."""
         return self.pool.num_free + (self.cache.evictable_blocks() if self.cache else 0)
 
+    def slot_usage(self, seqs) -> dict:
+        """KV slots the given sequences hold: allocated (whole blocks, a shared block once),
+        used (filled by some holder) and wasted (the tail of partly filled blocks)."""
+        fill: dict[int, int] = {}
+        for seq in seqs:
+            for i, b in enumerate(seq.block_table):
+                fill[b] = max(fill.get(b, 0), min(self.block_size, len(seq) - i * self.block_size))
+        used, allocated = sum(fill.values()), len(fill) * self.block_size
+        return {"slots_allocated": allocated, "slots_used": used, "slots_wasted": allocated - used}
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

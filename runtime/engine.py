@@ -102,7 +102,7 @@ class Engine:
         if tok in p.stop_token_ids or (tok in self.eos and not p.ignore_eos):
             return "stop"
         if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+            text = self.detokenize(seq.completion_token_ids)
             for s in p.stop:
                 if s in text:
                     req.text = text[: text.index(s)]
@@ -113,9 +113,14 @@ class Engine:
             return "length"
         return None
 
+    def detokenize(self, ids: list[int]) -> str:
+        # NOTE: no clean-up pass: it strips spaces before punctuation, wrong for BPE tokenizers
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
     def stats(self) -> dict:
         bm = self.bm
         return {"blocks_total": bm.pool.num_blocks, "blocks_free": bm.num_free, "blocks_cached": bm.num_cached,
                 "prefix_cache_hit_rate": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
                 "num_preemptions": self.scheduler.num_preemptions,
-                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                **bm.slot_usage(self.scheduler.running)}

@@ -30,6 +30,17 @@ def test_allocate_append_deallocate_exact_ids():
     assert bm.num_free == 8 and list(bm.pool.free) == [3, 4, 5, 6, 7, 0, 1, 2]
 
 
+def test_slot_usage_counts_shared_blocks_once():
+    bm = BlockManager(num_blocks=16, block_size=4, prefix_cache=False)
+    a, b = Sequence(list(range(5))), Sequence(list(range(9)))
+    bm.allocate(a)
+    bm.allocate(b)
+    assert bm.slot_usage([a, b]) == {"slots_allocated": 20, "slots_used": 14, "slots_wasted": 6}
+    c = Sequence(list(a.token_ids))
+    bm.fork(a, c)  # shares a's two blocks: nothing new allocated or used
+    assert bm.slot_usage([a, b, c]) == {"slots_allocated": 20, "slots_used": 14, "slots_wasted": 6}
+
+
 def test_prefix_reuse_and_cached_tokens():
     bm = BlockManager(num_blocks=8, block_size=4)
     a = Sequence(list(range(10)))
