@@ -25,6 +25,7 @@ class GenerationOutput:
     finish_reason: str           # "stop" | "length" | "error"
     num_cached_tokens: int       # prompt tokens served from the prefix cache
     error: Optional[str] = None
+    samples: Optional[list["GenerationOutput"]] = None  # all n completions when n > 1 (this is the first)
 
 
 class LLM:
@@ -75,10 +76,8 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters")
         reqs = [self.engine.add_request(self._encode(p), sp) for p, sp in zip(prompts, params)]
-        pending = {id(r) for r in reqs}
-        while pending:
-            for r in self.engine.step():
-                pending.discard(id(r))
+        while not all(r.done for r in reqs):
+            self.engine.step()
         return [self._output(p, r) for p, r in zip(prompts, reqs)]
 
     def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None):
@@ -99,6 +98,12 @@ class LLM:
         return self._output(prompt, req)
 
     def _output(self, prompt, req) -> GenerationOutput:
+        out = self._one(prompt, req)
+        if req.children:
+            out.samples = [out] + [self._one(prompt, c) for c in req.children]
+        return out
+
+    def _one(self, prompt, req) -> GenerationOutput:
         seq = req.seq
         ids = seq.token_ids[seq.num_prompt_tokens:]
         text = req.text

@@ -1,5 +1,5 @@
 """The engine: one step = schedule -> run the paged program -> sample and postprocess."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -20,6 +20,13 @@ class Request:
     error: Optional[str] = None
     text: str = ""
     num_cached_tokens: int = 0  # prompt tokens the prefix cache served at the last admission
+    children: list = field(default_factory=list)  # the other n - 1 completions, forked at the first token
+    forked: bool = False
+
+    @property
+    def done(self) -> bool:
+        complete = self.forked or self.params.n == 1 or self.error is not None
+        return self.finish_reason is not None and complete and all(c.finish_reason for c in self.children)
 
 
 class ModelRunner:
@@ -88,14 +95,29 @@ class Engine:
             if seq.num_computed_tokens < len(seq):
                 continue  # a prompt chunk: nothing to sample yet
             req = self.requests[seq.seq_id]
-            tok = sample(logits[end - 1], req.params, req.generator)
-            seq.token_ids.append(tok)
-            reason = self._finish_reason(req, tok)
-            if reason:
-                req.finish_reason = reason
-                self.scheduler.finish(seq)
-                finished.append(self.requests.pop(seq.seq_id))
+            for r in [req] + self._fork(req):
+                r.seq.token_ids.append(sample(logits[end - 1], r.params, r.generator))
+                reason = self._finish_reason(r, r.seq.token_ids[-1])
+                if reason:
+                    r.finish_reason = reason
+                    self.scheduler.finish(r.seq)
+                    finished.append(self.requests.pop(r.seq.seq_id))
         return finished
+
+    def _fork(self, req: Request) -> list[Request]:
+        """At a request's first token, its other ``n - 1`` completions: sequences sharing every
+        prompt block (copy-on-write), each drawing its own first token from the same logits."""
+        if req.forked or req.params.n == 1:
+            return []
+        req.forked = True
+        for _ in range(req.params.n - 1):
+            child = Request(Sequence(list(req.seq.token_ids), req.seq.num_prompt_tokens), req.params,
+                            req.generator, num_cached_tokens=req.num_cached_tokens, forked=True)
+            self.bm.fork(req.seq, child.seq)
+            self.scheduler.adopt(child.seq)
+            self.requests[child.seq.seq_id] = child
+            req.children.append(child)
+        return req.children
 
     def _finish_reason(self, req: Request, tok: int) -> Optional[str]:
         p, seq = req.params, req.seq

@@ -77,6 +77,11 @@ class Scheduler:
             budget -= n
         return Schedule(out, copies, rejected, admitted)
 
+    def adopt(self, seq: Sequence) -> None:
+        """A forked sequence that already holds its blocks joins the running batch."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
         seq.status = Status.FINISHED

@@ -91,3 +91,24 @@ def test_stop_tokens_seeds_and_a_request_that_never_fits(artifact):
     big, ok = llm.generate([list(range(40)), p], SamplingParams(max_tokens=2, temperature=0.0))
     assert big.finish_reason == "error" and "KV blocks" in big.error and ok.finish_reason == "length"
     check_pool(llm)
+
+
+def test_n_samples_share_the_prompt_and_draw_from_its_distribution(artifact):
+    out, model = artifact
+    llm = LLM(out, block_size=4)
+    p = prompts(1, seed=5, lo=9, hi=10)[0]  # 9 tokens: the children share a partly filled block
+    greedy = llm.generate([p], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, n=3))[0]
+    ref = greedy_ref(model, p, 6)
+    # forks read the shared prompt blocks right; divergent writes into a shared block (copy-on-write)
+    # are checked by the block-manager model test, where a missing copy fails
+    assert len(greedy.samples) == 3 and all(s.token_ids == ref for s in greedy.samples)
+    check_pool(llm)
+    # the n first tokens are n draws from the prompt's next-token distribution, as separate requests would be
+    params = SamplingParams(max_tokens=1, temperature=1.0, seed=11, n=8)
+    firsts = [s.token_ids[0] for s in llm.generate([p], params)[0].samples]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(p)[None], position_ids=torch.arange(len(p))[None])[0, -1]
+    g = torch.Generator().manual_seed(11)
+    from qcompiler.runtime.sampling import sample
+    assert firsts == [sample(logits, params, g) for _ in range(8)]
+    check_pool(llm)
