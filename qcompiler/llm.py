@@ -65,7 +65,12 @@ class LLM:
             if self.tokenizer is None:
                 raise ValueError("this artifact has no tokenizer: pass prompts as lists of token ids")
             return self.tokenizer(prompt)["input_ids"]
-        return [int(t) for t in prompt]
+        ids = [int(t) for t in prompt]
+        vocab = self.model.manifest["model"]["config"].get("vocab_size")
+        bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {vocab})")
+        return ids
 
     def generate(self, prompts: Union[Prompt, Seq[Prompt]],
                  params: Union[SamplingParams, Seq[SamplingParams], None] = None) -> list[GenerationOutput]:

@@ -88,6 +88,8 @@ def test_stop_tokens_seeds_and_a_request_that_never_fits(artifact):
     sampled = [llm.generate([p], SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=7))[0].token_ids
                for _ in range(2)]
     assert sampled[0] == sampled[1]  # the same seed, the same tokens
+    with pytest.raises(ValueError, match="token id -1 outside the vocabulary"):
+        llm.generate([[3, -1]])
     big, ok = llm.generate([list(range(40)), p], SamplingParams(max_tokens=2, temperature=0.0))
     assert big.finish_reason == "error" and "KV blocks" in big.error and ok.finish_reason == "length"
     check_pool(llm)
