@@ -35,7 +35,8 @@ class CompiledModel:
         return self._tokenizer
 
     def flat(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``input_ids[T]``, ``positions[T]`` -> ``logits[T, V]``: the program itself."""
+        """``input_ids[T]``, ``positions[T]`` -> ``logits[T, V]``: one sequence through the paged
+        program, with a KV cache of its own."""
         T = input_ids.shape[0]
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
             raise ValueError(f"flat input_ids and positions must both be [T], got {tuple(input_ids.shape)} "

@@ -86,7 +86,3 @@ def make_target(name: str, **options) -> Target:
         raise ValueError(f"target {name!r} takes no option {', '.join(extra)}")
     return cls(**given)
 
-
-def target_from_dict(d: dict) -> Target:
-    d = dict(d)
-    return make_target(d.pop("name"), **d)
