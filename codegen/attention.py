@@ -19,15 +19,18 @@ def _check_cache(kv_cache: Tensor, layer: int, key: Tensor) -> None:
     assert key.shape[1:] == kv_cache.shape[4:], f"key [T, H_kv, D] {tuple(key.shape)} vs cache heads {tuple(kv_cache.shape[4:])}"
 
 
-@torch.library.custom_op("qc::reshape_and_cache", mutates_args=("kv_cache",))
-def reshape_and_cache(kv_cache: Tensor, layer: int, key: Tensor, value: Tensor, slot_mapping: Tensor) -> None:
+def reshape_and_cache_impl(kv_cache: Tensor, layer: int, key: Tensor, value: Tensor, slot_mapping: Tensor) -> None:
     """``key``/``value`` ``[T, H_kv, D]`` into ``kv_cache[layer]`` at ``slot_mapping[T]``; slots < 0 are skipped."""
     _check_cache(kv_cache, layer, key)
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
+    if slot_mapping.numel() and bool(slot_mapping.min() < 0):  # padding rows: rare, pay for the mask then
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     H, D = kv_cache.shape[4:]
-    kv_cache[layer, 0].view(-1, H, D).index_copy_(0, slots, key[keep].to(kv_cache.dtype))
-    kv_cache[layer, 1].view(-1, H, D).index_copy_(0, slots, value[keep].to(kv_cache.dtype))
+    kv_cache[layer, 0].view(-1, H, D).index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    kv_cache[layer, 1].view(-1, H, D).index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+reshape_and_cache = torch.library.custom_op("qc::reshape_and_cache", reshape_and_cache_impl, mutates_args=("kv_cache",))
 
 
 @reshape_and_cache.register_fake
@@ -63,16 +66,37 @@ def paged_attention_ref(query: Tensor, kv_cache: Tensor, layer: int, block_table
     return out
 
 
-@torch.library.custom_op("qc::paged_attention", mutates_args=())
-def paged_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
-                    query_start_loc: Tensor, scale: float) -> Tensor:
+def _decode_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
+                      lens: list[int], scale: float) -> Tensor:
+    """One query per sequence: every sequence's blocks gathered at once, one SDPA for the step,
+    keys past a sequence's length masked."""
+    S, Hq, D = query.shape
+    bs, Hkv = kv_cache.shape[3], kv_cache.shape[4]
+    L = max(lens)
+    tables = block_tables[:, : -(-L // bs)]
+    k = kv_cache[layer, 0][tables].flatten(1, 2)[:, :L].transpose(1, 2)  # [S, H_kv, L, D]
+    v = kv_cache[layer, 1][tables].flatten(1, 2)[:, :L].transpose(1, 2)
+    mask = None
+    if min(lens) != L:
+        mask = (torch.arange(L, device=query.device) < seq_lens.unsqueeze(1)).view(S, 1, 1, L)
+    q = query.unsqueeze(2)  # [S, Hq, 1, D]
+    o = F.scaled_dot_product_attention(q, k.to(query.dtype), v.to(query.dtype), attn_mask=mask, scale=scale,
+                                       enable_gqa=Hq != Hkv)
+    return o.squeeze(2)
+
+
+def paged_attention_impl(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
+                         query_start_loc: Tensor, scale: float) -> Tensor:
     """``query [T, H, D]`` -> ``[T, H, D]``: causal attention over each sequence's cached KV
-    (the step's own keys must already be written). CPU/any device: one SDPA per sequence."""
+    (the step's own keys must already be written). CPU/any device: a decode step is one batched
+    SDPA; a step with prompt chunks runs one SDPA per sequence."""
     T, Hq, D = query.shape
     Hkv = kv_cache.shape[4]
     assert Hq % Hkv == 0, f"{Hq} query heads not a multiple of {Hkv} KV heads"
-    out = torch.empty_like(query)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    if T == len(lens) and starts == list(range(T + 1)):
+        return _decode_attention(query, kv_cache, layer, block_tables, seq_lens, lens, scale)
+    out = torch.empty_like(query)
     for s, n in enumerate(lens):
         q0, q1 = starts[s], starts[s + 1]
         if q1 == q0:
@@ -92,6 +116,9 @@ def paged_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: T
                                            enable_gqa=Hq != Hkv)
         out[q0:q1] = o[0].transpose(0, 1)
     return out
+
+
+paged_attention = torch.library.custom_op("qc::paged_attention", paged_attention_impl, mutates_args=())
 
 
 @paged_attention.register_fake

@@ -1,7 +1,11 @@
 """FX passes, one family per file; ``qcompiler.pipeline`` orders them per target."""
 from .fuse import fuse_weight_only
+from .gptq import gptq
 from .normalize import normalize
 from .paged_attention import paged_attention
+from .quantize_activations import quantize_fp8, quantize_w8a8
 from .quantize_weights import linear_nodes, output_linears, quantize_weights
+from .smooth import awq, smoothquant
 
-__all__ = ["fuse_weight_only", "linear_nodes", "normalize", "output_linears", "paged_attention", "quantize_weights"]
+__all__ = ["awq", "fuse_weight_only", "gptq", "linear_nodes", "normalize", "output_linears", "paged_attention",
+           "quantize_fp8", "quantize_w8a8", "quantize_weights", "smoothquant"]

@@ -3,11 +3,16 @@ becomes ``qc.reshape_and_cache`` + ``qc.paged_attention`` over an explicit KV ca
 
 The program gains the inputs of DESIGN.md's runtime contract, in this order:
 ``kv_cache [L, 2, num_blocks, block_size, H_kv, D]``, ``slot_mapping [T]``,
-``block_tables [S, max_blocks]``, ``seq_lens [S]``, ``query_start_loc [S + 1]``.
+``block_tables [S, max_blocks]``, ``seq_lens [S]``, ``query_start_loc [S + 1]``, and
+``logits_indices [N]``: the token rows whose logits are wanted. The output projection runs on
+those rows only (the last token of each sequence when serving; every token for perplexity),
+so a 512-token prefill does not pay for 512 rows of a vocabulary-sized matmul.
 GQA repetition (``repeat_kv``'s unsqueeze/expand/reshape, ``repeat_interleave``) is looked
 through, so the cache holds KV heads only; the mask the model built goes dead and is removed.
 Invariant: for any packing of sequences into steps, each token's logits equal the input
 program's on that token's whole sequence (float tolerance)."""
+import operator
+
 import math
 
 import torch
@@ -18,7 +23,7 @@ from qcompiler.codegen import attention  # noqa: F401  (registers the paged ops)
 from qcompiler.codegen.fx import call_nodes, fake_mode_of, finish, insert_call
 
 aten, qc = torch.ops.aten, torch.ops.qc
-PAGED_INPUTS = ("kv_cache", "slot_mapping", "block_tables", "seq_lens", "query_start_loc")
+PAGED_INPUTS = ("kv_cache", "slot_mapping", "block_tables", "seq_lens", "query_start_loc", "logits_indices")
 REPEAT_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
               aten.expand.default, aten.unsqueeze.default}
 
@@ -57,6 +62,26 @@ def _plain_signature(gm: GraphModule) -> None:
     gm._forward_pre_hooks.clear()  # input checks of the capture-time signature
 
 
+def output_projection(gm: GraphModule) -> Node:
+    """The linear (float or quantized) that produces the program's output: lm_head."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    cur = out.args[0]
+    while isinstance(cur, Node) and cur.op == "call_function":
+        if "linear" in getattr(cur.target, "__name__", str(cur.target)) and cur.target is not operator.getitem:
+            return cur
+        cur = cur.args[0]
+    raise ValueError("no linear produces the program's output: cannot find the output projection (lm_head)")
+
+
+def _select_logit_rows(gm: GraphModule, rows: Node) -> None:
+    """lm_head's input ``[..., T, H]`` -> ``[..., N, H]`` at ``rows``."""
+    head = output_projection(gm)
+    x = head.args[0]
+    with gm.graph.inserting_before(head):
+        picked = insert_call(gm, aten.index_select.default, (x, x.meta["val"].dim() - 2, rows))
+    head.replace_input_with(x, picked)
+
+
 def paged_attention(gm: GraphModule) -> GraphModule:
     sdpas = call_nodes(gm, aten.scaled_dot_product_attention.default)
     if not sdpas:
@@ -72,7 +97,8 @@ def paged_attention(gm: GraphModule) -> GraphModule:
                     "slot_mapping": torch.empty_like(pos.meta["val"]),
                     "block_tables": torch.empty(2, 4, dtype=torch.int64),
                     "seq_lens": torch.empty(2, dtype=torch.int64),
-                    "query_start_loc": torch.empty(3, dtype=torch.int64)}
+                    "query_start_loc": torch.empty(3, dtype=torch.int64),
+                    "logits_indices": torch.empty(2, dtype=torch.int64)}
     inputs = {}
     with gm.graph.inserting_after(pos):
         for name in reversed(PAGED_INPUTS):
@@ -97,5 +123,6 @@ def paged_attention(gm: GraphModule) -> GraphModule:
             o4 = insert_call(gm, aten.unsqueeze.default, (insert_call(gm, aten.permute.default, (o, [1, 0, 2])), 0))
         node.replace_all_uses_with(o4)
         gm.graph.erase_node(node)
+    _select_logit_rows(gm, inputs["logits_indices"])
     gm.meta["qc_paged"] = {"num_layers": len(sdpas), "num_kv_heads": Hkv0, "head_dim": D}
     return finish(gm)

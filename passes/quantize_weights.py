@@ -51,9 +51,30 @@ def constants_prefix(fqn: str) -> str:
     return fqn.removesuffix(".weight") if fqn.endswith(".weight") else f"{fqn}_q"
 
 
+def skip_reason(node: Node, K: int, heads: set[Node], bits: int, group_size: Optional[int],
+                include_lm_head: bool) -> Optional[str]:
+    """Why a constant-weight linear stays float under a scheme, or None: it is quantized."""
+    G = group_size or K
+    if node in heads and not include_lm_head:
+        return "output projection (lm_head) kept float unless asked"
+    if K % G or (bits == 4 and K % 2):
+        return f"input size {K} not divisible by group size {G}"
+    return None
+
+
+def quantizable(gm: GraphModule, bits: int, group_size: Optional[int], include_lm_head: bool):
+    """``node -> bool``: the linears ``quantize_weights`` would quantize (for calibration passes)."""
+    heads = output_linears(gm)
+    return lambda n: skip_reason(n, get_constant(gm, n.args[1].target).shape[1], heads, bits, group_size,
+                                 include_lm_head) is None
+
+
 def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], symmetric: bool,
                      include_lm_head: bool = False, progress: bool = False) -> GraphModule:
+    """RTN, unless a calibration pass left codes in ``gm.meta["qc_codes"]`` (weight name ->
+    (``QuantizedWeight``, the original weight's record)): then those codes are used as they are."""
     layers = gm.meta.setdefault("qc_layers", {})
+    codes = gm.meta.pop("qc_codes", {})
     heads = output_linears(gm)
     done: dict[str, Node] = {}
     warned: set[str] = set()
@@ -64,27 +85,28 @@ def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], s
         name = layer_name(fqn)
         N, K = w.shape
         G = group_size or K
-        reason = None
-        if node in heads and not include_lm_head:
-            reason = "output projection (lm_head) kept float unless asked"
-        elif K % G or (bits == 4 and K % 2):
-            reason = f"input size {K} not divisible by group size {G}"
-            if reason not in warned:
+        reason = skip_reason(node, K, heads, bits, group_size, include_lm_head)
+        if reason:
+            if node not in heads and reason not in warned:
                 log.warning("%s: %s; such layers stay float", name, reason)
                 warned.add(reason)
-        if reason:
             layers[name] = {"status": "float", "reason": reason, "shape": [N, K]}
             continue
         if fqn not in done:
-            qw = quantize_weight(w, bits, group_size, symmetric)
+            if fqn in codes:
+                qw, record = codes.pop(fqn)
+            else:
+                qw = quantize_weight(w, bits, group_size, symmetric)
+                deq = dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, bits)
+                record = {"weight_sqnr_db": round(sqnr_db(w, deq), 2)}
             prefix = constants_prefix(fqn)
             with gm.graph.inserting_before(node):
                 args = [insert_constant(gm, f"{prefix}.qweight", qw.qweight),
                         insert_constant(gm, f"{prefix}.scales", qw.scales),
                         None if qw.zeros is None else insert_constant(gm, f"{prefix}.zeros", qw.zeros)]
                 done[fqn] = insert_call(gm, torch.ops.qc.dequantize_weight.default, (*args, bits))
-            deq = dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, bits)
             layers[name] = {"status": "quantized", "bits": bits, "group_size": G, "symmetric": symmetric,
-                            "shape": [N, K], "weight_sqnr_db": round(sqnr_db(w, deq), 2)}
+                            "shape": [N, K], **layers.get(name, {}), **record}
         node.replace_input_with(w_node, done[fqn])
+    assert not codes, f"calibrated codes for weights no linear reads: {sorted(codes)[:3]}"
     return finish(gm)

@@ -22,7 +22,7 @@ from torch.export import ExportedProgram
 from . import __version__
 
 FORMAT = "qcompiler-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the program takes logits_indices
 MANIFEST, WEIGHTS, PROGRAM = "manifest.json", "weights.safetensors", "program.pt2"
 log = logging.getLogger("qcompiler")
 

@@ -53,18 +53,19 @@ def export_flat(module: nn.Module, max_tokens: int) -> ExportedProgram:
 
 def paged_example_inputs(paged: dict, dtype: torch.dtype, T: int = 16) -> tuple:
     """Two sequences of 8 new tokens in blocks of 4: (ids, positions, kv_cache, slot_mapping,
-    block_tables, seq_lens, query_start_loc)."""
+    block_tables, seq_lens, query_start_loc, logits_indices)."""
     ids, pos = example_inputs(T)
     kv = torch.zeros(paged["num_layers"], 2, 8, 4, paged["num_kv_heads"], paged["head_dim"], dtype=dtype)
     return (ids, pos % 8, kv, torch.arange(T), torch.arange(8).view(2, 4), torch.tensor([8, 8]),
-            torch.tensor([0, 8, 16]))
+            torch.tensor([0, 8, 16]), torch.tensor([7, 15]))
 
 
 def export_paged(module: nn.Module, max_tokens: int, paged: dict, dtype: torch.dtype) -> ExportedProgram:
     """Exports a program after the paged-attention pass, every runtime size dynamic."""
     T, S = Dim("T", min=1, max=max_tokens), Dim("num_seqs", min=1, max=max_tokens)  # NOTE: not "S": sympy's
     kv = {2: Dim("num_blocks", min=1), 3: Dim("block_size", min=1, max=max_tokens)}
-    shapes = ({0: T}, {0: T}, kv, {0: T}, {0: S, 1: Dim("max_blocks", min=1)}, {0: S}, {0: S + 1})
+    shapes = ({0: T}, {0: T}, kv, {0: T}, {0: S, 1: Dim("max_blocks", min=1)}, {0: S}, {0: S + 1},
+              {0: Dim("num_logits", min=1, max=max_tokens)})
     with torch.no_grad():
         return torch.export.export(module, paged_example_inputs(paged, dtype), dynamic_shapes=shapes)
 

@@ -22,6 +22,11 @@ Targets:
   float   no quantization: captured, normalized and packaged as is
   w4a16   int4 weights in groups (--group-size, default 128), 16-bit activations
   w8a16   int8 weights per output channel (or --group-size), 16-bit activations
+  w8a8    int8 weights per channel, int8 activations per token; SmoothQuant (alpha 0.8) first
+  fp8     e4m3 weights per channel, e4m3 activations per token
+Methods (--method): rtn (round to nearest), gptq (error compensation), awq (activation-aware
+scales). gptq, awq, SmoothQuant and --observer calibrate on the model file's calibration_texts()
+or calibration_data(), or --calib-file.
 Embeddings and lm_head stay float (--quantize-lm-head quantizes lm_head). A linear whose
 input size the group size does not divide stays float; the manifest records it."""
 
@@ -54,7 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", default=None,
                      help="integer zero point per group (default: symmetric)")
     sym.add_argument("--symmetric", dest="symmetric", action="store_true")
-    c.add_argument("--method", default=None, help="weight quantization method (rtn)")
+    c.add_argument("--method", default=None, help="weight quantization: rtn (default), gptq, awq (weight-only "
+                   "targets); w8a8 takes rtn or gptq")
+    c.add_argument("--act-order", action="store_true", default=None,
+                   help="gptq: quantize columns by decreasing activation energy (static groups)")
+    c.add_argument("--smoothquant-alpha", type=float, default=None, help="w8a8: SmoothQuant strength (default 0.8)")
+    c.add_argument("--no-smoothquant", action="store_true", help="w8a8: no SmoothQuant")
+    c.add_argument("--observer", default=None, help="w8a8: static per-tensor activation scales from this observer "
+                   "(minmax, percentile, mse); default: dynamic per-token scales")
+    c.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default 64)")
+    c.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
+    c.add_argument("--calib-file", default=None, help="calibrate on this UTF-8 text instead of the model file's")
     c.add_argument("--quantize-lm-head", action="store_true", default=None, help="quantize the output projection too")
     c.add_argument("--dtype", default=None, help="cast the model first: float32, bfloat16 or float16")
     c.add_argument("-o", "--output", default=None, help="artifact directory (default build/<model>-<target>)")
@@ -108,12 +123,15 @@ def print_summary(rep, model: str) -> None:
 
 def _layer_bytes(rep, v) -> float:
     N, K = v["shape"]
+    if "group_size" not in v:  # w8a8 / fp8: 8-bit codes, one fp32 scale per output channel
+        return N * K + N * 4
     groups = N * (K // v["group_size"])
     scale_bytes = {"float32": 4}.get(rep.manifest["model"]["dtype"], 2)
     return N * K * v["bits"] / 8 + groups * (scale_bytes + (0 if v["symmetric"] else 1))
 
 
 def cmd_compile(a) -> int:
+    from .calibration import CalibrationConfig
     from .compiler import compile_model
     from .targets import make_target
     group_size = a.group_size
@@ -121,10 +139,15 @@ def cmd_compile(a) -> int:
         if a.target != "w8a16":
             raise ValueError(f"--group-size channel applies to w8a16 only; {a.target} needs a power of two >= 16")
         group_size = None
+    if a.no_smoothquant and a.smoothquant_alpha is not None:
+        raise ValueError("--smoothquant-alpha and --no-smoothquant exclude each other")
     target = make_target(a.target, group_size=group_size, symmetric=a.symmetric, method=a.method,
-                         quantize_lm_head=a.quantize_lm_head)
+                         quantize_lm_head=a.quantize_lm_head, act_order=a.act_order,
+                         smoothquant_alpha=a.smoothquant_alpha, observer=a.observer,
+                         no_smoothquant=a.no_smoothquant or None)
+    calib = CalibrationConfig(samples=a.calib_samples, seq_len=a.calib_seq_len, file=a.calib_file)
     out = a.output or f"build/{Path(a.model).stem.lower()}-{target.name}"
-    rep = compile_model(a.model, target, out, dtype=a.dtype, progress=not a.quiet)
+    rep = compile_model(a.model, target, out, dtype=a.dtype, progress=not a.quiet, calibration=calib)
     print_summary(rep, a.model)
     return 0
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .artifact import check_output_dir, save_artifact
+from .calibration import CalibrationConfig, load_calibration
 from .capture import capture, export_paged, max_tokens_of
 from .models import DTYPES, ModelSource, load_source, source_kind
 from .pipeline import run_pipeline
@@ -60,8 +61,9 @@ def _model_dtype(model: torch.nn.Module) -> str:
 
 
 def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, dtype: str | None = None,
-                  progress: bool = False) -> CompileReport:
-    """Compiles ``model`` (a path or a loaded ``ModelSource``) for ``target`` into the artifact ``out``."""
+                  progress: bool = False, calibration: CalibrationConfig | None = None) -> CompileReport:
+    """Compiles ``model`` (a path or a loaded ``ModelSource``) for ``target`` into the artifact ``out``;
+    ``calibration`` says which samples the calibrated methods use (default: 64 × 512 tokens)."""
     out = Path(out).resolve()
     if not isinstance(model, ModelSource):
         source_kind(str(model))  # bad input fails before anything is created
@@ -74,8 +76,12 @@ def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, 
     max_tokens = max_tokens_of(src.model)
     with _stage(stages, "capture"):
         ep = capture(src.model, max_tokens)
+    calib, cfg = None, calibration or CalibrationConfig()
+    if target.needs_calibration:
+        with _stage(stages, "calibration data"):
+            calib = load_calibration(src, cfg, src.config.get("vocab_size"))
     with torch.no_grad():
-        result = run_pipeline(ep, target, progress=progress)
+        result = run_pipeline(ep, target, progress=progress, samples=calib.samples if calib else None)
     for rec in result.records:
         stages[f"pass:{rec['name']}"] = rec["seconds"]
     paged = result.gm.meta["qc_paged"]
@@ -89,8 +95,10 @@ def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, 
         "program": {"inputs": {"input_ids": "int64[T]", "positions": "int64[T]",
                                "kv_cache": "[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]",
                                "slot_mapping": "int64[T]", "block_tables": "int64[S, max_blocks]",
-                               "seq_lens": "int64[S]", "query_start_loc": "int64[S + 1]"},
-                    "output": "logits[T, V]", "max_tokens": max_tokens, "paged": paged},
+                               "seq_lens": "int64[S]", "query_start_loc": "int64[S + 1]",
+                               "logits_indices": "int64[N]"},
+                    "output": "logits[N, V]", "max_tokens": max_tokens, "paged": paged},
+        "calibration": calib.describe(cfg) if calib else None,
         "passes": result.records,
         "layers": result.layers,
     }

@@ -45,18 +45,17 @@ class LLM:
         if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(f"block_size, max_num_seqs and max_num_batched_tokens must be >= 1, got "
                              f"{block_size}, {max_num_seqs}, {max_num_batched_tokens}")
-        self.model = load(path)
+        self.model = load(path, compile=compile)
         man = self.model.manifest
         paged, dtype = man["program"]["paged"], getattr(torch, man["model"]["dtype"])
         per_block = paged["num_layers"] * 2 * block_size * paged["num_kv_heads"] * paged["head_dim"] * dtype.itemsize
         num_blocks = num_blocks or max(1, kv_cache_memory // per_block)
-        program = torch.compile(self.model.program, dynamic=True) if compile else self.model.program
         self.tokenizer = self.model.tokenizer if man.get("tokenizer") else None
         eos = man["model"]["config"].get("eos_token_id")
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.append(self.tokenizer.eos_token_id)
-        self.engine = Engine(ModelRunner(program, paged, dtype, num_blocks, block_size), num_blocks, block_size,
+        self.engine = Engine(ModelRunner(self.model.program, paged, dtype, num_blocks, block_size), num_blocks, block_size,
                              self.tokenizer, tuple(eos), prefix_cache, max_num_seqs, max_num_batched_tokens,
                              man["program"]["max_tokens"])
 

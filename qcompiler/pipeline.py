@@ -1,46 +1,81 @@
 """The pass pipeline: for each target, one readable ordered list of named passes.
 
-    capture ─► normalize ─► [quantize_weights ─► fuse_weight_only] ─► paged_attention ─► export
+    capture ─► normalize ─► [calibrated passes] ─► quantize ─► [fuse] ─► paged_attention ─► export
+
+    w4a16/w8a16   [gptq | awq] ─► quantize_weights ─► fuse_weight_only
+    w8a8          [smoothquant] ─► [gptq] ─► quantize_w8a8 (static scales: an observer)
+    fp8           quantize_fp8
 
 Dispatch is on the target's config type; the manifest records every pass that ran, with
-its parameters and seconds."""
+its parameters and seconds. Calibrated passes receive the calibration samples."""
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
 from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
-from qcompiler.passes import fuse_weight_only, normalize, paged_attention, quantize_weights
+from qcompiler.passes import (awq, fuse_weight_only, gptq, normalize, paged_attention, quantize_fp8, quantize_w8a8,
+                              quantize_weights, smoothquant)
 
-from .targets import Float, Target, WeightOnly
+from .targets import FP8, W8A8, Float, Target, WeightOnly
 
 Pass = tuple[str, Callable, dict]  # (name, fn, parameters recorded in the manifest)
+Samples = Optional[list]
 
 
-def _float_passes(t: Float, progress: bool) -> list[Pass]:
+def _float_passes(t: Float, progress: bool, samples: Samples) -> list[Pass]:
     return []
 
 
-def _weight_only_passes(t: WeightOnly, progress: bool) -> list[Pass]:
+def _weight_only_passes(t: WeightOnly, progress: bool, samples: Samples) -> list[Pass]:
     params = dict(bits=t.bits, group_size=t.group_size, symmetric=t.symmetric, include_lm_head=t.quantize_lm_head)
+    calibrated = {
+        "rtn": [],
+        "gptq": [("gptq", partial(gptq, samples=samples, **params, act_order=t.act_order, progress=progress),
+                  {**params, "act_order": t.act_order, "damp": 0.01})],
+        "awq": [("awq", partial(awq, samples=samples, **params, progress=progress), {**params, "n_grid": 20})],
+    }[t.method]
     return [
+        *calibrated,
         ("quantize_weights", partial(quantize_weights, **params, progress=progress), {"method": t.method, **params}),
         ("fuse_weight_only", fuse_weight_only, {}),
     ]
 
 
-PIPELINES: dict[type, Callable[[Target, bool], list[Pass]]] = {
+def _w8a8_passes(t: W8A8, progress: bool, samples: Samples) -> list[Pass]:
+    head = dict(include_lm_head=t.quantize_lm_head)
+    out = []
+    if t.smoothquant_alpha is not None:
+        out.append(("smoothquant", partial(smoothquant, samples=samples, alpha=t.smoothquant_alpha, **head,
+                                           progress=progress), {"alpha": t.smoothquant_alpha}))
+    if t.method == "gptq":
+        params = dict(bits=8, group_size=None, symmetric=True, **head)
+        out.append(("gptq", partial(gptq, samples=samples, **params, progress=progress), params))
+    out.append(("quantize_w8a8", partial(quantize_w8a8, samples=samples, observer=t.observer, **head,
+                                         progress=progress), {"method": t.method, "observer": t.observer}))
+    return out
+
+
+def _fp8_passes(t: FP8, progress: bool, samples: Samples) -> list[Pass]:
+    return [("quantize_fp8", partial(quantize_fp8, include_lm_head=t.quantize_lm_head), {})]
+
+
+PIPELINES: dict[type, Callable[[Target, bool, Samples], list[Pass]]] = {
     Float: _float_passes,
     WeightOnly: _weight_only_passes,
+    W8A8: _w8a8_passes,
+    FP8: _fp8_passes,
 }
 
 
-def passes_for(target: Target, progress: bool = False) -> list[Pass]:
+def passes_for(target: Target, progress: bool = False, samples: Samples = None) -> list[Pass]:
+    if target.needs_calibration and not samples:
+        raise ValueError(f"{target.name} with {target.scheme} needs calibration samples")
     for cls in type(target).__mro__:
         if cls in PIPELINES:
-            return [("normalize", normalize, {}), *PIPELINES[cls](target, progress),
+            return [("normalize", normalize, {}), *PIPELINES[cls](target, progress, samples),
                     ("paged_attention", paged_attention, {})]
     raise TypeError(f"no pipeline for target type {type(target).__name__}")
 
@@ -55,9 +90,9 @@ class PipelineResult:
         return self.gm.meta.get("qc_layers", {})
 
 
-def run_pipeline(ep: ExportedProgram, target: Target, progress: bool = False) -> PipelineResult:
+def run_pipeline(ep: ExportedProgram, target: Target, progress: bool = False, samples: Samples = None) -> PipelineResult:
     prog, records = ep, []
-    for name, fn, params in passes_for(target, progress):
+    for name, fn, params in passes_for(target, progress, samples):
         t0 = time.perf_counter()
         prog = fn(prog)
         records.append({"name": name, "params": params, "seconds": round(time.perf_counter() - t0, 3)})

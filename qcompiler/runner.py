@@ -4,11 +4,14 @@ from typing import Optional
 
 import torch
 
-from qcompiler.codegen.cpu import lower_for_cpu
+from qcompiler.codegen.cpu import call_directly, float_linears_to_bf16, lower_for_cpu
 from qcompiler.codegen.fx import hoist_constants
 from qcompiler.runtime.step_inputs import single_sequence
 
 from .artifact import ArtifactError, load_program, read_manifest
+
+
+A16_TARGETS = ("w4a16", "w8a16")  # weight-only targets: 16-bit activations everywhere when fast
 
 
 class CompiledModel:
@@ -66,7 +69,9 @@ def load(path: str | Path, *, fast: bool = True, compile: bool = False, verify: 
 
     Args:
         path: the artifact directory.
-        fast: swap canonical ops for the fast CPU kernels (weights repacked once, here).
+        fast: swap canonical ops for the fast CPU kernels (weights repacked once, here); a
+            weight-only (``*a16``) artifact also runs its float linears, lm_head included, with
+            bf16 weights and activations.
         compile: run the program through ``torch.compile`` (Inductor).
         verify: check every file's size and SHA-256 against the manifest first.
     """
@@ -75,7 +80,12 @@ def load(path: str | Path, *, fast: bool = True, compile: bool = False, verify: 
     ep = load_program(path, manifest)
     gm = ep.module()
     if fast:
-        gm = hoist_constants(lower_for_cpu(gm))
+        gm = lower_for_cpu(gm)
+        if manifest["target"]["name"] in A16_TARGETS:
+            gm = float_linears_to_bf16(gm)
+        gm = hoist_constants(gm)
+        if not compile:
+            gm = call_directly(gm)
     if compile:
         gm = torch.compile(gm, dynamic=True)
     return CompiledModel(path, manifest, gm)

@@ -3,7 +3,8 @@ The pipeline dispatches on the config's type (``qcompiler.pipeline``), never on 
 from dataclasses import asdict, dataclass
 from typing import ClassVar, Optional
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq", "awq")
+OBSERVERS = ("minmax", "percentile", "mse")
 
 
 def _check_group_size(group_size: Optional[int], allow_none: bool) -> None:
@@ -14,9 +15,15 @@ def _check_group_size(group_size: Optional[int], allow_none: bool) -> None:
                          f"got {group_size!r}")
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+def _check_method(method: str, allowed: tuple[str, ...] = METHODS) -> None:
+    if method not in allowed:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(allowed)}")
+
+
+def _check_bools(cfg, *names: str) -> None:
+    for name in names:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(cfg, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,14 @@ class Target:
 
     def to_dict(self) -> dict:
         return {"name": self.name, **asdict(self)}
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+    @property
+    def scheme(self) -> str:
+        return self.name
 
 
 @dataclass(frozen=True)
@@ -41,18 +56,24 @@ class WeightOnly(Target):
     symmetric: bool = True
     method: str = "rtn"
     quantize_lm_head: bool = False
+    act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal (static groups)
 
     def __post_init__(self):
         _check_group_size(self.group_size, allow_none=self.bits == 8)
         _check_method(self.method)
-        for name in ("symmetric", "quantize_lm_head"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _check_bools(self, "symmetric", "quantize_lm_head", "act_order")
+        if self.act_order and self.method != "gptq":
+            raise ValueError(f"act_order applies to method 'gptq', not {self.method!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn"
 
     @property
     def scheme(self) -> str:
         g = "per-channel" if self.group_size is None else f"g{self.group_size}"
-        return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
+        m = "" if self.method == "rtn" else f" {self.method}{' act-order' if self.act_order else ''}"
+        return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}{m}"
 
 
 @dataclass(frozen=True)
@@ -70,7 +91,52 @@ class W8A16(WeightOnly):
     group_size: Optional[int] = None
 
 
-TARGETS: dict[str, type[Target]] = {t.name: t for t in (Float, W4A16, W8A16)}
+@dataclass(frozen=True)
+class W8A8(Target):
+    """int8 weights per output channel (symmetric) and int8 activations: dynamic per token, or
+    static per tensor from an ``observer`` over the calibration data. SmoothQuant first
+    (``smoothquant_alpha``; None: off) moves activation outliers into the weights."""
+    name: ClassVar[str] = "w8a8"
+    method: str = "rtn"                          # weights: rtn | gptq
+    smoothquant_alpha: Optional[float] = 0.8
+    observer: Optional[str] = None               # None: dynamic per-token activation scales
+    quantize_lm_head: bool = False
+
+    def __post_init__(self):
+        _check_method(self.method, ("rtn", "gptq"))
+        _check_bools(self, "quantize_lm_head")
+        a = self.smoothquant_alpha
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1):
+            raise ValueError(f"smoothquant_alpha must be in [0, 1] (or None: no SmoothQuant), got {a!r}")
+        if self.observer is not None and self.observer not in OBSERVERS:
+            raise ValueError(f"unknown observer {self.observer!r}; available: {', '.join(OBSERVERS)}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.smoothquant_alpha is not None or self.observer is not None or self.method == "gptq"
+
+    @property
+    def scheme(self) -> str:
+        act = f"static {self.observer}" if self.observer else "dynamic per-token"
+        sq = f" smoothquant {self.smoothquant_alpha}" if self.smoothquant_alpha is not None else ""
+        return f"int8 per-channel {self.method} x int8 {act}{sq}"
+
+
+@dataclass(frozen=True)
+class FP8(Target):
+    """e4m3 weights per output channel, e4m3 activations with dynamic per-token scales."""
+    name: ClassVar[str] = "fp8"
+    quantize_lm_head: bool = False
+
+    def __post_init__(self):
+        _check_bools(self, "quantize_lm_head")
+
+    @property
+    def scheme(self) -> str:
+        return "fp8 e4m3 per-channel x dynamic per-token"
+
+
+TARGETS: dict[str, type[Target]] = {t.name: t for t in (Float, W4A16, W8A16, W8A8, FP8)}
 
 
 def make_target(name: str, **options) -> Target:
@@ -81,7 +147,11 @@ def make_target(name: str, **options) -> Target:
     cls = TARGETS[name]
     fields = getattr(cls, "__dataclass_fields__", {})
     given = {k: v for k, v in options.items() if v is not None}
-    extra = sorted(set(given) - set(fields))
+    if given.pop("no_smoothquant", False):  # an explicit "off", which None (not given) cannot say
+        if name != "w8a8":
+            raise ValueError(f"target {name!r} takes no option no_smoothquant")
+        given["smoothquant_alpha"] = None
+    extra = sorted(set(given) - set(fields))  # NOTE: smoothquant_alpha=None stays: it is a field
     if extra:
         raise ValueError(f"target {name!r} takes no option {', '.join(extra)}")
     return cls(**given)

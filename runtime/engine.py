@@ -39,8 +39,7 @@ class ModelRunner:
 
     def run(self, inp) -> torch.Tensor:
         with torch.no_grad():
-            return self.program(inp.input_ids, inp.positions, self.kv_cache, inp.slot_mapping, inp.block_tables,
-                                inp.seq_lens, inp.query_start_loc)
+            return self.program(*inp.args(self.kv_cache))
 
     def copy_blocks(self, copies) -> None:
         for src, dst in copies:
@@ -87,16 +86,15 @@ class Engine:
         inp = step_inputs([s.seq.block_table for s in sched.seqs], [s.seq.num_computed_tokens for s in sched.seqs],
                           [s.seq.token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_new_tokens]
                            for s in sched.seqs], self.bm.block_size)
-        logits = self.runner.run(inp)
-        ends = inp.query_start_loc[1:].tolist()
-        for s, end in zip(sched.seqs, ends):
+        logits = self.runner.run(inp)  # [S, V]: each sequence's last row
+        for i, s in enumerate(sched.seqs):
             seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens
             if seq.num_computed_tokens < len(seq):
                 continue  # a prompt chunk: nothing to sample yet
             req = self.requests[seq.seq_id]
             for r in [req] + self._fork(req):
-                r.seq.token_ids.append(sample(logits[end - 1], r.params, r.generator))
+                r.seq.token_ids.append(sample(logits[i], r.params, r.generator))
                 reason = self._finish_reason(r, r.seq.token_ids[-1])
                 if reason:
                     r.finish_reason = reason

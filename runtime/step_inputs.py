@@ -12,17 +12,24 @@ class StepInputs(NamedTuple):
     block_tables: torch.Tensor     # [S, max_blocks], padded with 0
     seq_lens: torch.Tensor         # [S]: cached + new tokens
     query_start_loc: torch.Tensor  # [S + 1]
+    logits_indices: torch.Tensor   # [N]: the rows whose logits the step needs (each sequence's last)
+
+    def args(self, kv_cache: torch.Tensor) -> tuple:
+        """The paged program's positional inputs, in DESIGN.md's order."""
+        return (self.input_ids, self.positions, kv_cache, self.slot_mapping, self.block_tables, self.seq_lens,
+                self.query_start_loc, self.logits_indices)
 
 
 def single_sequence(input_ids: torch.Tensor, positions: torch.Tensor, paged: dict, dtype: torch.dtype,
                     block_size: int = 16) -> tuple:
     """The paged program's inputs for one sequence of ``T`` tokens computed from scratch,
-    with a KV cache of its own: what a plain ``model(ids, positions)`` call means."""
+    with a KV cache of its own and logits for every token: what a plain ``model(ids, positions)``
+    call means."""
     T = input_ids.shape[0]
     nb = -(-T // block_size)
     kv = torch.zeros(paged["num_layers"], 2, nb, block_size, paged["num_kv_heads"], paged["head_dim"], dtype=dtype)
     return (input_ids, positions, kv, torch.arange(T), torch.arange(nb).view(1, nb), torch.tensor([T]),
-            torch.tensor([0, T]))
+            torch.tensor([0, T]), torch.arange(T))
 
 
 def step_inputs(block_tables: Seq[Seq[int]], num_cached: Seq[int], new_tokens: Seq[Seq[int]],
@@ -39,4 +46,5 @@ def step_inputs(block_tables: Seq[Seq[int]], num_cached: Seq[int], new_tokens: S
     width = max(1, max(len(t) for t in block_tables))
     tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
     as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return StepInputs(as_long(ids), as_long(pos), as_long(slots), as_long(tables), as_long(lens), as_long(starts))
+    return StepInputs(as_long(ids), as_long(pos), as_long(slots), as_long(tables), as_long(lens), as_long(starts),
+                      as_long(starts[1:]) - 1)

@@ -29,7 +29,10 @@ def test_paged_attention_equals_contiguous(data):
     D, bs = data.draw(st.sampled_from([8, 16])), data.draw(st.sampled_from([1, 4, 16]))
     S = data.draw(st.integers(1, 4))
     seq_lens = [data.draw(st.integers(1, 40)) for _ in range(S)]
-    q_lens = [data.draw(st.integers(1, n)) for n in seq_lens]     # 1: decode, n: prefill, else chunk
+    if data.draw(st.booleans(), label="decode step"):  # one query per sequence: the batched decode path
+        q_lens = [1] * S
+    else:  # 1: decode, n: prefill, else chunk
+        q_lens = [data.draw(st.integers(1, n)) for n in seq_lens]
     max_blocks = max(-(-n // bs) for n in seq_lens) + 1
     num_blocks = S * max_blocks + 3
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
@@ -67,3 +70,5 @@ def test_opcheck():
     torch.library.opcheck(qc.reshape_and_cache, (kv, 0, torch.randn(3, 2, 8), torch.randn(3, 2, 8), torch.tensor([0, 5, 9])))
     torch.library.opcheck(qc.paged_attention, (torch.randn(3, 4, 8), kv, 0, torch.tensor([[0, 1], [2, 3]]),
                                                torch.tensor([5, 2]), torch.tensor([0, 2, 3]), 0.35))
+    torch.library.opcheck(qc.paged_attention, (torch.randn(2, 4, 8), kv, 0, torch.tensor([[0, 1], [2, 3]]),
+                                               torch.tensor([7, 2]), torch.tensor([0, 1, 2]), 0.35))

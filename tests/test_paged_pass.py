@@ -70,8 +70,11 @@ def test_paged_program_equals_original_for_any_packing(m, data):
             act = [i for i in range(S) if chunk[i]]
             inp = step_inputs([tables[i] for i in act], [done[i] for i in act],
                               [seqs[i][done[i]:done[i] + chunk[i]] for i in act], bs)
-            out = gm(inp.input_ids, inp.positions, kv, inp.slot_mapping, inp.block_tables, inp.seq_lens,
-                     inp.query_start_loc)
+            last = gm(*inp.args(kv))  # the engine's call: each sequence's last row
+            kv_before = kv.clone()
+            out = gm(*inp._replace(logits_indices=torch.arange(len(inp.input_ids))).args(kv))  # every row
+            torch.testing.assert_close(kv, kv_before)  # rewriting the same slots with the same values
+            torch.testing.assert_close(last, out[inp.logits_indices])
             for j, i in enumerate(act):
                 rows = out[int(inp.query_start_loc[j]):int(inp.query_start_loc[j + 1])]
                 for r, p in enumerate(range(done[i], done[i] + chunk[i])):

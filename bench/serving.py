@@ -1,0 +1,275 @@
+"""Serving benchmarks on SmolLM2-135M-Instruct, our engine and its anchors in one run.
+
+    .venv/bin/python bench/serving.py --threads 1 [--rounds 3] [--parts single,concurrent,prefix,waste]
+
+- single: batch-1 decode tok/s (1st -> 128th new token after a 32-token prompt, EOS blocked)
+  and 512-token prefill tok/s, for our W4A16 and float artifacts, llama.cpp (the shipped Q4_1
+  GGUF and its Q4_0 requantization; needs the optional ``llama-cpp-python``) and transformers
+  ``generate`` in fp32 and bf16. Candidates alternate in rounds; median (min-max).
+- concurrent: 16 requests x 128 new tokens through ``LLM.generate``; aggregate tok/s, and the
+  ratio to llama.cpp Q4_0's single-stream decode measured in the same run.
+- prefix: 32 requests sharing a 400-token system prompt, distinct 20-token questions, 16 new
+  tokens each; radix cache on vs off: wall time, output tok/s, mean time to first token, hit rate.
+- waste: KV slots on a mixed-length workload, from the block manager's accounting at every step:
+  paged (blocks of 16) vs preallocating max_model_len slots per running request.
+
+Artifacts are compiled into ``build/`` when missing. Prompts are slices of the Britannica text.
+"""
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from examples import smollm2  # noqa: E402
+from qcompiler import LLM, SamplingParams  # noqa: E402
+from qcompiler.compiler import compile_model  # noqa: E402
+from qcompiler.data import britannica_text  # noqa: E402
+from qcompiler.targets import make_target  # noqa: E402
+
+ARTIFACTS = {"w4a16": (ROOT / "build/smollm2-w4a16", dict(group_size=64, symmetric=False)),
+             "float": (ROOT / "build/smollm2-float", {})}
+DECODE_PROMPT, DECODE_TOKENS, PREFILL_TOKENS = 32, 128, 512
+
+
+def artifact(name: str) -> str:
+    path, opts = ARTIFACTS[name]
+    if not (path / "manifest.json").exists():
+        print(f"compiling {path} ...", flush=True)
+        compile_model(str(ROOT / "examples/smollm2.py"), make_target(name, **opts), path)
+    return str(path)
+
+
+def med(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.1f} ({min(xs):.1f}–{max(xs):.1f})" if len(xs) > 1 else f"{xs[0]:.1f}"
+
+
+# --- single stream -------------------------------------------------------------------------
+
+class Ours:
+    def __init__(self, name: str):
+        self.llm = LLM(artifact(name), prefix_cache=False, max_num_batched_tokens=PREFILL_TOKENS)
+
+    def _run(self, prompt: list[int], n: int) -> list[float]:
+        """Times (perf_counter) at which each new token appeared."""
+        eng = self.llm.engine
+        req = eng.add_request(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        stamps, seen = [], 0
+        while req.finish_reason is None:
+            eng.step()
+            while seen < len(req.seq.completion_token_ids):
+                stamps.append(time.perf_counter())
+                seen += 1
+        return stamps
+
+    def decode(self, prompt):
+        s = self._run(prompt, DECODE_TOKENS)
+        return (DECODE_TOKENS - 1) / (s[-1] - s[0])
+
+    def prefill(self, prompt):
+        t0 = time.perf_counter()
+        s = self._run(prompt, 1)
+        return len(prompt) / (s[0] - t0)
+
+
+class LlamaCpp:
+    def __init__(self, path: str, threads: int):
+        from llama_cpp import Llama
+        self.llm = Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=PREFILL_TOKENS,
+                         verbose=False)
+        self.eos = self.llm.token_eos()
+
+    def decode(self, prompt):
+        import numpy as np
+        llm = self.llm
+        llm.reset()
+        llm.eval(prompt)
+        stamps = []
+        for _ in range(DECODE_TOKENS):
+            logits = np.array(llm.scores[llm.n_tokens - 1])
+            logits[self.eos] = -np.inf
+            stamps.append(time.perf_counter())
+            llm.eval([int(logits.argmax())])
+        return (DECODE_TOKENS - 1) / (stamps[-1] - stamps[0])
+
+    def prefill(self, prompt):
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(prompt)
+        return len(prompt) / (time.perf_counter() - t0)
+
+
+class Transformers:
+    def __init__(self, dtype: torch.dtype):
+        self.model = smollm2.build_model().to(dtype).eval()
+        self.eos = smollm2.build_tokenizer().eos_token_id
+
+    def decode(self, prompt):
+        from transformers import LogitsProcessor, LogitsProcessorList
+        stamps = []
+
+        class Stamp(LogitsProcessor):  # called once per new token, after its forward pass
+            def __call__(self, ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
+
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=DECODE_TOKENS,
+                                min_new_tokens=DECODE_TOKENS, do_sample=False, suppress_tokens=[self.eos],
+                                logits_processor=LogitsProcessorList([Stamp()]), pad_token_id=self.eos)
+        return (DECODE_TOKENS - 1) / (stamps[-1] - stamps[0])
+
+    def prefill(self, prompt):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            self.model(ids, logits_to_keep=1)
+            return len(prompt) / (time.perf_counter() - t0)
+
+
+def single(threads: int, rounds: int, tokens: list[int]) -> dict:
+    cands = {"qcompiler W4A16 g64": lambda: Ours("w4a16"), "qcompiler float (fp32)": lambda: Ours("float")}
+    try:
+        import llama_cpp
+        q4_0 = Path("build/smollm2-q4_0.gguf")
+        if not q4_0.exists():
+            p = llama_cpp.llama_model_quantize_default_params()
+            p.ftype, p.allow_requantize, p.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, True, threads
+            q4_0.parent.mkdir(exist_ok=True)
+            assert llama_cpp.llama_model_quantize(str(smollm2.gguf_path()).encode(), str(q4_0).encode(), p) == 0
+        cands["llama.cpp Q4_0 (requantized)"] = lambda: LlamaCpp(str(q4_0), threads)
+        cands["llama.cpp Q4_1 (shipped)"] = lambda: LlamaCpp(str(smollm2.gguf_path()), threads)
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp anchor (pip install '.[bench]')")
+    cands["transformers fp32 generate"] = lambda: Transformers(torch.float32)
+    cands["transformers bf16 generate"] = lambda: Transformers(torch.bfloat16)
+    built = {k: f() for k, f in cands.items()}
+    res = {k: {"decode": [], "prefill": []} for k in built}
+    decode_prompt, prefill_prompt = tokens[:DECODE_PROMPT], tokens[1000:1000 + PREFILL_TOKENS]
+    for r in range(rounds):
+        order = list(built) if r % 2 == 0 else list(reversed(built))
+        for k in order:
+            res[k]["decode"].append(built[k].decode(decode_prompt))
+            res[k]["prefill"].append(built[k].prefill(prefill_prompt))
+        print(f"  round {r + 1}/{rounds} done", flush=True)
+    anchor = "llama.cpp Q4_0 (requantized)"
+    print(f"\n### Single stream, {threads} thread(s), {rounds} rounds: median (min–max)\n")
+    print("| system | batch-1 decode tok/s | × llama.cpp Q4_0 | 512-token prefill tok/s | × llama.cpp Q4_0 |")
+    print("|---|---|---|---|---|")
+    a = {m: statistics.median(res[anchor][m]) for m in ("decode", "prefill")} if anchor in res else None
+    for k, v in res.items():
+        d, p = statistics.median(v["decode"]), statistics.median(v["prefill"])
+        rd = f"{d / a['decode']:.2f}" if a else "–"
+        rp = f"{p / a['prefill']:.2f}" if a else "–"
+        print(f"| {k} | {med(v['decode'])} | {rd} | {med(v['prefill'])} | {rp} |")
+    for v in built.values():
+        del v
+    return {"llama_decode": a["decode"] if a else None}
+
+
+# --- concurrent ----------------------------------------------------------------------------
+
+def concurrent(threads: int, rounds: int, tokens: list[int], anchor_decode) -> None:
+    llm = LLM(artifact("w4a16"), prefix_cache=False)
+    prompts = [tokens[2000 + 97 * i: 2000 + 97 * i + DECODE_PROMPT] for i in range(16)]
+    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    rates = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        rates.append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0))
+    ratio = f"{statistics.median(rates) / anchor_decode:.2f}×" if anchor_decode else "–"
+    print(f"\n### 16 concurrent requests × 128 new tokens (32-token prompts), {threads} thread(s), {rounds} rounds\n")
+    print(f"qcompiler W4A16 aggregate: {med(rates)} tok/s (prefill included); vs llama.cpp Q4_0 single-stream "
+          f"decode in this run: {ratio} (goal ≥ 3×)")
+
+
+# --- shared prefix -------------------------------------------------------------------------
+
+def shared_prefix(threads: int, tokens: list[int]) -> None:
+    system = tokens[5000:5400]
+    questions = [tokens[6000 + 50 * i: 6000 + 50 * i + 20] for i in range(32)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    rows = {}
+    for on in (False, True):
+        llm = LLM(artifact("w4a16"), prefix_cache=on)
+        eng = llm.engine
+        reqs = []
+        t0 = time.perf_counter()
+        for q in questions:
+            reqs.append(eng.add_request(system + q, params))
+        first: dict[int, float] = {}
+        while not all(r.done for r in reqs):
+            eng.step()
+            now = time.perf_counter()
+            for r in reqs:
+                if r.seq.completion_token_ids and id(r) not in first:
+                    first[id(r)] = now - t0
+        wall = time.perf_counter() - t0
+        out = sum(len(r.seq.completion_token_ids) for r in reqs)
+        rows[on] = (wall, out / wall, statistics.mean(first.values()), llm.stats()["prefix_cache_hit_rate"])
+    print(f"\n### Shared prefix: 32 requests, 400-token system prompt + 20-token question, 16 new tokens, "
+          f"{threads} thread(s)\n")
+    print("| radix cache | wall s | output tok/s | mean TTFT s | prefix hit rate |")
+    print("|---|---|---|---|---|")
+    for on, (wall, tps, ttft, hit) in rows.items():
+        print(f"| {'on' if on else 'off'} | {wall:.1f} | {tps:.1f} | {ttft:.2f} | {hit:.1%} |")
+    print(f"\nspeed-up on / off: throughput {rows[True][1] / rows[False][1]:.2f}×, "
+          f"mean TTFT {rows[False][2] / rows[True][2]:.2f}× (goal ≥ 3×)")
+
+
+# --- KV waste ------------------------------------------------------------------------------
+
+def kv_waste(threads: int, tokens: list[int], max_model_len: int = 2048) -> None:
+    rng = random.Random(0)
+    llm = LLM(artifact("w4a16"), prefix_cache=False, max_num_seqs=16)
+    eng = llm.engine
+    reqs = []
+    for i in range(24):
+        plen, olen = rng.randint(8, 200), rng.randint(8, 96)
+        reqs.append(eng.add_request(tokens[8000 + 211 * i: 8000 + 211 * i + plen],
+                                    SamplingParams(max_tokens=olen, temperature=0.0, ignore_eos=True)))
+    used = alloc = prealloc = steps = 0
+    while not all(r.done for r in reqs):
+        eng.step()
+        running = eng.scheduler.running
+        u = eng.bm.slot_usage(running)
+        used, alloc = used + u["slots_used"], alloc + u["slots_allocated"]
+        prealloc += len(running) * max_model_len
+        steps += 1
+    print(f"\n### KV waste: 24 requests, prompts 8–200 tokens, 8–96 new tokens, up to 16 running, block size "
+          f"{eng.bm.block_size}, summed over {steps} steps\n")
+    print("| allocation | slots held | slots used | waste |")
+    print("|---|---|---|---|")
+    print(f"| paged (ours) | {alloc} | {used} | {1 - used / alloc:.1%} |")
+    print(f"| max-length preallocation ({max_model_len} per request) | {prealloc} | {used} | {1 - used / prealloc:.1%} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--parts", default="single,concurrent,prefix,waste")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    parts = args.parts.split(",")
+    tokens = smollm2.build_tokenizer()(britannica_text())["input_ids"]
+    print(f"SmolLM2-135M-Instruct, {args.threads} thread(s), torch {torch.__version__}")
+    anchor = single(args.threads, args.rounds, tokens)["llama_decode"] if "single" in parts else None
+    if "concurrent" in parts:
+        concurrent(args.threads, max(1, args.rounds - 1), tokens, anchor)
+    if "prefix" in parts:
+        shared_prefix(args.threads, tokens)
+    if "waste" in parts:
+        kv_waste(args.threads, tokens)
+
+
+if __name__ == "__main__":
+    main()

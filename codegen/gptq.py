@@ -1,0 +1,154 @@
+"""GPTQ: Hessian-aware rounding of a linear weight into the canonical quantized layout.
+
+Round-to-nearest (``quant.quantize_weight``) rounds every weight on its own and so minimizes
+``‖Wq − W‖²``. GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers") minimizes the layer's output error ``‖X Wqᵀ − X Wᵀ‖²``
+over calibration inputs ``X`` instead: it quantizes one input column at a time and moves each
+column's rounding error onto the columns not yet quantized, through the inverse of the input
+Hessian ``H = XᵀX``. The result is an ordinary ``QuantizedWeight`` whose scales and zero points
+follow the ``quant.compute_qparams`` rule, so the artifact format and every kernel read it
+unchanged; only the integer codes differ from RTN's.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .quant import QuantizedWeight, compute_qparams, pack_int4, qrange
+
+
+class GPTQResult(NamedTuple):
+    """``weight``: the canonical layout, as ``quantize_weight`` returns it.
+
+    ``loss``: the error GPTQ tracks, ``Σ_rows ½ δ (H + λI) δᵀ`` with ``δ = Wq − W`` (dead input
+    channels of ``W`` zeroed), ``H`` the Hessian passed in and ``λ`` the damping actually used.
+    With ``H = 2 XᵀX`` that is ``‖X Wqᵀ − X Wᵀ‖²`` plus the damping term; with ``H = XᵀX``, half of it.
+    """
+    weight: QuantizedWeight
+    loss: float
+
+
+def _inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``Uᵀ U = (H + λI)⁻¹``), ``λ = damp · mean(diag H)``.
+
+    ``U[j, j:] / U[j, j]`` is the optimal update of the columns after ``j`` per unit error in
+    column ``j`` once columns ``< j`` are fixed, and ``U[j, j]²`` the matching inverse-Hessian
+    diagonal: the Cholesky factor holds every step's row at once. If a factorization fails
+    (an ill-conditioned ``H`` in float32), the damping is raised tenfold, up to three times."""
+    mean_diag = H.diagonal().mean()
+    frac = damp
+    for _ in range(4):
+        Hd = H.clone()
+        Hd.diagonal().add_(frac * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                return U
+        frac = max(frac, 1e-4) * 10
+    raise RuntimeError(f"GPTQ: the Hessian ({H.shape[0]}x{H.shape[0]}) is not positive definite even with "
+                       f"damping {frac / 10:g} x mean(diag H); is it a sum of xᵀx?")
+
+
+def _as_stored(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``scale`` rounded to the dtype it is stored in, back in float32.
+
+    NOTE: GPTQ must propagate the error of the weight the kernels will actually see, so it
+    quantizes with the stored (e.g. bf16-rounded) scale; only a scale that rounds to 0 keeps
+    its float32 value (its group is all zeros, whose codes dequantize to 0 either way)."""
+    stored = scale.to(dtype).float()
+    return torch.where(stored > 0, stored, scale)
+
+
+@torch.no_grad()
+def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: Optional[int], symmetric: bool, *,
+                  act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> GPTQResult:
+    """GPTQ-quantize a linear weight ``w [N, K]`` given its input Hessian ``hessian [K, K]``.
+
+    ``hessian`` is ``Σ xᵀx`` over calibration tokens (any positive multiple: the codes do not
+    depend on its scale). ``group_size=None`` means per-channel; ``bits``, ``group_size`` and
+    ``symmetric`` mean what they mean for ``quantize_weight``.
+
+    * Dead input channels (``H[i, i] == 0``) get ``H[i, i] = 1`` and ``W[:, i] = 0``.
+    * Per-group qparams (no ``act_order``) come from the error-updated weights when a group's
+      first column is reached, as in the reference implementations; per-channel qparams come
+      from the original ``W`` (with its dead channels zeroed, so they cannot widen the grid).
+    * ``act_order`` processes columns by decreasing ``diag(H)`` with static groups: every
+      group's qparams are computed up front from the original ``W`` in natural column order,
+      so the layout stays the canonical ``scales [N, K // G]`` (no ``g_idx``).
+    * Columns are updated lazily in blocks of ``block_size``.
+    """
+    assert bits in (4, 8), f"bits must be 4 or 8, got {bits}"
+    N, K = w.shape
+    assert hessian.shape == (K, K), f"hessian must be [K, K] = [{K}, {K}], got {tuple(hessian.shape)}"
+    G = group_size or K
+    assert K % G == 0, f"group_size {G} does not divide K={K}"
+    assert block_size > 0, f"block_size must be positive, got {block_size}"
+    qmin, qmax = qrange(bits)
+    W = w.detach().float().clone()                                # [N, K]
+    H = hessian.detach().float().clone()                          # [K, K]
+    assert torch.isfinite(H).all(), "hessian has non-finite entries"
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    W[:, dead] = 0.0
+
+    ngroups = K // G
+    dynamic = group_size is not None and not act_order
+    scales = torch.empty(ngroups, N)                              # [K // G, N], the stored values in float32
+    zeros = None if symmetric else torch.zeros(ngroups, N)        # [K // G, N], integers in float32
+    if not dynamic:
+        s, z = compute_qparams(W, bits, G, symmetric)             # [N, K // G]
+        scales.copy_(_as_stored(s, w.dtype).t())
+        if zeros is not None:
+            zeros.copy_(z.t())
+
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)       # [K]: processing position -> column
+        W, H = W[:, perm], H[perm][:, perm]
+        group_of = (perm // G).tolist()
+    else:
+        perm, group_of = None, [c // G for c in range(K)]
+    U = _inverse_hessian_factor(H, damp)                          # [K, K] upper triangular
+    inv_d = (1.0 / U.diagonal()).tolist()
+
+    # NOTE: dynamic groups need every column of a group fully error-updated when the group's
+    # qparams are taken, i.e. the whole group inside the current block (the references read
+    # the lazily updated W there, missing the current block's updates); so blocks are whole
+    # numbers of groups.
+    B = G * max(1, block_size // G) if dynamic else block_size
+    Wt = W.t().contiguous()                                       # [K, N]: a column is a contiguous row
+    Qt = torch.empty(K, N)                                        # [K, N] codes, processing order
+    loss = torch.zeros(())
+    for b0 in range(0, K, B):
+        b1 = min(b0 + B, K)
+        Wb = Wt[b0:b1]                                            # [b, N] view, updated in place
+        Ub = U[b0:b1, b0:b1]                                      # [b, b]
+        Eb = torch.empty_like(Wb)                                 # [b, N] scaled errors (w - dq) / U[j, j]
+        for j in range(b1 - b0):
+            c = b0 + j
+            g = group_of[c]
+            if dynamic and c % G == 0:
+                s, z = compute_qparams(Wb[j:j + G].t(), bits, G, symmetric)   # [N, 1]
+                scales[g] = _as_stored(s[:, 0], w.dtype)
+                if zeros is not None:
+                    zeros[g] = z[:, 0]
+            x, s, q, e = Wb[j], scales[g], Qt[c], Eb[j]
+            torch.div(x, s, out=q).round_()
+            if zeros is None:
+                q.clamp_(qmin, qmax)
+                torch.mul(q, s, out=e)
+            else:
+                q.add_(zeros[g]).clamp_(qmin, qmax)
+                torch.sub(q, zeros[g], out=e).mul_(s)
+            torch.sub(x, e, out=e).mul_(inv_d[c])
+            Wb[j + 1:].addr_(Ub[j, j + 1:], e, alpha=-1.0)
+        Wt[b1:].addmm_(U[b0:b1, b1:].t(), Eb, alpha=-1.0)          # [K - b1, b] @ [b, N]
+        loss += Eb.square().sum()
+
+    Q = Qt.t()                                                    # [N, K], processing order
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    q = Q.to(torch.int8).contiguous()
+    qweight = pack_int4(q) if bits == 4 else q
+    out_zeros = None if zeros is None else zeros.t().to(torch.int8).contiguous()
+    return GPTQResult(QuantizedWeight(qweight, scales.t().to(w.dtype).contiguous(), out_zeros), float(loss))

@@ -1,0 +1,127 @@
+"""Per-input-channel scale migration: SmoothQuant and AWQ.
+
+Both rewrite ``x Wᵀ`` as ``(x / s)(W·diag(s))ᵀ`` for a group of linears reading one input,
+with ``1/s`` folded into what produces ``x`` (a norm's weight, or the rows of the linear before
+it: ``passes.calibrate.smoothing_site``), so the float program computes the same function.
+They differ in how ``s`` is chosen:
+  * SmoothQuant (W8A8): ``s_j = max|X_j|^α / max|W_j|^(1−α)``, activation outliers moved into
+    the weights so that per-token int8 activations lose less;
+  * AWQ (weight-only): a grid search over the exponent of the activation magnitude (and the
+    weights', "duo scaling"), keeping the ``s`` whose quantized weights give the smallest
+    output error on calibration tokens; RTN follows in ``quantize_weights``.
+Groups without a site are left alone (logged once, recorded in ``gm.meta["qc_layers"]``)."""
+import logging
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.fx import GraphModule
+
+from qcompiler.codegen.fx import get_constant
+from qcompiler.codegen.quant import compute_qparams, qrange
+
+from .calibrate import fold_scales, input_rows, linear_groups, propagate, smoothing_site
+from .quantize_weights import layer_name, output_linears, quantizable
+
+log = logging.getLogger("qcompiler")
+EPS = 1e-5
+
+
+def _record(gm: GraphModule, group, **fields) -> None:
+    layers = gm.meta.setdefault("qc_layers", {})
+    for name in group.weight_names():
+        layers.setdefault(layer_name(name), {}).update(fields)
+
+
+def _weights(gm: GraphModule, group) -> Tensor:
+    return torch.cat([get_constant(gm, n).float() for n in group.weight_names()])  # [sum N, K]
+
+
+def _apply(gm: GraphModule, group, site, s: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    fold_scales(gm, group, site, s)
+    return [(x.float() / s).to(x.dtype) for x in inputs]
+
+
+def smoothquant(gm: GraphModule, samples: list[Tensor], *, alpha: float, include_lm_head: bool = False,
+                progress: bool = False) -> GraphModule:
+    heads = output_linears(gm)
+    groups = linear_groups(gm, lambda n: include_lm_head or n not in heads)
+
+    def hook(group, inputs):
+        site = smoothing_site(gm, group)
+        if site is None or site.kind != "norm":  # SmoothQuant's mappings: norm -> q/k/v, norm -> gate/up
+            return None
+        x_max = torch.stack([x.reshape(-1, x.shape[-1]).abs().amax(0) for x in inputs]).amax(0).float()
+        w_max = _weights(gm, group).abs().amax(0)
+        s = x_max.clamp_min(EPS).pow(alpha) / w_max.clamp_min(EPS).pow(1 - alpha)
+        s = torch.where(w_max > 0, s, x_max).clamp_min(EPS)
+        _record(gm, group, smoothquant={"alpha": alpha, "into": layer_name(site.weight),
+                                        "scale_range": [round(float(s.min()), 4), round(float(s.max()), 4)]})
+        return _apply(gm, group, site, s, inputs)
+
+    propagate(gm, samples, groups, hook, desc="smoothquant", progress=progress)
+    return gm
+
+
+def fake_quantize(w: Tensor, bits: int, group_size: Optional[int], symmetric: bool) -> Tensor:
+    """``dequantize(quantize(w))`` by RTN, in fp32: what the scale search scores."""
+    N, K = w.shape
+    G = group_size or K
+    scale, zero = compute_qparams(w, bits, G, symmetric)
+    qmin, qmax = qrange(bits)
+    wg = w.reshape(N, K // G, G)
+    z = 0.0 if zero is None else zero.float().unsqueeze(-1)
+    q = (torch.round(wg / scale.unsqueeze(-1)) + z).clamp(qmin, qmax)
+    return ((q - z) * scale.unsqueeze(-1)).reshape(N, K)
+
+
+def _weight_mean(w: Tensor, group_size: Optional[int]) -> Tensor:
+    """AWQ's per-input-channel weight magnitude: |w| relative to its group's max, averaged over rows."""
+    N, K = w.shape
+    G = group_size or K
+    wg = w.abs().reshape(N, K // G, G)
+    return (wg / (wg.amax(-1, keepdim=True) + 1e-6)).reshape(N, K).mean(0)
+
+
+def awq_scales(x: Tensor, w: Tensor, bits: int, group_size: Optional[int], symmetric: bool,
+               n_grid: int = 20, duo_scaling: bool = True, rows: int = 2048) -> tuple[Tensor, float, float]:
+    """The per-channel scale minimizing ``‖x Q(W·s)/s ᵀ − x Wᵀ‖²`` over the grid
+    ``s = mean|x|^r / mean|W|^(1−r)``, ``r = 0, 1/n_grid, …``; returns (s, r, its error)."""
+    x_mean = x.abs().mean(0)
+    w_mean = _weight_mean(w, group_size)
+    sub = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:rows]]
+    ref = sub @ w.t()
+    best = (torch.ones_like(x_mean), 0.0, float("inf"))
+    for i in range(n_grid):
+        r = i / n_grid
+        s = x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4) if duo_scaling else x_mean.pow(r)
+        s = s.clamp_min(1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = float((sub @ (fake_quantize(w * s, bits, group_size, symmetric) / s).t() - ref).pow(2).mean())
+        if err < best[2]:
+            best = (s, r, err)
+    return best
+
+
+def awq(gm: GraphModule, samples: list[Tensor], *, bits: int, group_size: Optional[int], symmetric: bool,
+        include_lm_head: bool = False, n_grid: int = 20, progress: bool = False) -> GraphModule:
+    groups = linear_groups(gm, quantizable(gm, bits, group_size, include_lm_head))
+    skipped = set()
+
+    def hook(group, inputs):
+        site = smoothing_site(gm, group)
+        if site is None:
+            names = ", ".join(layer_name(n) for n in group.weight_names())
+            if not skipped:
+                log.info("awq: %s: no norm or linear to fold a scale into; RTN only", names)
+            skipped.add(names)
+            _record(gm, group, awq="no scale site: RTN")
+            return None
+        x = input_rows(inputs)
+        w = _weights(gm, group)
+        s, r, err = awq_scales(x, w, bits, group_size, symmetric, n_grid)
+        _record(gm, group, awq={"ratio": r, "into": layer_name(site.weight), "search_mse": err})
+        return _apply(gm, group, site, s, inputs)
+
+    propagate(gm, samples, groups, hook, desc="awq", progress=progress)
+    return gm
