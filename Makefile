@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-deps clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,8 +29,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: $(STAMP)
+# llama.cpp for the serving anchor, built for this CPU's AVX-512 but without AMX: AMX tiles
+# need a kernel permission this sandbox does not grant (a native build dies with SIGILL)
+LLAMA_ISA := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
+
+bench-deps: $(STAMP)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_ISA)" $(BIN)/pip install -q llama-cpp-python==0.3.36 diskcache jinja2
+
+bench: bench-deps
 	$(BIN)/python bench/linear_cpu.py
+	$(BIN)/python bench/serving.py --threads 1
+	$(BIN)/python bench/serving.py --threads 2 --parts single,concurrent
 
 clean:
 	rm -rf build .cache $(VENV)

@@ -9,12 +9,15 @@ Hessian ``H = XᵀX``. The result is an ordinary ``QuantizedWeight`` whose scale
 follow the ``quant.compute_qparams`` rule, so the artifact format and every kernel read it
 unchanged; only the integer codes differ from RTN's.
 """
+import math
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .quant import QuantizedWeight, compute_qparams, pack_int4, qrange
+
+_SUB_BLOCK = 16  # columns whose errors are applied one by one (see the NOTE in gptq_quantize)
 
 
 class GPTQResult(NamedTuple):
@@ -76,7 +79,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: Optional[in
     * ``act_order`` processes columns by decreasing ``diag(H)`` with static groups: every
       group's qparams are computed up front from the original ``W`` in natural column order,
       so the layout stays the canonical ``scales [N, K // G]`` (no ``g_idx``).
-    * Columns are updated lazily in blocks of ``block_size``.
+    * Columns are updated lazily in blocks of ``block_size`` (whole groups for dynamic groups).
     """
     assert bits in (4, 8), f"bits must be 4 or 8, got {bits}"
     N, K = w.shape
@@ -111,39 +114,44 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: Optional[in
     U = _inverse_hessian_factor(H, damp)                          # [K, K] upper triangular
     inv_d = (1.0 / U.diagonal()).tolist()
 
+    # Lazy updates on two levels: column c's error reaches only the rest of its sub-block of
+    # `sub` columns right away, the rest of its block of B columns after each sub-block
+    # (one small matmul) and the columns after the block after each block (one larger one).
     # NOTE: dynamic groups need every column of a group fully error-updated when the group's
-    # qparams are taken, i.e. the whole group inside the current block (the references read
-    # the lazily updated W there, missing the current block's updates); so blocks are whole
-    # numbers of groups.
+    # qparams are taken (the references read the lazily updated W there, missing the current
+    # block's updates): blocks are whole numbers of groups and groups start on sub-blocks.
+    # NOTE: the per-column updates stay under ATen's parallel grain (16 x N < 32768 elements for
+    # N < 2048), so the ~10 K small ops run on one thread: a parallel region per column stalls
+    # for whole time slices whenever another process shares the cores.
     B = G * max(1, block_size // G) if dynamic else block_size
+    sub = math.gcd(G, _SUB_BLOCK) if dynamic else _SUB_BLOCK
     Wt = W.t().contiguous()                                       # [K, N]: a column is a contiguous row
     Qt = torch.empty(K, N)                                        # [K, N] codes, processing order
-    loss = torch.zeros(())
+    Et = torch.empty(K, N)                                        # [K, N] scaled errors (x - dq) / U[c, c]
     for b0 in range(0, K, B):
         b1 = min(b0 + B, K)
-        Wb = Wt[b0:b1]                                            # [b, N] view, updated in place
-        Ub = U[b0:b1, b0:b1]                                      # [b, b]
-        Eb = torch.empty_like(Wb)                                 # [b, N] scaled errors (w - dq) / U[j, j]
-        for j in range(b1 - b0):
-            c = b0 + j
-            g = group_of[c]
-            if dynamic and c % G == 0:
-                s, z = compute_qparams(Wb[j:j + G].t(), bits, G, symmetric)   # [N, 1]
-                scales[g] = _as_stored(s[:, 0], w.dtype)
-                if zeros is not None:
-                    zeros[g] = z[:, 0]
-            x, s, q, e = Wb[j], scales[g], Qt[c], Eb[j]
-            torch.div(x, s, out=q).round_()
-            if zeros is None:
-                q.clamp_(qmin, qmax)
-                torch.mul(q, s, out=e)
-            else:
-                q.add_(zeros[g]).clamp_(qmin, qmax)
-                torch.sub(q, zeros[g], out=e).mul_(s)
-            torch.sub(x, e, out=e).mul_(inv_d[c])
-            Wb[j + 1:].addr_(Ub[j, j + 1:], e, alpha=-1.0)
-        Wt[b1:].addmm_(U[b0:b1, b1:].t(), Eb, alpha=-1.0)          # [K - b1, b] @ [b, N]
-        loss += Eb.square().sum()
+        for s0 in range(b0, b1, sub):
+            s1 = min(s0 + sub, b1)
+            for c in range(s0, s1):
+                g = group_of[c]
+                if dynamic and c % G == 0:
+                    s, z = compute_qparams(Wt[c:c + G].t(), bits, G, symmetric)   # [N, 1]
+                    scales[g] = _as_stored(s[:, 0], w.dtype)
+                    if zeros is not None:
+                        zeros[g] = z[:, 0]
+                x, s, q, e = Wt[c], scales[g], Qt[c], Et[c]
+                torch.div(x, s, out=q).round_()
+                if zeros is None:
+                    q.clamp_(qmin, qmax)
+                    torch.mul(q, s, out=e)
+                else:
+                    q.add_(zeros[g]).clamp_(qmin, qmax)
+                    torch.sub(q, zeros[g], out=e).mul_(s)
+                torch.sub(x, e, out=e).mul_(inv_d[c])
+                Wt[c + 1:s1].addr_(U[c, c + 1:s1], e, alpha=-1.0)
+            Wt[s1:b1].addmm_(U[s0:s1, s1:b1].t(), Et[s0:s1], alpha=-1.0)   # [b1 - s1, sub] @ [sub, N]
+        Wt[b1:].addmm_(U[b0:b1, b1:].t(), Et[b0:b1], alpha=-1.0)           # [K - b1, B] @ [B, N]
+    loss = float(Et.square().sum()) / 2
 
     Q = Qt.t()                                                    # [N, K], processing order
     if perm is not None:
@@ -151,4 +159,4 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: Optional[in
     q = Q.to(torch.int8).contiguous()
     qweight = pack_int4(q) if bits == 4 else q
     out_zeros = None if zeros is None else zeros.t().to(torch.int8).contiguous()
-    return GPTQResult(QuantizedWeight(qweight, scales.t().to(w.dtype).contiguous(), out_zeros), float(loss))
+    return GPTQResult(QuantizedWeight(qweight, scales.t().to(w.dtype).contiguous(), out_zeros), loss)

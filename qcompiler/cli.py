@@ -61,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--symmetric", dest="symmetric", action="store_true")
     c.add_argument("--method", default=None, help="weight quantization: rtn (default), gptq, awq (weight-only "
                    "targets); w8a8 takes rtn or gptq")
-    c.add_argument("--act-order", action="store_true", default=None,
-                   help="gptq: quantize columns by decreasing activation energy (static groups)")
+    act = c.add_mutually_exclusive_group()
+    act.add_argument("--act-order", dest="act_order", action="store_true", default=None,
+                     help="gptq: quantize columns by decreasing activation energy, static groups (gptq's default)")
+    act.add_argument("--no-act-order", dest="act_order", action="store_false", help="gptq: columns in order")
     c.add_argument("--smoothquant-alpha", type=float, default=None, help="w8a8: SmoothQuant strength (default 0.8)")
     c.add_argument("--no-smoothquant", action="store_true", help="w8a8: no SmoothQuant")
     c.add_argument("--observer", default=None, help="w8a8: static per-tensor activation scales from this observer "

@@ -51,7 +51,7 @@ def _w8a8_passes(t: W8A8, progress: bool, samples: Samples) -> list[Pass]:
         out.append(("smoothquant", partial(smoothquant, samples=samples, alpha=t.smoothquant_alpha, **head,
                                            progress=progress), {"alpha": t.smoothquant_alpha}))
     if t.method == "gptq":
-        params = dict(bits=8, group_size=None, symmetric=True, **head)
+        params = dict(bits=8, group_size=None, symmetric=True, act_order=True, **head)
         out.append(("gptq", partial(gptq, samples=samples, **params, progress=progress), params))
     out.append(("quantize_w8a8", partial(quantize_w8a8, samples=samples, observer=t.observer, **head,
                                          progress=progress), {"method": t.method, "observer": t.observer}))

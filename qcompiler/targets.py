@@ -56,11 +56,15 @@ class WeightOnly(Target):
     symmetric: bool = True
     method: str = "rtn"
     quantize_lm_head: bool = False
-    act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal (static groups)
+    # GPTQ: columns by decreasing Hessian diagonal, static groups. None: on for gptq (as in
+    # llm-compressor; SmolLM2 g64 sym 30.5 with it, 32.2 without), off otherwise
+    act_order: Optional[bool] = None
 
     def __post_init__(self):
         _check_group_size(self.group_size, allow_none=self.bits == 8)
         _check_method(self.method)
+        if self.act_order is None:
+            object.__setattr__(self, "act_order", self.method == "gptq")
         _check_bools(self, "symmetric", "quantize_lm_head", "act_order")
         if self.act_order and self.method != "gptq":
             raise ValueError(f"act_order applies to method 'gptq', not {self.method!r}")
@@ -72,7 +76,7 @@ class WeightOnly(Target):
     @property
     def scheme(self) -> str:
         g = "per-channel" if self.group_size is None else f"g{self.group_size}"
-        m = "" if self.method == "rtn" else f" {self.method}{' act-order' if self.act_order else ''}"
+        m = "" if self.method == "rtn" else f" {self.method}{' act-order' if self.act_order else ''}"  # noqa: E501
         return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}{m}"
 
 

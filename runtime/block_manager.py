@@ -117,6 +117,23 @@ class BlockManager:
             self.cache.lock(parent.cache_node)
             child.cache_node = parent.cache_node
 
+    def cache_prefix(self, seq: Sequence) -> None:
+        """A running sequence's computed full blocks enter the radix cache now, not only when it
+        finishes (SGLang's ``cache_unfinished_req``): requests admitted from the next step on
+        share a prompt that is still being decoded. The sequence's lock moves to the deeper node."""
+        if not self.cache:
+            return
+        n = seq.num_computed_tokens // self.block_size
+        if n == 0:
+            return
+        tokens = seq.token_ids[:n * self.block_size]
+        self.cache.insert(tokens, seq.block_table[:n])
+        node = self.cache.match_prefix(tokens).node
+        self.cache.lock(node)
+        if seq.cache_node is not None:
+            self.cache.unlock(seq.cache_node)
+        seq.cache_node = node
+
     # --- release -----------------------------------------------------------------------------
     def deallocate(self, seq: Sequence, cache: bool = True) -> None:
         """Returns the sequence's blocks; with ``cache``, its computed full blocks enter the radix cache."""

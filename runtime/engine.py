@@ -89,7 +89,10 @@ class Engine:
         logits = self.runner.run(inp)  # [S, V]: each sequence's last row
         for i, s in enumerate(sched.seqs):
             seq = s.seq
+            prompt_chunk = seq.num_computed_tokens < seq.num_prompt_tokens
             seq.num_computed_tokens += s.num_new_tokens
+            if prompt_chunk:
+                self.bm.cache_prefix(seq)  # later requests with this prefix share it at once
             if seq.num_computed_tokens < len(seq):
                 continue  # a prompt chunk: nothing to sample yet
             req = self.requests[seq.seq_id]

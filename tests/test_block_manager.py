@@ -128,6 +128,11 @@ class BlockMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.running)
     @rule(i=st.integers(0, 100))
+    def cache_running(self, i):
+        self.bm.cache_prefix(self.running[i % len(self.running)])
+
+    @precondition(lambda self: self.running)
+    @rule(i=st.integers(0, 100))
     def fork(self, i):
         parent = self.running[i % len(self.running)]
         child = Sequence(list(parent.token_ids), parent.num_prompt_tokens)
