@@ -147,7 +147,7 @@ def single(threads: int, rounds: int, tokens: list[int]) -> dict:
         cands["llama.cpp Q4_0 (requantized)"] = lambda: LlamaCpp(str(q4_0), threads)
         cands["llama.cpp Q4_1 (shipped)"] = lambda: LlamaCpp(str(smollm2.gguf_path()), threads)
     except ImportError:
-        print("llama-cpp-python is not installed: no llama.cpp anchor (pip install '.[bench]')")
+        print("llama-cpp-python is not installed: no llama.cpp anchor (make bench-deps)")
     cands["transformers fp32 generate"] = lambda: Transformers(torch.float32)
     cands["transformers bf16 generate"] = lambda: Transformers(torch.bfloat16)
     built = {k: f() for k, f in cands.items()}
@@ -169,8 +169,6 @@ def single(threads: int, rounds: int, tokens: list[int]) -> dict:
         rd = f"{d / a['decode']:.2f}" if a else "–"
         rp = f"{p / a['prefill']:.2f}" if a else "–"
         print(f"| {k} | {med(v['decode'])} | {rd} | {med(v['prefill'])} | {rp} |")
-    for v in built.values():
-        del v
     return {"llama_decode": a["decode"] if a else None}
 
 
