@@ -11,7 +11,6 @@ GQA repetition (``repeat_kv``'s unsqueeze/expand/reshape, ``repeat_interleave``)
 through, so the cache holds KV heads only; the mask the model built goes dead and is removed.
 Invariant: for any packing of sequences into steps, each token's logits equal the input
 program's on that token's whole sequence (float tolerance)."""
-import operator
 
 import math
 
@@ -67,7 +66,7 @@ def output_projection(gm: GraphModule) -> Node:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     cur = out.args[0]
     while isinstance(cur, Node) and cur.op == "call_function":
-        if "linear" in getattr(cur.target, "__name__", str(cur.target)) and cur.target is not operator.getitem:
+        if "linear" in getattr(cur.target, "__name__", str(cur.target)):
             return cur
         cur = cur.args[0]
     raise ValueError("no linear produces the program's output: cannot find the output projection (lm_head)")

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.fx import GraphModule
 
 from qcompiler.codegen.fx import get_constant
-from qcompiler.codegen.quant import compute_qparams, qrange
+from qcompiler.codegen.quant import compute_qparams, quantize
 
 from .calibrate import fold_scales, input_rows, linear_groups, propagate, smoothing_site
 from .quantize_weights import layer_name, output_linears, quantizable
@@ -68,10 +68,8 @@ def fake_quantize(w: Tensor, bits: int, group_size: Optional[int], symmetric: bo
     N, K = w.shape
     G = group_size or K
     scale, zero = compute_qparams(w, bits, G, symmetric)
-    qmin, qmax = qrange(bits)
-    wg = w.reshape(N, K // G, G)
+    q = quantize(w, scale, zero, bits, G).float().reshape(N, K // G, G)
     z = 0.0 if zero is None else zero.float().unsqueeze(-1)
-    q = (torch.round(wg / scale.unsqueeze(-1)) + z).clamp(qmin, qmax)
     return ((q - z) * scale.unsqueeze(-1)).reshape(N, K)
 
 
