@@ -27,7 +27,9 @@ from qcompiler.targets import FP8, W4A16, W8A8, W8A16, Float  # noqa: E402
 ANCHORS = {"float": 22.62, "w4a16 g64 sym": 32.68, "w4a16 g64 asym": 28.87, "w4a16 g32 asym": 27.91,
            "w4a16 gptq g64 sym": 30.91, "w4a16 gptq g64 sym, no act-order": 30.91, "w4a16 gptq g64 asym": 26.55, "w4a16 gptq g32 asym": 25.52,
            "w4a16 awq g64 sym": 29.29, "w4a16 awq g64 asym": 26.83, "w8a8 naive": 23.46,
-           "w8a8 gptq": 23.29, "w8a8 smoothquant 0.8": 23.10, "fp8 dynamic": 23.33}
+           "w8a8 gptq": 23.29, "w8a8 smoothquant 0.8": 23.10, "fp8 dynamic": 23.33, "fp8 dynamic gptq": 23.33,
+           "w4a16 gptq g64 sym, no clip": 30.91, "w4a16 gptq g64 asym, no clip": 26.55,
+           "w4a16 awq g64 sym, no clip": 29.29, "w4a16 awq g64 asym, no clip": 26.83}
 SCHEMES = {
     "float": Float(),
     "w4a16 g64 sym": W4A16(group_size=64, symmetric=True),
@@ -36,14 +38,19 @@ SCHEMES = {
     "w8a16 per-channel sym": W8A16(),
     "w4a16 gptq g64 sym": W4A16(group_size=64, symmetric=True, method="gptq"),
     "w4a16 gptq g64 sym, no act-order": W4A16(group_size=64, symmetric=True, method="gptq", act_order=False),
+    "w4a16 gptq g64 sym, no clip": W4A16(group_size=64, symmetric=True, method="gptq", clip=False),
     "w4a16 gptq g64 asym": W4A16(group_size=64, symmetric=False, method="gptq"),
+    "w4a16 gptq g64 asym, no clip": W4A16(group_size=64, symmetric=False, method="gptq", clip=False),
     "w4a16 gptq g32 asym": W4A16(group_size=32, symmetric=False, method="gptq"),
     "w4a16 awq g64 sym": W4A16(group_size=64, symmetric=True, method="awq"),
+    "w4a16 awq g64 sym, no clip": W4A16(group_size=64, symmetric=True, method="awq", clip=False),
     "w4a16 awq g64 asym": W4A16(group_size=64, symmetric=False, method="awq"),
+    "w4a16 awq g64 asym, no clip": W4A16(group_size=64, symmetric=False, method="awq", clip=False),
     "w8a8 naive": W8A8(smoothquant_alpha=None),
     "w8a8 gptq": W8A8(smoothquant_alpha=None, method="gptq"),
     "w8a8 smoothquant 0.8": W8A8(smoothquant_alpha=0.8),
     "fp8 dynamic": FP8(),
+    "fp8 dynamic gptq": FP8(method="gptq"),
 }
 
 

@@ -22,7 +22,7 @@ _TINY = torch.finfo(torch.float32).tiny
 FP32_EXACT_MAX_K = 2 ** 24 // 128 ** 2
 
 
-def _absmax_scale(x: Tensor, qmax: float) -> Tensor:
+def absmax_scale(x: Tensor, qmax: float) -> Tensor:
     """float32 ``[..., 1]``: each row's absmax / ``qmax``, at least ``tiny`` so zero rows stay 0, not NaN."""
     return (x.float().abs().amax(-1, keepdim=True) / qmax).clamp_min(_TINY)
 
@@ -46,13 +46,13 @@ def _rescale(acc: Tensor, x_scale: Tensor, weight_scale: Tensor, bias: Optional[
 
 def quantize_weight_per_channel_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """``w [N, K]`` -> (int8 ``[N, K]`` in [-127, 127], float32 scale ``[N, 1]`` = absmax / 127)."""
-    scale = _absmax_scale(w, INT8_MAX)
+    scale = absmax_scale(w, INT8_MAX)
     return _to_int8(w, scale), scale
 
 
 def quantize_weight_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
     """``w [N, K]`` -> (float8_e4m3fn ``[N, K]``, float32 scale ``[N, 1]`` = absmax / 448)."""
-    scale = _absmax_scale(w, FP8_MAX)
+    scale = absmax_scale(w, FP8_MAX)
     return _to_fp8(w, scale), scale
 
 
@@ -61,7 +61,7 @@ def quantize_weight_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
 def quantize_per_token_ref(x: Tensor) -> tuple[Tensor, Tensor]:
     """``x [..., K]`` -> (int8 ``clamp(round(x / s), -127, 127)``, float32 ``s [..., 1]`` = absmax / 127).
     ``round`` is half-to-even."""
-    scale = _absmax_scale(x, INT8_MAX)
+    scale = absmax_scale(x, INT8_MAX)
     return _to_int8(x, scale), scale
 
 
@@ -81,7 +81,7 @@ def w8a8_linear_ref(x: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Opti
 def fp8_linear_ref(x: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``(fp8(x / s_x) @ q_w^T) * s_x * s_w^T (+ bias)`` in ``x.dtype``, ``s_x`` = absmax / 448 per token,
     the product in float32."""
-    sx = _absmax_scale(x, FP8_MAX)
+    sx = absmax_scale(x, FP8_MAX)
     acc = _to_fp8(x, sx).float() @ qweight.float().T  # [..., N]
     return _rescale(acc, sx, weight_scale, bias, x.dtype)
 

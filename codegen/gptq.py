@@ -15,7 +15,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .quant import QuantizedWeight, compute_qparams, pack_int4, qrange
+from .act_quant import FP8_DTYPE, FP8_MAX, absmax_scale
+from .quant import QuantizedWeight, compute_qparams, pack_int4, qrange, search_qparams
 
 _SUB_BLOCK = 16  # columns whose errors are applied one by one (see the NOTE in gptq_quantize)
 
@@ -65,7 +66,8 @@ def _as_stored(scale: Tensor, dtype: torch.dtype) -> Tensor:
 
 @torch.no_grad()
 def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: Optional[int], symmetric: bool, *,
-                  act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> GPTQResult:
+                  act_order: bool = False, clip: bool = False, fp8: bool = False, damp: float = 0.01,
+                  block_size: int = 128) -> GPTQResult:
     """GPTQ-quantize a linear weight ``w [N, K]`` given its input Hessian ``hessian [K, K]``.
 
     ``hessian`` is ``Σ xᵀx`` over calibration tokens (any positive multiple: the codes do not
@@ -79,9 +81,16 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: Optional[in
     * ``act_order`` processes columns by decreasing ``diag(H)`` with static groups: every
       group's qparams are computed up front from the original ``W`` in natural column order,
       so the layout stays the canonical ``scales [N, K // G]`` (no ``g_idx``).
+    * ``clip``: each group's range is the one ``quant.search_qparams`` picks with this Hessian
+      (its output error), not the group's min-max.
+    * ``fp8``: the grid is float8 e4m3 with one scale per output channel (``absmax / 448``, as
+      ``act_quant.quantize_weight_fp8``); the result's ``qweight`` is float8_e4m3fn ``[N, K]``,
+      its ``scales`` float32 ``[N, 1]`` (``bits``, ``group_size`` and ``symmetric`` must be 8, None, True).
     * Columns are updated lazily in blocks of ``block_size`` (whole groups for dynamic groups).
     """
     assert bits in (4, 8), f"bits must be 4 or 8, got {bits}"
+    assert not fp8 or (bits == 8 and group_size is None and symmetric and not clip), \
+        "fp8 GPTQ is per-channel and symmetric, without a range search"
     N, K = w.shape
     assert hessian.shape == (K, K), f"hessian must be [K, K] = [{K}, {K}], got {tuple(hessian.shape)}"
     G = group_size or K
@@ -99,8 +108,14 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: Optional[in
     dynamic = group_size is not None and not act_order
     scales = torch.empty(ngroups, N)                              # [K // G, N], the stored values in float32
     zeros = None if symmetric else torch.zeros(ngroups, N)        # [K // G, N], integers in float32
-    if not dynamic:
-        s, z = compute_qparams(W, bits, G, symmetric)             # [N, K // G]
+
+    def qparams(cols: Tensor, h: Tensor):
+        return search_qparams(cols, bits, G, symmetric, h) if clip else compute_qparams(cols, bits, G, symmetric)
+
+    if fp8:
+        scales.copy_(absmax_scale(W, FP8_MAX).t())               # float32, stored as it is
+    elif not dynamic:
+        s, z = qparams(W, H)                                      # [N, K // G]
         scales.copy_(_as_stored(s, w.dtype).t())
         if zeros is not None:
             zeros.copy_(z.t())
@@ -135,11 +150,18 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: Optional[in
             for c in range(s0, s1):
                 g = group_of[c]
                 if dynamic and c % G == 0:
-                    s, z = compute_qparams(Wt[c:c + G].t(), bits, G, symmetric)   # [N, 1]
+                    s, z = qparams(Wt[c:c + G].t(), H[c:c + G, c:c + G])   # [N, 1]
                     scales[g] = _as_stored(s[:, 0], w.dtype)
                     if zeros is not None:
                         zeros[g] = z[:, 0]
                 x, s, q, e = Wt[c], scales[g], Qt[c], Et[c]
+                if fp8:
+                    torch.div(x, s, out=q).clamp_(-FP8_MAX, FP8_MAX)
+                    q.copy_(q.to(FP8_DTYPE))
+                    torch.mul(q, s, out=e)
+                    torch.sub(x, e, out=e).mul_(inv_d[c])
+                    Wt[c + 1:s1].addr_(U[c, c + 1:s1], e, alpha=-1.0)
+                    continue
                 torch.div(x, s, out=q).round_()
                 if zeros is None:
                     q.clamp_(qmin, qmax)
@@ -156,6 +178,8 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: Optional[in
     Q = Qt.t()                                                    # [N, K], processing order
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
+    if fp8:
+        return GPTQResult(QuantizedWeight(Q.to(FP8_DTYPE).contiguous(), scales.t().contiguous(), None), loss)
     q = Q.to(torch.int8).contiguous()
     qweight = pack_int4(q) if bits == 4 else q
     out_zeros = None if zeros is None else zeros.t().to(torch.int8).contiguous()

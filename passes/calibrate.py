@@ -86,17 +86,19 @@ def smoothing_site(gm: GraphModule, group: LinearGroup) -> Optional[Site]:
 
 
 def fold_scales(gm: GraphModule, group: LinearGroup, site: Site, s: Tensor) -> None:
-    """``W_i <- W_i·diag(s)`` for the group, ``1/s`` into the site: the float program is unchanged."""
-    s = s.float()
-    for name in group.weight_names():
+    """``W_i <- W_i·diag(s)`` for the group, ``1/s`` into the site: the float program is unchanged.
+    Computed in at least float32 (float64 weights stay exact to float64 rounding)."""
+    def update(name: str, fn) -> None:
         w = get_constant(gm, name)
-        set_constant(gm, name, (w.float() * s).to(w.dtype))
-    w = get_constant(gm, site.weight)
-    div = s if site.kind == "norm" else s.unsqueeze(1)  # a norm's [K], or a linear's rows [K, K_in]
-    set_constant(gm, site.weight, (w.float() / div).to(w.dtype))
+        dt = torch.promote_types(w.dtype, torch.float32)
+        set_constant(gm, name, fn(w.to(dt), s.to(dt)).to(w.dtype))
+
+    for name in group.weight_names():
+        update(name, lambda w, s: w * s)
+    # a norm's weight [K], or a linear's rows [K, K_in]
+    update(site.weight, lambda w, s: w / (s if site.kind == "norm" else s.unsqueeze(1)))
     if site.bias is not None:
-        b = get_constant(gm, site.bias)
-        set_constant(gm, site.bias, (b.float() / s).to(b.dtype))
+        update(site.bias, lambda b, s: b / s)
 
 
 # --- the sequential runner ---------------------------------------------------------------

@@ -132,10 +132,21 @@ def quantize_w8a8(gm: GraphModule, samples: Optional[list[Tensor]] = None, *, ob
 
 
 def quantize_fp8(gm: GraphModule, *, include_lm_head: bool = False, progress: bool = False) -> GraphModule:
+    """Per-channel e4m3 weights by RTN, or the codes a calibration pass (``gptq(fp8=True)``) left."""
+    codes = gm.meta.pop("qc_codes", {})
+
     def make(node, w):
-        q, scale = quantize_weight_fp8(w)
+        fqn = node.args[1].target
+        if fqn in codes:
+            qw, record = codes.pop(fqn)
+            q, scale = qw.qweight, qw.scales.float().reshape(-1, 1)
+        else:
+            (q, scale), record = quantize_weight_fp8(w), {}
         w_hat = q.float() * scale
-        record = {"format": "float8_e4m3fn", "activations": "fp8 per-token", "weight_sqnr_db": round(sqnr_db(w, w_hat), 2)}
+        record = {"format": "float8_e4m3fn", "activations": "fp8 per-token", "weight_sqnr_db": round(sqnr_db(w, w_hat), 2),
+                  **record}
         return qc.fp8_linear.default, {"qweight": q, "weight_scale": scale}, {}, record
 
-    return _rewrite(gm, include_lm_head, make)
+    out = _rewrite(gm, include_lm_head, make)
+    assert not codes, f"calibrated codes for weights no linear reads: {sorted(codes)[:3]}"
+    return out

@@ -70,8 +70,8 @@ def quantizable(gm: GraphModule, bits: int, group_size: Optional[int], include_l
 
 
 def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], symmetric: bool,
-                     include_lm_head: bool = False, progress: bool = False) -> GraphModule:
-    """RTN, unless a calibration pass left codes in ``gm.meta["qc_codes"]`` (weight name ->
+                     include_lm_head: bool = False, clip: bool = False, progress: bool = False) -> GraphModule:
+    """RTN (``clip``: with the ranges ``quant.search_qparams`` picks by weight error), unless a calibration pass left codes in ``gm.meta["qc_codes"]`` (weight name ->
     (``QuantizedWeight``, the original weight's record)): then those codes are used as they are."""
     layers = gm.meta.setdefault("qc_layers", {})
     codes = gm.meta.pop("qc_codes", {})
@@ -96,7 +96,7 @@ def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], s
             if fqn in codes:
                 qw, record = codes.pop(fqn)
             else:
-                qw = quantize_weight(w, bits, group_size, symmetric)
+                qw = quantize_weight(w, bits, group_size, symmetric, clip)
                 deq = dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, bits)
                 record = {"weight_sqnr_db": round(sqnr_db(w, deq), 2)}
             prefix = constants_prefix(fqn)

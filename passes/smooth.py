@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule
 
-from qcompiler.codegen.fx import get_constant
-from qcompiler.codegen.quant import compute_qparams, quantize
+from qcompiler.codegen.fx import get_constant, set_constant
+from qcompiler.codegen.quant import clip_ratios, clip_weight, compute_qparams, quantize
 
 from .calibrate import fold_scales, input_rows, linear_groups, propagate, smoothing_site
 from .quantize_weights import layer_name, output_linears, quantizable
@@ -102,24 +102,39 @@ def awq_scales(x: Tensor, w: Tensor, bits: int, group_size: Optional[int], symme
 
 
 def awq(gm: GraphModule, samples: list[Tensor], *, bits: int, group_size: Optional[int], symmetric: bool,
-        include_lm_head: bool = False, n_grid: int = 20, progress: bool = False) -> GraphModule:
+        include_lm_head: bool = False, n_grid: int = 20, clip: bool = True, progress: bool = False) -> GraphModule:
+    """AWQ scales, then (``clip``) each weight clamped to the per-group range ``clip_ratios`` picks on the
+    scaled inputs' Hessian, so that RTN's min-max qparams are the clipped ones."""
     groups = linear_groups(gm, quantizable(gm, bits, group_size, include_lm_head))
     skipped = set()
 
+    def clip_group(group, x: Tensor) -> dict:
+        h = x.t() @ x
+        ratios = []
+        for name in group.weight_names():
+            w = get_constant(gm, name)
+            G = group_size or w.shape[1]
+            p = clip_ratios(w, bits, G, symmetric, h)
+            set_constant(gm, name, clip_weight(w, G, p))
+            ratios.append(p.flatten())
+        return {"mean_clip_ratio": round(float(torch.cat(ratios).mean()), 4)}
+
     def hook(group, inputs):
         site = smoothing_site(gm, group)
+        x = input_rows(inputs)
         if site is None:
             names = ", ".join(layer_name(n) for n in group.weight_names())
             if not skipped:
-                log.info("awq: %s: no norm or linear to fold a scale into; RTN only", names)
+                log.info("awq: %s: no norm or linear to fold a scale into; no scale", names)
             skipped.add(names)
-            _record(gm, group, awq="no scale site: RTN")
+            _record(gm, group, awq={"scale": "no scale site", **(clip_group(group, x) if clip else {})})
             return None
-        x = input_rows(inputs)
         w = _weights(gm, group)
         s, r, err = awq_scales(x, w, bits, group_size, symmetric, n_grid)
-        _record(gm, group, awq={"ratio": r, "into": layer_name(site.weight), "search_mse": err})
-        return _apply(gm, group, site, s, inputs)
+        scaled = _apply(gm, group, site, s, inputs)
+        _record(gm, group, awq={"ratio": r, "into": layer_name(site.weight), "search_mse": err,
+                                **(clip_group(group, x / s) if clip else {})})
+        return scaled
 
     propagate(gm, samples, groups, hook, desc="awq", progress=progress)
     return gm

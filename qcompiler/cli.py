@@ -25,7 +25,7 @@ Targets:
   w8a8    int8 weights per channel, int8 activations per token; SmoothQuant (alpha 0.8) first
   fp8     e4m3 weights per channel, e4m3 activations per token
 Methods (--method): rtn (round to nearest), gptq (error compensation), awq (activation-aware
-scales). gptq, awq, SmoothQuant and --observer calibrate on the model file's calibration_texts()
+scales); gptq and awq also clip each group's range where that lowers the error (--no-clip: off). gptq, awq, SmoothQuant and --observer calibrate on the model file's calibration_texts()
 or calibration_data(), or --calib-file.
 Embeddings and lm_head stay float (--quantize-lm-head quantizes lm_head). A linear whose
 input size the group size does not divide stays float; the manifest records it."""
@@ -60,11 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="integer zero point per group (default: symmetric)")
     sym.add_argument("--symmetric", dest="symmetric", action="store_true")
     c.add_argument("--method", default=None, help="weight quantization: rtn (default), gptq, awq (weight-only "
-                   "targets); w8a8 takes rtn or gptq")
+                   "targets); w8a8 and fp8 take rtn or gptq")
     act = c.add_mutually_exclusive_group()
     act.add_argument("--act-order", dest="act_order", action="store_true", default=None,
                      help="gptq: quantize columns by decreasing activation energy, static groups (gptq's default)")
     act.add_argument("--no-act-order", dest="act_order", action="store_false", help="gptq: columns in order")
+    clip = c.add_mutually_exclusive_group()
+    clip.add_argument("--clip", dest="clip", action="store_true", default=None,
+                      help="w4a16/w8a16: search each group's clipped range (output error on calibration data for "
+                      "gptq/awq, where it is the default; weight error for rtn)")
+    clip.add_argument("--no-clip", dest="clip", action="store_false", help="w4a16/w8a16: min-max ranges")
     c.add_argument("--smoothquant-alpha", type=float, default=None, help="w8a8: SmoothQuant strength (default 0.8)")
     c.add_argument("--no-smoothquant", action="store_true", help="w8a8: no SmoothQuant")
     c.add_argument("--observer", default=None, help="w8a8: static per-tensor activation scales from this observer "
@@ -144,7 +149,7 @@ def cmd_compile(a) -> int:
     if a.no_smoothquant and a.smoothquant_alpha is not None:
         raise ValueError("--smoothquant-alpha and --no-smoothquant exclude each other")
     target = make_target(a.target, group_size=group_size, symmetric=a.symmetric, method=a.method,
-                         quantize_lm_head=a.quantize_lm_head, act_order=a.act_order,
+                         quantize_lm_head=a.quantize_lm_head, act_order=a.act_order, clip=a.clip,
                          smoothquant_alpha=a.smoothquant_alpha, observer=a.observer,
                          no_smoothquant=a.no_smoothquant or None)
     calib = CalibrationConfig(samples=a.calib_samples, seq_len=a.calib_seq_len, file=a.calib_file)

@@ -33,13 +33,16 @@ def _weight_only_passes(t: WeightOnly, progress: bool, samples: Samples) -> list
     params = dict(bits=t.bits, group_size=t.group_size, symmetric=t.symmetric, include_lm_head=t.quantize_lm_head)
     calibrated = {
         "rtn": [],
-        "gptq": [("gptq", partial(gptq, samples=samples, **params, act_order=t.act_order, progress=progress),
-                  {**params, "act_order": t.act_order, "damp": 0.01})],
-        "awq": [("awq", partial(awq, samples=samples, **params, progress=progress), {**params, "n_grid": 20})],
+        "gptq": [("gptq", partial(gptq, samples=samples, **params, act_order=t.act_order, clip=t.clip,
+                                  progress=progress), {**params, "act_order": t.act_order, "clip": t.clip, "damp": 0.01})],
+        "awq": [("awq", partial(awq, samples=samples, **params, clip=t.clip, progress=progress),
+                 {**params, "n_grid": 20, "clip": t.clip})],
     }[t.method]
     return [
         *calibrated,
-        ("quantize_weights", partial(quantize_weights, **params, progress=progress), {"method": t.method, **params}),
+        # after gptq/awq, whose codes or clipped weights it takes as they are, clip is RTN's own search
+        ("quantize_weights", partial(quantize_weights, **params, clip=t.clip and t.method == "rtn", progress=progress),
+         {"method": t.method, **params}),
         ("fuse_weight_only", fuse_weight_only, {}),
     ]
 
@@ -59,7 +62,13 @@ def _w8a8_passes(t: W8A8, progress: bool, samples: Samples) -> list[Pass]:
 
 
 def _fp8_passes(t: FP8, progress: bool, samples: Samples) -> list[Pass]:
-    return [("quantize_fp8", partial(quantize_fp8, include_lm_head=t.quantize_lm_head), {})]
+    head = dict(include_lm_head=t.quantize_lm_head)
+    out = []
+    if t.method == "gptq":
+        params = dict(bits=8, group_size=None, symmetric=True, act_order=True, fp8=True, **head)
+        out.append(("gptq", partial(gptq, samples=samples, **params, progress=progress), params))
+    out.append(("quantize_fp8", partial(quantize_fp8, **head), {"method": t.method}))
+    return out
 
 
 PIPELINES: dict[type, Callable[[Target, bool, Samples], list[Pass]]] = {

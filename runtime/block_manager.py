@@ -62,6 +62,11 @@ class BlockManager:
         # NOTE: at least one prompt token is always computed, so that the step has logits
         return self.cache.match_prefix(seq.token_ids[:len(seq) - 1])
 
+    def cached_prefix_tokens(self, seq: Sequence) -> int:
+        """Prompt tokens of ``seq`` the prefix cache holds now (whole blocks)."""
+        m = self._match(seq)
+        return m.num_tokens if m else 0
+
     def can_allocate(self, seq: Sequence) -> bool:
         m = self._match(seq)
         cached = len(m.blocks) if m else 0

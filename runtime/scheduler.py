@@ -58,12 +58,18 @@ class Scheduler:
             n = min(len(seq) - seq.num_computed_tokens, budget)
             out.append(ScheduledSeq(seq, n))
             budget -= n
-        # then waiting prompts, in arrival order, while blocks and budget last (none right after a preemption)
+        # then waiting prompts, in arrival order, while blocks and budget last (none right after a
+        # preemption); a prompt that will share more of a prompt being prefilled now than the cache
+        # holds waits until those blocks are cached (SGLang's in-batch prefix check)
         preempted = self.num_preemptions > start_preemptions
+        deferred: list[Sequence] = []
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self.bm.blocks_needed(len(seq) + 1) > self.bm.pool.num_blocks:
                 rejected.append(self.waiting.popleft())
+                continue
+            if self._shares_uncached_prefix(seq):
+                deferred.append(self.waiting.popleft())
                 continue
             if not self.bm.can_allocate(seq):
                 break
@@ -75,7 +81,24 @@ class Scheduler:
             n = min(len(seq) - seq.num_computed_tokens, budget)
             out.append(ScheduledSeq(seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))  # first again, in their order
         return Schedule(out, copies, rejected, admitted)
+
+    def _shares_uncached_prefix(self, seq: Sequence) -> bool:
+        """True if ``seq``'s prompt starts with more whole blocks of a running, still prefilling
+        prompt than the prefix cache holds for it: admitted a step or a chunk later, it reuses
+        them instead of computing them a second time."""
+        if not self.bm.cache:
+            return False
+        bs, cached = self.bm.block_size, self.bm.cached_prefix_tokens(seq)
+        limit = len(seq) - 1  # the last prompt token is always computed
+        for other in self.running:
+            if other.num_computed_tokens >= other.num_prompt_tokens:
+                continue
+            n = cached + bs
+            if n <= min(limit, other.num_prompt_tokens) and seq.token_ids[:n] == other.token_ids[:n]:
+                return True
+        return False
 
     def adopt(self, seq: Sequence) -> None:
         """A forked sequence that already holds its blocks joins the running batch."""

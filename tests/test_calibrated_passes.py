@@ -42,8 +42,10 @@ def _with_outliers(model, seed: int):
 
 @given(small_models(), st.sampled_from(["smoothquant", "awq"]), st.floats(0.3, 0.9), st.integers(0, 2**16))
 def test_scale_migration_keeps_the_float_program(m, method, alpha, seed):
+    """In float64, so that only a changed function (not fp32 rounding, which the outlier scales
+    amplify) can exceed the tolerance."""
     a, model = m
-    model = _with_outliers(model, seed)
+    model = _with_outliers(model, seed).double()
     gm = normalize(capture(model, max_tokens=256))
     ids, pos = _inputs(a.vocab, 12, seed)
     with torch.no_grad():
@@ -53,14 +55,14 @@ def test_scale_migration_keeps_the_float_program(m, method, alpha, seed):
         gm = smoothquant(gm, samples, alpha=alpha)
         expected = {"wq", "wk", "wv", "w1", "w3"}  # norm -> q/k/v and norm -> gate/up
     else:
-        gm = awq(gm, samples, bits=4, group_size=32, symmetric=False)
+        gm = awq(gm, samples, bits=4, group_size=32, symmetric=False, clip=False)  # clipping changes W
         expected = {"wq", "wk", "wv", "w1", "w3", "w2"}  # and up -> down
-    done = {k: v for k, v in _layers(gm, method).items() if isinstance(v, dict)}  # a site found, a scale folded
+    done = {k: v for k, v in _layers(gm, method).items() if "into" in v}  # a site found, a scale folded
     assert {k.rsplit(".", 1)[-1] for k in done} == expected
     assert len(done) == len(expected) * a.n_layers
     with torch.no_grad():
-        torch.testing.assert_close(gm(ids, pos), before, rtol=1e-4, atol=1e-4)
-        assert torch.allclose(gm(ids, pos), _eager(model, ids, pos), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gm(ids, pos), before, rtol=1e-9, atol=1e-9)
+        assert torch.allclose(gm(ids, pos), _eager(model, ids, pos), rtol=1e-9, atol=1e-9)
 
 
 def test_scale_migration_moves_the_outliers():

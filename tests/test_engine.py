@@ -114,3 +114,18 @@ def test_n_samples_share_the_prompt_and_draw_from_its_distribution(artifact):
     from qcompiler.runtime.sampling import sample
     assert firsts == [sample(logits, params, g) for _ in range(8)]
     check_pool(llm)
+
+
+@pytest.mark.parametrize("budget", [512, 20])
+def test_prompts_sharing_a_prefix_in_one_batch_compute_it_once(artifact, budget):
+    """Four prompts with a common 32-token prefix submitted together: the first computes the
+    prefix, the others wait until its blocks are cached (whole prompt, or chunk by chunk) and
+    reuse them, with the same greedy output."""
+    out, model = artifact
+    llm = LLM(out, block_size=4, max_num_batched_tokens=budget)
+    ps = prompts(4, seed=4, lo=3, hi=9, prefix=list(range(1, 33)))
+    outs = llm.generate(ps, GREEDY)
+    assert outs[0].num_cached_tokens == 0 and all(o.num_cached_tokens == 32 for o in outs[1:])
+    for p, o in zip(ps, outs):
+        assert o.token_ids == greedy_ref(model, p, 12)
+    check_pool(llm)

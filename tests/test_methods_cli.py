@@ -21,6 +21,9 @@ CASES = {  # args -> logits SQNR bound vs float (dB) on the random tiny model
     "w8a8-smoothquant": (["--target", "w8a8"], 25.0),
     "w8a8-gptq-static-mse": (["--target", "w8a8", "--no-smoothquant", "--method", "gptq", "--observer", "mse"], 20.0),
     "fp8": (["--target", "fp8"], 20.0),
+    "fp8-gptq": (["--target", "fp8", "--method", "gptq"], 20.0),
+    "gptq-asym-no-clip": (["--target", "w4a16", "--group-size", "32", "--asymmetric", "--method", "gptq",
+                           "--no-clip"], 12.0),
 }
 
 
@@ -38,6 +41,10 @@ def test_method_artifact_loads_evaluates_and_serves(tmp_path, case):
         assert cal["source"] == "calibration_data()" and cal["samples"] == 4 and len(cal["sha256"]) == 64
     if "gptq" in case:
         assert all(v["method"] == "gptq" and v["output_mse"] <= v["rtn_output_mse"] for v in quantized.values())
+    if case.startswith("fp8"):
+        assert all(v["format"] == "float8_e4m3fn" for v in quantized.values())
+    if man["target"]["name"] == "w4a16":
+        assert man["target"]["clip"] == ("--no-clip" not in args)
     if case == "w8a8-smoothquant":
         assert sum("smoothquant" in v for v in quantized.values()) == 10  # q, k, v, gate, up per layer
     ids = torch.randint(0, 1024, (24,), generator=torch.Generator().manual_seed(0))
