@@ -42,9 +42,14 @@ def gather_kv(kv_cache: Tensor, layer: int, block_table: Tensor, seq_len: int) -
     """One sequence's keys and values ``[seq_len, H_kv, D]`` in token order."""
     bs = kv_cache.shape[3]
     blocks = block_table[: -(-seq_len // bs)]
-    k = kv_cache[layer, 0, blocks].flatten(0, 1)[:seq_len]
-    v = kv_cache[layer, 1, blocks].flatten(0, 1)[:seq_len]
+    k = kv_cache[layer, 0].index_select(0, blocks).flatten(0, 1)[:seq_len]
+    v = kv_cache[layer, 1].index_select(0, blocks).flatten(0, 1)[:seq_len]
     return k, v
+
+
+def _compute_dtype(query: Tensor, kv_cache: Tensor) -> torch.dtype:
+    """Attention runs in the narrower of the two: a 16-bit cache is not widened for fp32 queries."""
+    return kv_cache.dtype if kv_cache.dtype.itemsize < query.dtype.itemsize else query.dtype
 
 
 def paged_attention_ref(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
@@ -68,21 +73,22 @@ def paged_attention_ref(query: Tensor, kv_cache: Tensor, layer: int, block_table
 
 def _decode_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
                       lens: list[int], scale: float) -> Tensor:
-    """One query per sequence: every sequence's blocks gathered at once, one SDPA for the step,
-    keys past a sequence's length masked."""
+    """One query per sequence: every sequence's blocks gathered at once (``index_select``: ~2x
+    advanced indexing), one SDPA for the step, keys past a sequence's length masked."""
     S, Hq, D = query.shape
     bs, Hkv = kv_cache.shape[3], kv_cache.shape[4]
     L = max(lens)
-    tables = block_tables[:, : -(-L // bs)]
-    k = kv_cache[layer, 0][tables].flatten(1, 2)[:, :L].transpose(1, 2)  # [S, H_kv, L, D]
-    v = kv_cache[layer, 1][tables].flatten(1, 2)[:, :L].transpose(1, 2)
+    nb = -(-L // bs)
+    idx = block_tables[:, :nb].reshape(-1)
+    dt = _compute_dtype(query, kv_cache)
+    k = kv_cache[layer, 0].index_select(0, idx).view(S, nb * bs, Hkv, D)[:, :L].transpose(1, 2)  # [S, H_kv, L, D]
+    v = kv_cache[layer, 1].index_select(0, idx).view(S, nb * bs, Hkv, D)[:, :L].transpose(1, 2)
     mask = None
     if min(lens) != L:
         mask = (torch.arange(L, device=query.device) < seq_lens.unsqueeze(1)).view(S, 1, 1, L)
-    q = query.unsqueeze(2)  # [S, Hq, 1, D]
-    o = F.scaled_dot_product_attention(q, k.to(query.dtype), v.to(query.dtype), attn_mask=mask, scale=scale,
-                                       enable_gqa=Hq != Hkv)
-    return o.squeeze(2)
+    q = query.unsqueeze(2).to(dt)  # [S, Hq, 1, D]
+    o = F.scaled_dot_product_attention(q, k.to(dt), v.to(dt), attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+    return o.squeeze(2).to(query.dtype)
 
 
 def paged_attention_impl(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
@@ -97,13 +103,14 @@ def paged_attention_impl(query: Tensor, kv_cache: Tensor, layer: int, block_tabl
     if T == len(lens) and starts == list(range(T + 1)):
         return _decode_attention(query, kv_cache, layer, block_tables, seq_lens, lens, scale)
     out = torch.empty_like(query)
+    dt = _compute_dtype(query, kv_cache)
     for s, n in enumerate(lens):
         q0, q1 = starts[s], starts[s + 1]
         if q1 == q0:
             continue
         k, v = gather_kv(kv_cache, layer, block_tables[s], n)
-        q = query[q0:q1].transpose(0, 1).unsqueeze(0)            # [1, Hq, q_len, D]
-        k, v = (t.transpose(0, 1).unsqueeze(0).to(query.dtype) for t in (k, v))  # [1, Hkv, n, D]
+        q = query[q0:q1].transpose(0, 1).unsqueeze(0).to(dt)     # [1, Hq, q_len, D]
+        k, v = (t.transpose(0, 1).unsqueeze(0).to(dt) for t in (k, v))  # [1, Hkv, n, D]
         q_len = q1 - q0
         # query i sits at position n - q_len + i: it sees keys 0 .. n - q_len + i
         if q_len == 1:  # decode: every cached key
@@ -114,7 +121,7 @@ def paged_attention_impl(query: Tensor, kv_cache: Tensor, layer: int, block_tabl
             mask, causal = torch.ones(q_len, n, dtype=torch.bool, device=query.device).tril(n - q_len), False
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                            enable_gqa=Hq != Hkv)
-        out[q0:q1] = o[0].transpose(0, 1)
+        out[q0:q1] = o[0].transpose(0, 1).to(query.dtype)
     return out
 
 

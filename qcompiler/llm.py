@@ -11,9 +11,10 @@ import torch
 from qcompiler.runtime.engine import Engine, ModelRunner
 from qcompiler.runtime.sampling import SamplingParams
 
-from .runner import load
+from .runner import A16_TARGETS, load
 
 Prompt = Union[str, list[int]]
+KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -37,17 +38,24 @@ class LLM:
         max_num_seqs / max_num_batched_tokens: continuous batching limits per step (the token
             budget is what chunks long prompts).
         compile: run the program through ``torch.compile``.
+        kv_cache_dtype: "auto" (bfloat16 for weight-only artifacts, whose program runs 16-bit
+            activations; the model's dtype otherwise), "float32", "bfloat16" or "float16".
+            Attention runs in the cache's dtype when it is the narrower one.
     """
 
     def __init__(self, path: str, *, kv_cache_memory: int = 256 << 20, num_blocks: Optional[int] = None,
                  block_size: int = 16, prefix_cache: bool = True, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512, compile: bool = False):
+                 max_num_batched_tokens: int = 512, compile: bool = False, kv_cache_dtype: str = "auto"):
         if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(f"block_size, max_num_seqs and max_num_batched_tokens must be >= 1, got "
                              f"{block_size}, {max_num_seqs}, {max_num_batched_tokens}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; available: {', '.join(KV_CACHE_DTYPES)}")
         self.model = load(path, compile=compile)
         man = self.model.manifest
-        paged, dtype = man["program"]["paged"], getattr(torch, man["model"]["dtype"])
+        paged = man["program"]["paged"]
+        dtype = KV_CACHE_DTYPES[kv_cache_dtype] or (
+            torch.bfloat16 if man["target"]["name"] in A16_TARGETS else getattr(torch, man["model"]["dtype"]))
         per_block = paged["num_layers"] * 2 * block_size * paged["num_kv_heads"] * paged["head_dim"] * dtype.itemsize
         num_blocks = num_blocks or max(1, kv_cache_memory // per_block)
         self.tokenizer = self.model.tokenizer if man.get("tokenizer") else None

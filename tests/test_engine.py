@@ -129,3 +129,13 @@ def test_prompts_sharing_a_prefix_in_one_batch_compute_it_once(artifact, budget)
     for p, o in zip(ps, outs):
         assert o.token_ids == greedy_ref(model, p, 12)
     check_pool(llm)
+
+
+def test_kv_cache_dtype(artifact):
+    out, model = artifact
+    assert LLM(out, num_blocks=4).engine.runner.kv_cache.dtype == torch.float32  # auto: a float artifact's dtype
+    llm = LLM(out, num_blocks=8, kv_cache_dtype="bfloat16")
+    assert llm.engine.runner.kv_cache.dtype == torch.bfloat16
+    assert len(llm.generate([[1, 2, 3]], GREEDY)[0].token_ids) == 12
+    with pytest.raises(ValueError, match="unknown kv_cache_dtype 'int3'"):
+        LLM(out, kv_cache_dtype="int3")

@@ -72,3 +72,27 @@ def test_opcheck():
                                                torch.tensor([5, 2]), torch.tensor([0, 2, 3]), 0.35))
     torch.library.opcheck(qc.paged_attention, (torch.randn(2, 4, 8), kv, 0, torch.tensor([[0, 1], [2, 3]]),
                                                torch.tensor([7, 2]), torch.tensor([0, 1, 2]), 0.35))
+
+
+@pytest.mark.parametrize("q_lens", [[1, 1, 1], [5, 1, 3]], ids=["decode", "mixed"])
+def test_bf16_cache_runs_attention_in_bf16(q_lens):
+    """fp32 queries over a bf16 cache: attention runs in bf16 (not widened), output in fp32, equal
+    to fp32 attention over the bf16-rounded operands up to bf16 arithmetic."""
+    g = torch.Generator().manual_seed(0)
+    Hkv, rep, D, bs, seq_lens = 2, 3, 16, 4, [9, 14, 6]
+    block_tables = torch.randperm(16, generator=g)[:12].view(3, 4)
+    kv = torch.zeros(1, 2, 16, bs, Hkv, D, dtype=torch.bfloat16)
+    ks = [torch.randn(n, Hkv, D, generator=g) for n in seq_lens]
+    vs = [torch.randn(n, Hkv, D, generator=g) for n in seq_lens]
+    for s, n in enumerate(seq_lens):
+        slots = torch.tensor([int(block_tables[s, p // bs]) * bs + p % bs for p in range(n)])
+        qc.reshape_and_cache(kv, 0, ks[s], vs[s], slots)
+    q = torch.randn(sum(q_lens), Hkv * rep, D, generator=g)
+    qsl = torch.tensor([0] + q_lens).cumsum(0)
+    out = qc.paged_attention(q, kv, 0, block_tables, torch.tensor(seq_lens), qsl, D ** -0.5)
+    assert out.dtype == torch.float32
+    r = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    for s in range(3):
+        rows = slice(int(qsl[s]), int(qsl[s + 1]))
+        expect = contiguous_attention(r(q[rows]), r(ks[s]), r(vs[s]), D ** -0.5)
+        torch.testing.assert_close(out[rows], expect, rtol=0, atol=3e-2)
