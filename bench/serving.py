@@ -11,7 +11,7 @@
 - prefix: 32 requests sharing a 400-token system prompt, distinct 20-token questions, 16 new
   tokens each; radix cache on vs off: wall time, output tok/s, mean time to first token, hit rate.
 - waste: KV slots on a mixed-length workload, from the block manager's accounting at every step:
-  paged (blocks of 16) vs preallocating max_model_len slots per running request.
+  paged (blocks of 16 and of 8) vs preallocating max_model_len slots per running request.
 
 Artifacts are compiled into ``build/`` when missing. Prompts are slices of the Britannica text.
 """
@@ -53,8 +53,11 @@ def med(xs: list[float]) -> str:
 # --- single stream -------------------------------------------------------------------------
 
 class Ours:
-    def __init__(self, name: str):
-        self.llm = LLM(artifact(name), prefix_cache=False, max_num_batched_tokens=PREFILL_TOKENS)
+    def __init__(self, name: str, compile: bool = False):
+        self.llm = LLM(artifact(name), prefix_cache=False, max_num_batched_tokens=PREFILL_TOKENS, compile=compile)
+        if compile:  # compile the prefill and decode graphs before anything is timed
+            self._run(list(range(1, PREFILL_TOKENS + 1)), 4)
+            self._run(list(range(1, DECODE_PROMPT + 1)), 4)
 
     def _run(self, prompt: list[int], n: int) -> list[float]:
         """Times (perf_counter) at which each new token appeared."""
@@ -135,7 +138,9 @@ class Transformers:
 
 
 def single(threads: int, rounds: int, tokens: list[int]) -> dict:
-    cands = {"qcompiler W4A16 g64": lambda: Ours("w4a16"), "qcompiler float (fp32)": lambda: Ours("float")}
+    cands = {"qcompiler W4A16 g64": lambda: Ours("w4a16"),
+             "qcompiler W4A16 g64, torch.compile": lambda: Ours("w4a16", compile=True),
+             "qcompiler float (fp32)": lambda: Ours("float")}
     try:
         import llama_cpp
         q4_0 = Path("build/smollm2-q4_0.gguf")
@@ -226,28 +231,30 @@ def shared_prefix(threads: int, tokens: list[int]) -> None:
 # --- KV waste ------------------------------------------------------------------------------
 
 def kv_waste(threads: int, tokens: list[int], max_model_len: int = 2048) -> None:
-    rng = random.Random(0)
-    llm = LLM(artifact("w4a16"), prefix_cache=False, max_num_seqs=16)
-    eng = llm.engine
-    reqs = []
-    for i in range(24):
-        plen, olen = rng.randint(8, 200), rng.randint(8, 96)
-        reqs.append(eng.add_request(tokens[8000 + 211 * i: 8000 + 211 * i + plen],
-                                    SamplingParams(max_tokens=olen, temperature=0.0, ignore_eos=True)))
-    used = alloc = prealloc = steps = 0
-    while not all(r.done for r in reqs):
-        eng.step()
-        running = eng.scheduler.running
-        u = eng.bm.slot_usage(running)
-        used, alloc = used + u["slots_used"], alloc + u["slots_allocated"]
-        prealloc += len(running) * max_model_len
-        steps += 1
-    print(f"\n### KV waste: 24 requests, prompts 8–200 tokens, 8–96 new tokens, up to 16 running, block size "
-          f"{eng.bm.block_size}, summed over {steps} steps\n")
-    print("| allocation | slots held | slots used | waste |")
-    print("|---|---|---|---|")
-    print(f"| paged (ours) | {alloc} | {used} | {1 - used / alloc:.1%} |")
-    print(f"| max-length preallocation ({max_model_len} per request) | {prealloc} | {used} | {1 - used / prealloc:.1%} |")
+    print("\n### KV waste: 24 requests, prompts 8–200 tokens, 8–96 new tokens, up to 16 running, "
+          "summed over every step\n")
+    print("| allocation | steps | slots held | slots used | waste |")
+    print("|---|---|---|---|---|")
+    for block_size in (16, 8):
+        rng = random.Random(0)
+        llm = LLM(artifact("w4a16"), prefix_cache=False, max_num_seqs=16, block_size=block_size)
+        eng = llm.engine
+        reqs = []
+        for i in range(24):
+            plen, olen = rng.randint(8, 200), rng.randint(8, 96)
+            reqs.append(eng.add_request(tokens[8000 + 211 * i: 8000 + 211 * i + plen],
+                                        SamplingParams(max_tokens=olen, temperature=0.0, ignore_eos=True)))
+        used = alloc = prealloc = steps = 0
+        while not all(r.done for r in reqs):
+            eng.step()
+            running = eng.scheduler.running
+            u = eng.bm.slot_usage(running)
+            used, alloc = used + u["slots_used"], alloc + u["slots_allocated"]
+            prealloc += len(running) * max_model_len
+            steps += 1
+        print(f"| paged, blocks of {block_size} | {steps} | {alloc} | {used} | {1 - used / alloc:.1%} |")
+    print(f"| max-length preallocation ({max_model_len} per running request), same run as blocks of 8 | {steps} | "
+          f"{prealloc} | {used} | {1 - used / prealloc:.1%} |")
 
 
 def main():

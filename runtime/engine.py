@@ -87,6 +87,7 @@ class Engine:
                           [s.seq.token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_new_tokens]
                            for s in sched.seqs], self.bm.block_size)
         logits = self.runner.run(inp)  # [S, V]: each sequence's last row
+        greedy = logits.argmax(-1).tolist()  # one call for every greedy request of the step
         for i, s in enumerate(sched.seqs):
             seq = s.seq
             prompt_chunk = seq.num_computed_tokens < seq.num_prompt_tokens
@@ -97,7 +98,8 @@ class Engine:
                 continue  # a prompt chunk: nothing to sample yet
             req = self.requests[seq.seq_id]
             for r in [req] + self._fork(req):
-                r.seq.token_ids.append(sample(logits[i], r.params, r.generator))
+                tok = greedy[i] if r.params.temperature == 0 else sample(logits[i], r.params, r.generator)
+                r.seq.token_ids.append(tok)
                 reason = self._finish_reason(r, r.seq.token_ids[-1])
                 if reason:
                     r.finish_reason = reason
