@@ -44,12 +44,6 @@ def _rescale(acc: Tensor, x_scale: Tensor, weight_scale: Tensor, bias: Optional[
 
 # --- weight quantization (done once, by the compiler) ----------------------------------
 
-def quantize_weight_per_channel_int8(w: Tensor) -> tuple[Tensor, Tensor]:
-    """``w [N, K]`` -> (int8 ``[N, K]`` in [-127, 127], float32 scale ``[N, 1]`` = absmax / 127)."""
-    scale = absmax_scale(w, INT8_MAX)
-    return _to_int8(w, scale), scale
-
-
 def quantize_weight_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
     """``w [N, K]`` -> (float8_e4m3fn ``[N, K]``, float32 scale ``[N, 1]`` = absmax / 448)."""
     scale = absmax_scale(w, FP8_MAX)

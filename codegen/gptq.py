@@ -155,19 +155,15 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: Optional[in
                     if zeros is not None:
                         zeros[g] = z[:, 0]
                 x, s, q, e = Wt[c], scales[g], Qt[c], Et[c]
-                if fp8:
+                if fp8:  # the nearest e4m3 value (the cast rounds to nearest even)
                     torch.div(x, s, out=q).clamp_(-FP8_MAX, FP8_MAX)
                     q.copy_(q.to(FP8_DTYPE))
                     torch.mul(q, s, out=e)
-                    torch.sub(x, e, out=e).mul_(inv_d[c])
-                    Wt[c + 1:s1].addr_(U[c, c + 1:s1], e, alpha=-1.0)
-                    continue
-                torch.div(x, s, out=q).round_()
-                if zeros is None:
-                    q.clamp_(qmin, qmax)
+                elif zeros is None:
+                    torch.div(x, s, out=q).round_().clamp_(qmin, qmax)
                     torch.mul(q, s, out=e)
                 else:
-                    q.add_(zeros[g]).clamp_(qmin, qmax)
+                    torch.div(x, s, out=q).round_().add_(zeros[g]).clamp_(qmin, qmax)
                     torch.sub(q, zeros[g], out=e).mul_(s)
                 torch.sub(x, e, out=e).mul_(inv_d[c])
                 Wt[c + 1:s1].addr_(U[c, c + 1:s1], e, alpha=-1.0)

@@ -27,9 +27,6 @@ class LinearGroup(NamedTuple):
     def weight_names(self) -> list[str]:
         return [n.args[1].target for n in self.linears]
 
-    def bias_names(self) -> list[Optional[str]]:
-        return [_bias(n).target if _bias(n) is not None else None for n in self.linears]
-
 
 def _bias(linear: Node) -> Optional[Node]:
     return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")

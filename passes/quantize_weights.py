@@ -71,8 +71,9 @@ def quantizable(gm: GraphModule, bits: int, group_size: Optional[int], include_l
 
 def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], symmetric: bool,
                      include_lm_head: bool = False, clip: bool = False, progress: bool = False) -> GraphModule:
-    """RTN (``clip``: with the ranges ``quant.search_qparams`` picks by weight error), unless a calibration pass left codes in ``gm.meta["qc_codes"]`` (weight name ->
-    (``QuantizedWeight``, the original weight's record)): then those codes are used as they are."""
+    """RTN (``clip``: with the ranges ``quant.search_qparams`` picks by weight error), unless a
+    calibration pass left codes in ``gm.meta["qc_codes"]`` (weight name -> (``QuantizedWeight``,
+    the original weight's record)): then those codes are used as they are."""
     layers = gm.meta.setdefault("qc_layers", {})
     codes = gm.meta.pop("qc_codes", {})
     heads = output_linears(gm)

@@ -4,7 +4,7 @@
 
     w4a16/w8a16   [gptq | awq] ─► quantize_weights ─► fuse_weight_only
     w8a8          [smoothquant] ─► [gptq] ─► quantize_w8a8 (static scales: an observer)
-    fp8           quantize_fp8
+    fp8           [gptq] ─► quantize_fp8
 
 Dispatch is on the target's config type; the manifest records every pass that ran, with
 its parameters and seconds. Calibrated passes receive the calibration samples."""
@@ -29,12 +29,16 @@ def _float_passes(t: Float, progress: bool, samples: Samples) -> list[Pass]:
     return []
 
 
+def _gptq_pass(samples: Samples, progress: bool, **params) -> Pass:
+    params = {**params, "damp": 0.01}
+    return ("gptq", partial(gptq, samples=samples, **params, progress=progress), params)
+
+
 def _weight_only_passes(t: WeightOnly, progress: bool, samples: Samples) -> list[Pass]:
     params = dict(bits=t.bits, group_size=t.group_size, symmetric=t.symmetric, include_lm_head=t.quantize_lm_head)
     calibrated = {
         "rtn": [],
-        "gptq": [("gptq", partial(gptq, samples=samples, **params, act_order=t.act_order, clip=t.clip,
-                                  progress=progress), {**params, "act_order": t.act_order, "clip": t.clip, "damp": 0.01})],
+        "gptq": [_gptq_pass(samples, progress, **params, act_order=t.act_order, clip=t.clip)],
         "awq": [("awq", partial(awq, samples=samples, **params, clip=t.clip, progress=progress),
                  {**params, "n_grid": 20, "clip": t.clip})],
     }[t.method]
@@ -54,8 +58,7 @@ def _w8a8_passes(t: W8A8, progress: bool, samples: Samples) -> list[Pass]:
         out.append(("smoothquant", partial(smoothquant, samples=samples, alpha=t.smoothquant_alpha, **head,
                                            progress=progress), {"alpha": t.smoothquant_alpha}))
     if t.method == "gptq":
-        params = dict(bits=8, group_size=None, symmetric=True, act_order=True, **head)
-        out.append(("gptq", partial(gptq, samples=samples, **params, progress=progress), params))
+        out.append(_gptq_pass(samples, progress, bits=8, group_size=None, symmetric=True, act_order=True, **head))
     out.append(("quantize_w8a8", partial(quantize_w8a8, samples=samples, observer=t.observer, **head,
                                          progress=progress), {"method": t.method, "observer": t.observer}))
     return out
@@ -65,8 +68,8 @@ def _fp8_passes(t: FP8, progress: bool, samples: Samples) -> list[Pass]:
     head = dict(include_lm_head=t.quantize_lm_head)
     out = []
     if t.method == "gptq":
-        params = dict(bits=8, group_size=None, symmetric=True, act_order=True, fp8=True, **head)
-        out.append(("gptq", partial(gptq, samples=samples, **params, progress=progress), params))
+        out.append(_gptq_pass(samples, progress, bits=8, group_size=None, symmetric=True, act_order=True, fp8=True,
+                              **head))
     out.append(("quantize_fp8", partial(quantize_fp8, **head), {"method": t.method}))
     return out
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from qcompiler.codegen import act_quant
-from qcompiler.codegen.act_quant import quantize_weight_fp8, quantize_weight_per_channel_int8
-from qcompiler.codegen.quant import sqnr_db
+from qcompiler.codegen.act_quant import quantize_weight_fp8
+from qcompiler.codegen.quant import quantize_weight, sqnr_db
 
 qc = torch.ops.qc
 TINY = torch.finfo(torch.float32).tiny
@@ -15,6 +15,12 @@ TINY = torch.finfo(torch.float32).tiny
 
 def _x(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _int8_weight(w):
+    """Per-channel int8 weights as ``quantize_w8a8`` makes them (absmax / 127.5, codes in [-128, 127])."""
+    qw = quantize_weight(w, 8, None, symmetric=True)
+    return qw.qweight, qw.scales.float()
 
 
 def test_quantize_per_token_by_hand():
@@ -35,11 +41,7 @@ def test_quantize_per_token_invariants():
     assert ((q.float() * s - x.bfloat16().float()).abs() <= s / 2 * (1 + 1e-5)).all()  # round to nearest
 
 
-def test_weight_quantizers_by_hand():
-    q, s = quantize_weight_per_channel_int8(torch.tensor([[254.0, -127.0, 1.0], [0.0, 0.0, 0.0]]))
-    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (2, 1)
-    assert q.tolist() == [[127, -64, 0], [0, 0, 0]]  # -63.5 -> -64, 0.5 -> 0: half to even
-    assert s.flatten().tolist() == [2.0, TINY]
+def test_fp8_weight_quantizer_by_hand():
     q, s = quantize_weight_fp8(torch.tensor([[896.0, 2.0, -3.0, 0.2], [0.0, 0.0, 0.0, 0.0]]))
     assert q.dtype == torch.float8_e4m3fn and s.flatten().tolist() == [2.0, TINY]
     assert q.float().tolist() == [[448.0, 1.0, -1.5, 0.1015625], [0.0, 0.0, 0.0, 0.0]]  # 0.1 -> 1.625 * 2^-4
@@ -61,7 +63,7 @@ def _w8a8_int64(x, qweight, weight_scale, bias, input_scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w8a8_equals_reference_exactly(K, static, with_bias, dtype):
     x = _x(2, 3, K).to(dtype)
-    qw, sw = quantize_weight_per_channel_int8(_x(40, K, seed=1))
+    qw, sw = _int8_weight(_x(40, K, seed=1))
     bias = _x(40, seed=2) if with_bias else None
     input_scale = (x.float().abs().amax() / 127 * 0.8).reshape(1) if static else None  # 0.8: some codes clip
     y = qc.w8a8_linear(x, qw, sw, bias, input_scale)
@@ -89,7 +91,7 @@ def test_w8a8_past_fp32_exact_length():
 def test_w8a8_close_to_float_linear(static, min_db):
     x, w, bias = _x(16, 256), _x(64, 256, seed=1), _x(64, seed=2)
     input_scale = x.abs().amax() / 127 if static else None
-    y = qc.w8a8_linear(x, *quantize_weight_per_channel_int8(w), bias, input_scale)
+    y = qc.w8a8_linear(x, *_int8_weight(w), bias, input_scale)
     assert sqnr_db(F.linear(x, w, bias), y) > min_db
 
 
@@ -113,7 +115,7 @@ def test_fp8_linear(with_bias, dtype):
 
 def test_opcheck_all_ops():
     x = _x(2, 3, 64)
-    qw, sw = quantize_weight_per_channel_int8(_x(32, 64, seed=1))
+    qw, sw = _int8_weight(_x(32, 64, seed=1))
     fw, fs = quantize_weight_fp8(_x(32, 64, seed=1))
     bias = _x(32, seed=2)
     torch.library.opcheck(qc.quantize_per_token, (x,))

@@ -75,9 +75,9 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [5, 1, 3]], ids=["decode", "mixed"])
-def test_bf16_cache_runs_attention_in_bf16(q_lens):
-    """fp32 queries over a bf16 cache: attention runs in bf16 (not widened), output in fp32, equal
-    to fp32 attention over the bf16-rounded operands up to bf16 arithmetic."""
+def test_fp32_queries_over_a_bf16_cache(q_lens):
+    """fp32 queries over a bf16 cache (attention then runs in bf16): fp32 output, equal to fp32
+    attention over the bf16-rounded operands up to bf16 arithmetic."""
     g = torch.Generator().manual_seed(0)
     Hkv, rep, D, bs, seq_lens = 2, 3, 16, 4, [9, 14, 6]
     block_tables = torch.randperm(16, generator=g)[:12].view(3, 4)
