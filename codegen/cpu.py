@@ -57,24 +57,31 @@ def _cat(ts):
     return None if ts[0] is None else torch.cat(ts, dim=0)
 
 
-def _lower_group(gm: GraphModule, nodes: list[Node], bits: int) -> None:
+def lower_linears(gm: GraphModule, key, emit, merge: bool = True) -> GraphModule:
+    """Replaces each weight-only linear whose ``key(gm, node)`` is not None with what
+    ``emit(gm, put, x, bits, qweight, scales, zeros, bias)`` inserts; nodes with equal keys (siblings
+    reading one input with one scheme) become one call on their concatenated weights when ``merge``."""
+    groups: dict[tuple, list[Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in BITS:
+            k = key(gm, node)
+            if k is not None:
+                groups[k if merge else (k, node)].append(node)
+    for nodes in groups.values():
+        _lower_group(gm, nodes, emit)
+    return finish(gm)
+
+
+def _lower_group(gm: GraphModule, nodes: list[Node], emit) -> None:
     consts = [_constants(gm, n) for n in nodes]
     qweight, scales, zeros, bias = (_cat([c[i] for c in consts]) for i in range(4))
     sizes = [c[0].shape[0] for c in consts]
     # NOTE: unique: one weight may feed several groups (a tied or reused weight)
-    prefix = free_name(gm, nodes[0].args[1].target.rpartition(".")[0] + ("_merged" if len(nodes) > 1 else "") + "_cpu")
+    prefix = free_name(gm, nodes[0].args[1].target.rpartition(".")[0] + ("_merged" if len(nodes) > 1 else "") + "_lowered")
     prefix += "."
-    x = nodes[0].args[0]
     with gm.graph.inserting_before(nodes[0]):
         put = lambda name, t: None if t is None else insert_constant(gm, prefix + name, t)  # noqa: E731
-        if bits == 4:
-            int4pack, sz = pack_int4_for_cpu(qweight, scales, zeros)
-            args = (x, put("int4pack", int4pack), put("scales_and_zeros", sz), put("qweight", qweight),
-                    put("scales", scales), put("zeros", zeros), put("bias", bias))
-            out = insert_call(gm, qc.w4a16_linear_cpu.default, args)
-        else:
-            args = (x, put("qweight", aligned(qweight)), put("scales", scales), put("zeros", zeros), put("bias", bias))
-            out = insert_call(gm, qc.w8a16_linear_cpu.default, args)
+        out = emit(gm, put, nodes[0].args[0], BITS[nodes[0].target], qweight, scales, zeros, bias)
         if len(nodes) == 1:
             nodes[0].replace_all_uses_with(out)
         else:
@@ -85,19 +92,21 @@ def _lower_group(gm: GraphModule, nodes: list[Node], bits: int) -> None:
         gm.graph.erase_node(n)
 
 
+def _emit_cpu(gm, put, x, bits, qweight, scales, zeros, bias) -> Node:
+    if bits == 4:
+        int4pack, sz = pack_int4_for_cpu(qweight, scales, zeros)
+        args = (x, put("int4pack", int4pack), put("scales_and_zeros", sz), put("qweight", qweight),
+                put("scales", scales), put("zeros", zeros), put("bias", bias))
+        return insert_call(gm, qc.w4a16_linear_cpu.default, args)
+    args = (x, put("qweight", aligned(qweight)), put("scales", scales), put("zeros", zeros), put("bias", bias))
+    return insert_call(gm, qc.w8a16_linear_cpu.default, args)
+
+
 def lower_for_cpu(gm: GraphModule, merge: bool = True) -> GraphModule:
     """``qc.w4a16_linear`` -> ``qc.w4a16_linear_cpu`` (int4pack), per-channel ``qc.w8a16_linear``
     -> ``qc.w8a16_linear_cpu``, siblings merged when ``merge``. Outputs equal the canonical
     program up to bf16 activation rounding."""
-    groups: dict[tuple, list[Node]] = defaultdict(list)
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in BITS:
-            key = _cpu_key(gm, node)
-            if key is not None:
-                groups[key if merge else (key, node)].append(node)
-    for key, nodes in groups.items():
-        _lower_group(gm, nodes, BITS[nodes[0].target])
-    return finish(gm)
+    return lower_linears(gm, _cpu_key, _emit_cpu, merge)
 
 
 def float_linears_to_bf16(gm: GraphModule) -> GraphModule:

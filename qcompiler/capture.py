@@ -42,32 +42,41 @@ def token_dim(max_tokens: int) -> tuple:
     return ({0: T}, {0: T})  # (input_ids, positions)
 
 
-def example_inputs(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.zeros(n, dtype=torch.long), torch.arange(n, dtype=torch.long)
+def example_inputs(n: int = 16, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(n, dtype=torch.long, device=device), torch.arange(n, dtype=torch.long, device=device)
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where the module's weights live (CPU when it has none)."""
+    t = next(iter((*module.parameters(), *module.buffers())), None)
+    return t.device if t is not None else torch.device("cpu")
 
 
 def export_flat(module: nn.Module, max_tokens: int) -> ExportedProgram:
     with torch.no_grad():
-        return torch.export.export(module, example_inputs(), dynamic_shapes=token_dim(max_tokens))
+        return torch.export.export(module, example_inputs(device=device_of(module)), dynamic_shapes=token_dim(max_tokens))
 
 
-def paged_example_inputs(paged: dict, dtype: torch.dtype, T: int = 16) -> tuple:
+def paged_example_inputs(paged: dict, dtype: torch.dtype, T: int = 16, device: torch.device | str = "cpu") -> tuple:
     """Two sequences of 8 new tokens in blocks of 4: (ids, positions, kv_cache, slot_mapping,
     block_tables, seq_lens, query_start_loc, logits_indices)."""
-    ids, pos = example_inputs(T)
-    kv = torch.zeros(paged["num_layers"], 2, 8, 4, paged["num_kv_heads"], paged["head_dim"], dtype=dtype)
-    return (ids, pos % 8, kv, torch.arange(T), torch.arange(8).view(2, 4), torch.tensor([8, 8]),
-            torch.tensor([0, 8, 16]), torch.tensor([7, 15]))
+    ids, pos = example_inputs(T, device)
+    long = dict(dtype=torch.long, device=device)
+    kv = torch.zeros(paged["num_layers"], 2, 8, 4, paged["num_kv_heads"], paged["head_dim"], dtype=dtype, device=device)
+    return (ids, pos % 8, kv, torch.arange(T, **long), torch.arange(8, **long).view(2, 4), torch.tensor([8, 8], **long),
+            torch.tensor([0, 8, 16], **long), torch.tensor([7, 15], **long))
 
 
 def export_paged(module: nn.Module, max_tokens: int, paged: dict, dtype: torch.dtype) -> ExportedProgram:
-    """Exports a program after the paged-attention pass, every runtime size dynamic."""
+    """Exports a program after the paged-attention pass, every runtime size dynamic, on the
+    device of its weights."""
     T, S = Dim("T", min=1, max=max_tokens), Dim("num_seqs", min=1, max=max_tokens)  # NOTE: not "S": sympy's
     kv = {2: Dim("num_blocks", min=1), 3: Dim("block_size", min=1, max=max_tokens)}
     shapes = ({0: T}, {0: T}, kv, {0: T}, {0: S, 1: Dim("max_blocks", min=1)}, {0: S}, {0: S + 1},
               {0: Dim("num_logits", min=1, max=max_tokens)})
     with torch.no_grad():
-        return torch.export.export(module, paged_example_inputs(paged, dtype), dynamic_shapes=shapes)
+        return torch.export.export(module, paged_example_inputs(paged, dtype, device=device_of(module)),
+                                   dynamic_shapes=shapes)
 
 
 @contextmanager
@@ -93,7 +102,7 @@ def capture(model: nn.Module, max_tokens: int | None = None) -> ExportedProgram:
     flat = FlatTokenModule(model).eval()
     try:
         with torch.no_grad():
-            out = flat(*example_inputs(4))
+            out = flat(*example_inputs(4, device_of(model)))
     except Exception as e:  # user code: report what convention it failed
         raise ValueError(f"the model cannot be called as model(input_ids=[1, T], position_ids=[1, T]): "
                          f"{type(e).__name__}: {e}") from e

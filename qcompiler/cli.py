@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-file", default=None, help="evaluate on this UTF-8 text instead")
     e.add_argument("--compare-float", action="store_true", help="also evaluate the float source model")
     e.add_argument("--reference", action="store_true", help="run the canonical reference ops, not the fast CPU kernels")
+    e.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     e.add_argument("-q", "--quiet", action="store_true")
     g = sub.add_parser("generate", help="generate text from an artifact (greedy unless --temperature)")
     g.add_argument("artifact")
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--device", default="cpu", help="cpu (default) or cuda: Triton kernels and CUDA graphs")
     return p
 
 
@@ -167,7 +169,7 @@ def cmd_eval(a) -> int:
     from .models import load_source
     if a.windows < 1 or a.window_len < 2:
         raise ValueError(f"need --windows >= 1 and --window-len >= 2, got {a.windows} and {a.window_len}")
-    m = load(a.artifact, fast=not a.reference)
+    m = load(a.artifact, fast=not a.reference, device=a.device)
     text = Path(a.text_file).read_text(encoding="utf-8") if a.text_file else britannica_text()
     tokens = eval_tokens(m.tokenizer, text, a.windows * a.window_len)
     rows = []
@@ -193,7 +195,7 @@ def cmd_generate(a) -> int:
     from . import LLM, SamplingParams
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             seed=a.seed)
-    llm = LLM(a.artifact)
+    llm = LLM(a.artifact, device=a.device)
     prompt = a.prompt
     if a.chat:
         if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):

@@ -27,6 +27,6 @@ def perplexity(fn: LogitsFn, tokens: torch.Tensor, window_len: int, progress: bo
         for i in tqdm(range(windows), desc=desc, disable=None if progress else True, unit="window"):
             w = tokens[i * window_len:(i + 1) * window_len]
             logits = fn(w, pos)
-            nll += F.cross_entropy(logits[:-1].float(), w[1:], reduction="sum").item()
+            nll += F.cross_entropy(logits[:-1].float(), w[1:].to(logits.device), reduction="sum").item()
             count += window_len - 1
     return math.exp(nll / count)

@@ -11,7 +11,7 @@ import torch
 from qcompiler.runtime.engine import Engine, ModelRunner
 from qcompiler.runtime.sampling import SamplingParams
 
-from .runner import A16_TARGETS, load
+from .runner import A16_TARGETS, CompiledModel, load
 
 Prompt = Union[str, list[int]]
 KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,7 +31,7 @@ class GenerationOutput:
 
 class LLM:
     """Args:
-        path: an artifact directory written by ``qcompile``.
+        path: an artifact directory written by ``qcompile`` (or a ``CompiledModel`` already loaded).
         kv_cache_memory: bytes for the KV cache (sets the number of blocks), unless ``num_blocks``.
         block_size: tokens per KV block.
         prefix_cache: reuse KV blocks of earlier requests' shared prefixes (radix cache).
@@ -41,17 +41,20 @@ class LLM:
         kv_cache_dtype: "auto" (bfloat16 for weight-only artifacts, whose program runs 16-bit
             activations; the model's dtype otherwise), "float32", "bfloat16" or "float16".
             Attention runs in the cache's dtype when it is the narrower one.
+        device: "cpu" or "cuda" (Triton kernels for the ``qc::`` ops).
+        cuda_graphs: on CUDA, replay decode steps of up to ``max_num_seqs`` sequences from CUDA graphs.
     """
 
-    def __init__(self, path: str, *, kv_cache_memory: int = 256 << 20, num_blocks: Optional[int] = None,
+    def __init__(self, path: Union[str, CompiledModel], *, kv_cache_memory: int = 256 << 20, num_blocks: Optional[int] = None,
                  block_size: int = 16, prefix_cache: bool = True, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512, compile: bool = False, kv_cache_dtype: str = "auto"):
+                 max_num_batched_tokens: int = 512, compile: bool = False, kv_cache_dtype: str = "auto",
+                 device: str = "cpu", cuda_graphs: bool = True):
         if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(f"block_size, max_num_seqs and max_num_batched_tokens must be >= 1, got "
                              f"{block_size}, {max_num_seqs}, {max_num_batched_tokens}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; available: {', '.join(KV_CACHE_DTYPES)}")
-        self.model = load(path, compile=compile)
+        self.model = path if isinstance(path, CompiledModel) else load(path, compile=compile, device=device)
         man = self.model.manifest
         paged = man["program"]["paged"]
         dtype = KV_CACHE_DTYPES[kv_cache_dtype] or (
@@ -63,7 +66,10 @@ class LLM:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.append(self.tokenizer.eos_token_id)
-        self.engine = Engine(ModelRunner(self.model.program, paged, dtype, num_blocks, block_size), num_blocks, block_size,
+        max_len = man["program"]["max_tokens"]
+        runner = ModelRunner(self.model.program, paged, dtype, num_blocks, block_size, self.model.device,
+                             max_num_seqs if cuda_graphs else 0, min(num_blocks, -(-max_len // block_size)))
+        self.engine = Engine(runner, num_blocks, block_size,
                              self.tokenizer, tuple(eos), prefix_cache, max_num_seqs, max_num_batched_tokens,
                              man["program"]["max_tokens"])
 

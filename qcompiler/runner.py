@@ -3,8 +3,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.export import ExportedProgram
+from torch.export.passes import move_to_device_pass
 
 from qcompiler.codegen.cpu import call_directly, float_linears_to_bf16, lower_for_cpu
+from qcompiler.codegen.cuda import lower_for_cuda
 from qcompiler.codegen.fx import hoist_constants
 from qcompiler.runtime.step_inputs import single_sequence
 
@@ -20,8 +23,8 @@ class CompiledModel:
     independent sequences, each computed from scratch with a KV cache of its own; the serving
     engine calls ``program`` itself with a shared paged cache."""
 
-    def __init__(self, path: Path, manifest: dict, gm: torch.nn.Module):
-        self.path, self.manifest, self.program = path, manifest, gm
+    def __init__(self, path: Optional[Path], manifest: dict, gm: torch.nn.Module, device: torch.device):
+        self.path, self.manifest, self.program, self.device = path, manifest, gm, device
         self._tokenizer = None
 
     @property
@@ -48,8 +51,9 @@ class CompiledModel:
             raise ValueError(f"{T} tokens; this program takes 1 to {self.max_tokens}")
         prog = self.manifest["program"]
         dtype = getattr(torch, self.manifest["model"]["dtype"])
+        args = single_sequence(input_ids.to(self.device), positions.to(self.device), prog["paged"], dtype)
         with torch.no_grad():
-            return self.program(*single_sequence(input_ids, positions, prog["paged"], dtype))
+            return self.program(*args)
 
     def __call__(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None, positions=None):
         pos = position_ids if position_ids is not None else positions
@@ -64,31 +68,49 @@ class CompiledModel:
         return torch.stack([self.flat(i, p) for i, p in zip(ids, pos)])
 
 
-def load(path: str | Path, *, fast: bool = True, compile: bool = False, verify: bool = True) -> CompiledModel:
+def load(path: str | Path, *, fast: bool = True, compile: bool = False, verify: bool = True,
+         device: str | torch.device = "cpu") -> CompiledModel:
     """Loads an artifact written by ``qcompile``.
 
     Args:
         path: the artifact directory.
-        fast: swap canonical ops for the fast CPU kernels (weights repacked once, here); a
-            weight-only (``*a16``) artifact also runs its float linears, lm_head included, with
-            bf16 weights and activations.
+        fast: swap canonical ops for the fast kernels (CPU: torch's packed kernels, weights
+            repacked once, here; CUDA: sibling linears merged, scales laid out for the Triton
+            GEMM); a weight-only (``*a16``) artifact also runs its float linears, lm_head
+            included, with bf16 weights and activations.
         compile: run the program through ``torch.compile`` (Inductor).
         verify: check every file's size and SHA-256 against the manifest first.
+        device: where the program and its weights live ("cpu", "cuda", "cuda:1", ...).
     """
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
     ep = load_program(path, manifest)
+    return prepare(ep, manifest, path=path, fast=fast, compile=compile, device=device)
+
+
+def prepare(ep: ExportedProgram, manifest: dict, *, path: Optional[Path] = None, fast: bool = True,
+            compile: bool = False, device: str | torch.device = "cpu") -> CompiledModel:
+    """The load-time half of ``load`` for a paged program already in memory: moved to ``device``
+    and lowered for it."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but torch {torch.__version__} sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device}; available: cpu, cuda")
+    if any(t.device != device for t in (*ep.state_dict.values(), *ep.constants.values())
+           if isinstance(t, torch.Tensor)):
+        ep = move_to_device_pass(ep, device)
     gm = ep.module()
     if fast:
-        gm = lower_for_cpu(gm)
+        gm = lower_for_cpu(gm) if device.type == "cpu" else lower_for_cuda(gm)
         if manifest["target"]["name"] in A16_TARGETS:
             gm = float_linears_to_bf16(gm)
         gm = hoist_constants(gm)
-        if not compile:
+        if not compile and device.type == "cpu":
             gm = call_directly(gm)
     if compile:
         gm = torch.compile(gm, dynamic=True)
-    return CompiledModel(path, manifest, gm)
+    return CompiledModel(path, manifest, gm, device)
 
 
-__all__ = ["ArtifactError", "CompiledModel", "load"]
+__all__ = ["ArtifactError", "CompiledModel", "load", "prepare"]

@@ -30,14 +30,25 @@ class Request:
 
 
 class ModelRunner:
-    """Owns the KV cache and runs the program on a step's packed tokens."""
+    """Owns the KV cache and runs the program on a step's packed tokens. On CUDA, decode steps of
+    up to ``cuda_graph_max_batch`` sequences replay CUDA graphs (``runtime.cuda_graphs``); 0 turns
+    that off."""
 
-    def __init__(self, program, paged: dict, dtype: torch.dtype, num_blocks: int, block_size: int):
+    def __init__(self, program, paged: dict, dtype: torch.dtype, num_blocks: int, block_size: int,
+                 device: torch.device = torch.device("cpu"), cuda_graph_max_batch: int = 0,
+                 max_blocks_per_seq: int = 0):
         self.program, self.block_size = program, block_size
         self.kv_cache = torch.zeros(paged["num_layers"], 2, num_blocks, block_size, paged["num_kv_heads"],
-                                    paged["head_dim"], dtype=dtype)
+                                    paged["head_dim"], dtype=dtype, device=device)
+        self.graphs = None
+        if cuda_graph_max_batch and self.kv_cache.is_cuda:
+            from .cuda_graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(program, self.kv_cache, cuda_graph_max_batch,
+                                       max_blocks_per_seq or num_blocks)
 
     def run(self, inp) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.fits(inp):
+            return self.graphs.run(inp)
         with torch.no_grad():
             return self.program(*inp.args(self.kv_cache))
 
@@ -88,6 +99,8 @@ class Engine:
                            for s in sched.seqs], self.bm.block_size)
         logits = self.runner.run(inp)  # [S, V]: each sequence's last row
         greedy = logits.argmax(-1).tolist()  # one call for every greedy request of the step
+        if any(self.requests[s.seq.seq_id].params.temperature > 0 for s in sched.seqs):
+            logits = logits.float().cpu()  # sampling draws from each request's own CPU generator
         for i, s in enumerate(sched.seqs):
             seq = s.seq
             prompt_chunk = seq.num_computed_tokens < seq.num_prompt_tokens

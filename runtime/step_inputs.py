@@ -15,9 +15,15 @@ class StepInputs(NamedTuple):
     logits_indices: torch.Tensor   # [N]: the rows whose logits the step needs (each sequence's last)
 
     def args(self, kv_cache: torch.Tensor) -> tuple:
-        """The paged program's positional inputs, in DESIGN.md's order."""
-        return (self.input_ids, self.positions, kv_cache, self.slot_mapping, self.block_tables, self.seq_lens,
-                self.query_start_loc, self.logits_indices)
+        """The paged program's positional inputs, in DESIGN.md's order, on the cache's device."""
+        d = kv_cache.device
+        return (self.input_ids.to(d), self.positions.to(d), kv_cache, self.slot_mapping.to(d),
+                self.block_tables.to(d), self.seq_lens.to(d), self.query_start_loc.to(d), self.logits_indices.to(d))
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence."""
+        return self.input_ids.shape[0] == self.seq_lens.shape[0]
 
 
 def single_sequence(input_ids: torch.Tensor, positions: torch.Tensor, paged: dict, dtype: torch.dtype,
@@ -25,11 +31,12 @@ def single_sequence(input_ids: torch.Tensor, positions: torch.Tensor, paged: dic
     """The paged program's inputs for one sequence of ``T`` tokens computed from scratch,
     with a KV cache of its own and logits for every token: what a plain ``model(ids, positions)``
     call means."""
-    T = input_ids.shape[0]
+    T, d = input_ids.shape[0], input_ids.device
     nb = -(-T // block_size)
-    kv = torch.zeros(paged["num_layers"], 2, nb, block_size, paged["num_kv_heads"], paged["head_dim"], dtype=dtype)
-    return (input_ids, positions, kv, torch.arange(T), torch.arange(nb).view(1, nb), torch.tensor([T]),
-            torch.tensor([0, T]), torch.arange(T))
+    kv = torch.zeros(paged["num_layers"], 2, nb, block_size, paged["num_kv_heads"], paged["head_dim"], dtype=dtype,
+                     device=d)
+    return (input_ids, positions, kv, torch.arange(T, device=d), torch.arange(nb, device=d).view(1, nb),
+            torch.tensor([T], device=d), torch.tensor([0, T], device=d), torch.arange(T, device=d))
 
 
 def step_inputs(block_tables: Seq[Seq[int]], num_cached: Seq[int], new_tokens: Seq[Seq[int]],

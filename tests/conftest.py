@@ -1,12 +1,18 @@
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+import torch
+
+# NOTE: importing torch does not import triton. Without a GPU, Triton kernels run in the
+# interpreter on CPU tensors; this must be set before anything imports triton.
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "inductor"))
 
 import sys  # noqa: E402
 import warnings  # noqa: E402
 
-import torch  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -17,3 +23,18 @@ settings.register_profile("qc", deadline=None, max_examples=12, derandomize=True
                           phases=[Phase.explicit, Phase.reuse, Phase.generate],
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile("qc")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def kernel_device() -> str:
+    """Where Triton kernel tests run: the GPU when there is one, else the interpreter on CPU tensors."""
+    return "cuda" if HAS_CUDA else "cpu"

@@ -1,4 +1,4 @@
-"""Load-time CPU lowering: every weight-only linear reaches a packed kernel, siblings that read
+"""Load-time lowerings. CPU: every weight-only linear reaches a packed kernel, siblings that read
 one input share one call, and outputs stay within bf16 rounding of the canonical program."""
 import pytest
 import torch
@@ -6,7 +6,8 @@ import torch
 from qcompiler.capture import capture
 from qcompiler.codegen import ops
 from qcompiler.codegen.cpu import lower_for_cpu
-from qcompiler.codegen.fx import call_nodes
+from qcompiler.codegen.cuda import lower_for_cuda
+from qcompiler.codegen.fx import call_nodes, get_constant
 from qcompiler.pipeline import run_pipeline
 from qcompiler.runtime.step_inputs import single_sequence
 from qcompiler.targets import W4A16, W8A16
@@ -35,3 +36,23 @@ def test_merge_siblings_and_match_canonical(target, fast_op):
             outs = [lowered[m](*args(T)) for m in (False, True)]
             torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=1e-3 * ref.abs().max().item())
             assert (outs[1] - ref[:T]).abs().max() < 2e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("target", [W4A16(group_size=32, symmetric=False), W8A16()])
+def test_cuda_lowering_merges_siblings_and_keeps_outputs(target):
+    """``lower_for_cuda`` is graph surgery only (the kernels it leads to are the canonical ops'),
+    so it is checked here on the CPU: siblings merged, scales and zero points N-contiguous, and
+    outputs equal to the canonical program's."""
+    a = Args(vocab=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128, bias=True)
+    op = qc.w4a16_linear.default if target.bits == 4 else qc.w8a16_linear.default
+    gm = run_pipeline(capture(build(a), max_tokens=128), target).gm
+    lowered = lower_for_cuda(run_pipeline(capture(build(a), max_tokens=128), target).gm)
+    nodes = call_nodes(lowered, op)
+    assert len(nodes) == 4 * a.n_layers
+    for n in nodes:
+        scales = get_constant(lowered, n.args[2].target)
+        assert scales.shape[1] == 1 or scales.stride() == (1, scales.shape[0])
+    ids, pos = torch.randint(0, 64, (9,)), torch.arange(9)
+    args = single_sequence(ids, pos, gm.meta["qc_paged"], torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(*args), gm(*args), rtol=1e-5, atol=1e-5)

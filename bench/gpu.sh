@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# One session on a lent GPU, offline, in under 9 minutes:
+#   1. make the package importable (editable pip install without network; else a path finder),
+#   2. versions and the card,
+#   3. the Triton kernel tests and the runtime's GPU tests (tests/test_triton_*.py,
+#      tests/test_gpu_runtime.py; on CUDA the gpu-marked tests run too),
+#   4. bench/gpu_kernels.py (our kernels beside their anchors: kernels.json, kernels.md),
+#   5. bench/gpu_e2e.py (decode on the runtime, 7B shape: e2e.json),
+#   6. bench/gpu_tune.py (the W4A16 tile sweep behind pick_config: tune.json, log in kernels.log).
+# No `set -e`: a failing step is logged and the next one runs. Every step runs under `timeout`,
+# shortened when the session's time runs low. Few files come back from $OUT, so the logs are few:
+# tests.log (setup, versions, tests, summary), kernels.log, e2e.log.
+#
+#     OUT=/some/dir bash bench/gpu.sh          # $OUT defaults to bench/out
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+OUT=${OUT:-$ROOT/bench/out}
+mkdir -p "$OUT"
+export OUT PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # kernels run on the GPU, not in the interpreter
+PY=${PY:-python3}
+TOTAL_S=${TOTAL_S:-530}   # the whole session, < 9 minutes
+T0=$SECONDS
+LOG=$OUT/tests.log
+: > "$LOG"
+
+say() { echo "$*" | tee -a "$LOG"; }
+step() { say ""; say "=== $* (at $((SECONDS - T0)) s)"; }
+# seconds a step may take: its own cap, or what is left of the session less a reserve
+cap() { local left=$((TOTAL_S - (SECONDS - T0) - ${2:-10})); ((left < 1)) && left=1; ((left < $1)) && echo "$left" || echo "$1"; }
+# run CMD... with its output appended to the log file $1; returns CMD's exit status
+logged() { local f=$1; shift; "$@" 2>&1 | tee -a "$f"; return "${PIPESTATUS[0]}"; }
+declare -A RC=()
+
+# --- 1. import path -------------------------------------------------------------------------
+importable() { (cd /tmp && timeout 60 "$PY" -c "import qcompiler.codegen, qcompiler.runtime, qcompiler.passes, qcompiler; print('qcompiler from', qcompiler.__file__)"); }
+
+path_finder() {  # pyproject's package-dir mapping as a sitecustomize on PYTHONPATH (no site-packages write)
+  local d=${TMPDIR:-/tmp}/qc_path_finder
+  mkdir -p "$d"
+  cat > "$d/sitecustomize.py" <<EOF
+# written by bench/gpu.sh: qcompiler.{passes,codegen,runtime} -> the checkout's passes/, codegen/, runtime/
+import importlib.util, os, sys
+_ROOT = "$ROOT"
+_MAP = {"qcompiler": "qcompiler", "qcompiler.passes": "passes", "qcompiler.codegen": "codegen", "qcompiler.runtime": "runtime"}
+
+
+class _QcompilerFinder:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name not in _MAP:
+            return None
+        d = os.path.join(_ROOT, _MAP[name])
+        return importlib.util.spec_from_file_location(name, os.path.join(d, "__init__.py"), submodule_search_locations=[d])
+
+
+sys.meta_path.insert(0, _QcompilerFinder)
+# run the sitecustomize this one shadows, if any
+_here = os.path.dirname(os.path.abspath(__file__))
+for _p in sys.path:
+    _f = os.path.join(_p or ".", "sitecustomize.py")
+    if os.path.abspath(_p or ".") != _here and os.path.isfile(_f):
+        exec(compile(open(_f).read(), _f, "exec"), {"__name__": "sitecustomize", "__file__": _f})
+        break
+EOF
+  export PYTHONPATH="$d${PYTHONPATH:+:$PYTHONPATH}"
+  say "PYTHONPATH=$PYTHONPATH (path finder for qcompiler's packages)"
+}
+
+step "install qcompiler (editable, offline, no dependencies)"
+logged "$LOG" timeout -k 5 90 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
+RC[install]=$?
+if logged "$LOG" importable; then
+  RC[import]=0
+else
+  say "qcompiler is not importable after pip (rc ${RC[install]}): falling back to a path finder"
+  path_finder
+  logged "$LOG" importable
+  RC[import]=$?
+fi
+
+# --- 2. versions ----------------------------------------------------------------------------
+step "card and versions"
+logged "$LOG" timeout 30 nvidia-smi -L
+logged "$LOG" timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+logged "$LOG" timeout 120 "$PY" -c "
+import platform, torch
+print('python', platform.python_version(), '| torch', torch.__version__, '| CUDA', torch.version.cuda,
+      '| cuda available', torch.cuda.is_available())
+try:
+    import triton; print('triton', triton.__version__)
+except Exception as e:
+    print('triton: not importable:', type(e).__name__, e)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(p.name, f'sm_{p.major}{p.minor}', p.multi_processor_count, 'SMs', round(p.total_memory / 2**30, 1), 'GiB')
+"
+
+# --- 3. Triton kernel tests -----------------------------------------------------------------
+step "tests/test_triton_*.py"
+shopt -s nullglob
+TESTS=(${GPU_TESTS:-tests/test_triton_*.py tests/test_gpu_runtime.py})
+shopt -u nullglob
+if ((${#TESTS[@]} == 0)); then
+  say "no tests/test_triton_*.py in this checkout"
+  RC[tests]=missing
+else
+  PYTEST_TIMEOUT=()
+  if timeout 60 "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_TIMEOUT=(--timeout 240); else say "(pytest-timeout not installed: no per-test timeout)"; fi
+  logged "$LOG" timeout -k 5 "$(cap 200 270)" "$PY" -m pytest -q -x ${PYTEST_TIMEOUT[@]+"${PYTEST_TIMEOUT[@]}"} -p no:cacheprovider "${TESTS[@]}"
+  RC[tests]=$?
+fi
+
+# --- 4. kernel benchmarks -------------------------------------------------------------------
+step "bench/gpu_kernels.py"
+: > "$OUT/kernels.log"
+logged "$OUT/kernels.log" timeout -k 5 "$(cap 170 100)" "$PY" bench/gpu_kernels.py ${KERNELS_ARGS:-}
+RC[kernels]=$?
+
+# --- 5. end to end --------------------------------------------------------------------------
+step "bench/gpu_e2e.py"
+if [[ -f bench/gpu_e2e.py ]]; then
+  T=$(cap 200 10)
+  if ((T >= 30)); then
+    : > "$OUT/e2e.log"
+    logged "$OUT/e2e.log" timeout -k 5 "$T" "$PY" bench/gpu_e2e.py ${E2E_ARGS:-}
+    RC[e2e]=$?
+  else
+    say "skipped: only ${T} s left"
+    RC[e2e]=skipped
+  fi
+else
+  say "no bench/gpu_e2e.py in this checkout"
+  RC[e2e]=missing
+fi
+
+# --- 6. W4A16 tile sweep --------------------------------------------------------------------
+step "bench/gpu_tune.py"
+T=$(cap 90 5)
+if [[ -n "${SKIP_TUNE:-}" ]]; then
+  RC[tune]=skipped
+elif ((T >= 20)); then
+  logged "$OUT/kernels.log" timeout -k 5 "$T" "$PY" bench/gpu_tune.py
+  RC[tune]=$?
+else
+  say "skipped: only ${T} s left"
+  RC[tune]=skipped
+fi
+
+# --- summary --------------------------------------------------------------------------------
+step "summary"
+for k in install import tests kernels e2e tune; do say "  $k: ${RC[$k]:-not run} (0 = ok, 124 = timed out)"; done
+say "  total: $((SECONDS - T0)) s"
+ls -l "$OUT" | tee -a "$LOG"
+for k in import tests kernels e2e; do [[ "${RC[$k]:-}" == 0 || "${RC[$k]:-}" == missing ]] || exit 1; done
+exit 0

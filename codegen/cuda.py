@@ -1,0 +1,43 @@
+"""Load-time lowering for CUDA: the canonical weight-only linears keep their op (its CUDA kernel
+is the Triton GEMM of ``codegen.triton_linear``), with two changes made once here:
+
+* siblings that read one input with one scheme (q/k/v, gate/up) become one call on their
+  concatenated weight, then a split: one launch instead of three, and a wider N that fills the
+  GPU at decode sizes (rows quantize independently, so this is exact);
+* scales and zero points are stored N-contiguous (same shape ``[N, K/G]``, strides ``(1, N)``):
+  the kernel reads one group's scales for a tile of N outputs as one coalesced row.
+"""
+import torch
+from torch.fx import GraphModule, Node
+
+from .cpu import BITS, _constants, lower_linears
+from .fx import insert_call
+
+qc = torch.ops.qc
+
+
+def n_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t [N, G]`` with the same shape and values, laid out column-major (strides ``(1, N)``)."""
+    return t.t().contiguous().t()
+
+
+def _cuda_key(gm: GraphModule, node: Node):
+    c = _constants(gm, node)
+    if c is None:
+        return None
+    qweight, scales, zeros, bias = c
+    return (node.args[0], BITS[node.target], scales.shape[1], zeros is None, bias is None, scales.dtype,
+            qweight.shape[1])
+
+
+def _emit_cuda(gm, put, x, bits, qweight, scales, zeros, bias) -> Node:
+    op = qc.w4a16_linear.default if bits == 4 else qc.w8a16_linear.default
+    zeros = None if zeros is None else n_contiguous(zeros)
+    return insert_call(gm, op, (x, put("qweight", qweight.contiguous()), put("scales", n_contiguous(scales)),
+                                put("zeros", zeros), put("bias", bias)))
+
+
+def lower_for_cuda(gm: GraphModule, merge: bool = True) -> GraphModule:
+    """Merges sibling weight-only linears and lays their scales out N-contiguous. Outputs equal
+    the canonical program's (the same op, the same values)."""
+    return lower_linears(gm, _cuda_key, _emit_cuda, merge)

@@ -1,0 +1,392 @@
+"""Triton kernels for the paged KV cache ops, registered as the CUDA kernels of
+``qc::reshape_and_cache`` and ``qc::paged_attention`` when this module is imported.
+
+Layout and contract as in ``codegen.attention`` (its ``reshape_and_cache_impl`` and
+``paged_attention_ref`` are the references). Every wrapper decides from shapes alone (no host
+sync): they can be captured in CUDA graphs. A decode step (``T == num_seqs``: one query per
+sequence) runs flash-decoding: each program takes one sequence, one KV head and one split of its
+tokens, with every query head of that KV head as the rows of one ``tl.dot`` (the KV tile is read
+once for the whole group), then a small kernel combines the splits. Any other step (prompts,
+chunks after cached tokens, mixed batches) runs a causal flash-attention kernel over query tiles.
+Softmax statistics and dot products accumulate in fp32; as in ``paged_attention_impl``, operands
+are rounded to the narrower of the query and cache dtypes, and the output is in ``query.dtype``."""
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import attention
+
+LOG2E = 1.4426950408889634
+_DEFAULT_NUM_SMS = 132  # an H100/H200; the CPU interpreter has none to ask
+_SPLIT_TARGET_PER_SM = 4  # decode programs wanted per SM before splitting sequences further
+_MIN_TILES_PER_SPLIT = 4  # a split walks at least this many KV tiles: the combine is not free
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --- kernels ----------------------------------------------------------------------------
+
+@triton.jit
+def _reshape_and_cache_kernel(Key, Value, KCache, VCache, SlotMapping,
+                              stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
+                              NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                              BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(SlotMapping + t).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    mask = (h[:, None] < NUM_HEADS) & (d[None, :] < HEAD_DIM) & (slot >= 0)  # slot < 0: a padding token
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + h[:, None] * stride_ch + d[None, :]
+    k = tl.load(Key + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+    tl.store(KCache + dst, k.to(KCache.dtype.element_ty), mask=mask)
+    v = tl.load(Value + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+    tl.store(VCache + dst, v.to(VCache.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, key_stop, q_pos, scale_log2,
+                 stride_kb, stride_kt, offs_d,
+                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One tile of BLOCK_N keys starting at token ``n0``, gathered slot by slot through the
+    block table, folded into the online softmax of ``q [rows, BLOCK_D]``."""
+    pos = n0 + tl.arange(0, BLOCK_N)  # token positions in the sequence
+    if MASK_KEYS:
+        key_ok = pos < key_stop
+        blk = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_btb, mask=key_ok, other=0)
+    else:
+        blk = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_btb)
+    rows = blk.to(tl.int64) * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kv_off  # [BLOCK_N]
+    ptrs = rows[:, None] + offs_d[None, :]
+    if MASK_KEYS:
+        if HEAD_DIM == BLOCK_D:
+            mask = key_ok[:, None]
+        else:
+            mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(K + ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+    elif HEAD_DIM == BLOCK_D:
+        k = tl.load(K + ptrs, eviction_policy="evict_first")
+    else:
+        mask = offs_d[None, :] < HEAD_DIM
+        k = tl.load(K + ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+    qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * scale_log2  # [rows, BLOCK_N]
+    if MASK_KEYS:
+        visible = key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (pos[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+    # NOTE: every row sees a key in the first tile it walks, so m_new is finite from then on.
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASK_KEYS or HEAD_DIM != BLOCK_D:
+        v = tl.load(V + ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+    else:
+        v = tl.load(V + ptrs, eviction_policy="evict_first")
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _paged_decode_kernel(Q, K, V, Out, PartM, PartL, PartAcc, BlockTables, SeqLens, scale_log2, split_size,
+                         stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh,
+                         stride_bts, stride_btb,
+                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Program (sequence s, KV head, split): the GROUP query heads of that KV head against the
+    tokens [split * split_size, (split + 1) * split_size) of s. One split writes the output,
+    several write (max, sum, acc) partials for ``_combine_splits_kernel``."""
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SeqLens + s).to(tl.int32)
+    start = split * split_size
+    stop = tl.maximum(tl.minimum(start + split_size, seq_len), start)
+    full_stop = start + (stop - start) // BLOCK_N * BLOCK_N
+
+    g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUP + g
+    row_ok = (g[:, None] < GROUP) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + s * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=row_ok, other=0.0)
+    q = q.to(DOT_DTYPE)  # [BLOCK_G, BLOCK_D]
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    bt_row = BlockTables + s * stride_bts
+    kv_off = kvh * stride_kh
+    for n0 in range(start, full_stop, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, stop, 0, scale_log2,
+                                     stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D,
+                                     False, False, DOT_DTYPE, DOT_PRECISION)
+    if full_stop < stop:  # the ragged last tile
+        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, full_stop, stop, 0,
+                                     scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                                     BLOCK_D, True, False, DOT_DTYPE, DOT_PRECISION)
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l_i == 0: an empty sequence, zeros
+        o_ptrs = Out + s * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok)
+    else:
+        part = (s * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # [S, Hq, NUM_SPLITS]
+        head_ok = g < GROUP
+        tl.store(PartM + part, m_i, mask=head_ok)
+        tl.store(PartL + part, l_i, mask=head_ok)
+        tl.store(PartAcc + part[:, None] * BLOCK_D + offs_d[None, :], acc, mask=head_ok[:, None])
+
+
+@triton.jit
+def _combine_splits_kernel(Out, PartM, PartL, PartAcc, SeqLens, split_size, stride_ot, stride_oh,
+                           NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """Program (sequence, query head): the softmax-weighted sum of its splits' partials."""
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(SeqLens + s).to(tl.int32)
+    n_active = tl.minimum((seq_len + split_size - 1) // split_size, NUM_SPLITS)
+    j = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = j < n_active
+    part = (s * tl.num_programs(1) + h) * NUM_SPLITS + j
+    m = tl.load(PartM + part, mask=ok, other=float("-inf"))
+    l_s = tl.load(PartL + part, mask=ok, other=0.0)
+    acc = tl.load(PartAcc + part[:, None] * BLOCK_D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # inactive splits weigh 0
+    denom = tl.sum(w * l_s, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(Out + s * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _paged_prefill_kernel(Q, K, V, Out, BlockTables, SeqLens, QueryStartLoc, scale_log2,
+                          stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh,
+                          stride_bts, stride_btb,
+                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Program (query tile, sequence s, query head): causal attention of BLOCK_M of s's queries.
+    Query i of q_len sits at position n - q_len + i and sees keys 0 ..= that position."""
+    tile = tl.program_id(0)
+    s = tl.program_id(1)
+    h = tl.program_id(2)
+    q0 = tl.load(QueryStartLoc + s).to(tl.int32)
+    q_len = tl.load(QueryStartLoc + s + 1).to(tl.int32) - q0
+    if tile * BLOCK_M >= q_len:
+        return
+    n = tl.load(SeqLens + s).to(tl.int32)
+    ctx = n - q_len  # tokens cached before this step's queries
+
+    i = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = (i[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + (q0 + i)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok, other=0.0)
+    q = q.to(DOT_DTYPE)  # [BLOCK_M, BLOCK_D]
+    q_pos = ctx + i
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = BlockTables + s * stride_bts
+    kv_off = (h // GROUP) * stride_kh
+    lo = ctx + tile * BLOCK_M  # keys before the tile's first query are visible to all its rows
+    hi = tl.minimum(n, lo + BLOCK_M)  # keys past its last query are visible to none
+    full_stop = lo // BLOCK_N * BLOCK_N
+    for n0 in range(0, full_stop, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, hi, q_pos, scale_log2,
+                                     stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D,
+                                     False, False, DOT_DTYPE, DOT_PRECISION)
+    for n0 in range(full_stop, hi, BLOCK_N):  # the diagonal
+        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, hi, q_pos, scale_log2,
+                                     stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D,
+                                     True, True, DOT_DTYPE, DOT_PRECISION)
+    out = acc / l_i[:, None]
+    tl.store(Out + (q0 + i)[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok)
+
+
+# --- wrappers ---------------------------------------------------------------------------
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_NUM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pow2(n: int, at_least: int = 16) -> int:
+    return max(at_least, triton.next_power_of_2(n))
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_metadata(query: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                    query_start_loc: Tensor) -> None:
+    assert query.dim() == 3 and query.shape[2] == kv_cache.shape[5], \
+        f"query must be [T, H, {kv_cache.shape[5]}], got {tuple(query.shape)}"
+    assert query.shape[1] % kv_cache.shape[4] == 0, \
+        f"{query.shape[1]} query heads not a multiple of {kv_cache.shape[4]} KV heads"
+    assert query.dtype in _FLOAT_DTYPES and kv_cache.dtype in _FLOAT_DTYPES, \
+        f"query {query.dtype} and kv_cache {kv_cache.dtype} must be float16, bfloat16 or float32"
+    S = seq_lens.shape[0]
+    assert block_tables.dim() == 2 and block_tables.shape[0] == S, \
+        f"block_tables must be [{S}, max_blocks], got {tuple(block_tables.shape)}"
+    assert seq_lens.dim() == 1 and query_start_loc.shape == (S + 1,), \
+        f"seq_lens [S] and query_start_loc [S + 1], got {tuple(seq_lens.shape)} and {tuple(query_start_loc.shape)}"
+    for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+        assert not t.is_floating_point() and not t.is_complex(), f"{name} must be integer, got {t.dtype}"
+        assert t.device == query.device, f"{name} on {t.device}, query on {query.device}"
+    assert kv_cache.device == query.device, f"kv_cache on {kv_cache.device}, query on {query.device}"
+    assert kv_cache.stride(-1) == 1, f"kv_cache head_dim must be contiguous, strides {kv_cache.stride()}"
+
+
+def reshape_and_cache_triton(kv_cache: Tensor, layer: int, key: Tensor, value: Tensor, slot_mapping: Tensor) -> None:
+    """Writes ``key``/``value`` ``[T, H_kv, D]`` into ``kv_cache[layer]`` at ``slot_mapping [T]``
+    (cast to the cache dtype; slots < 0 are skipped). In place, like ``reshape_and_cache_impl``."""
+    attention._check_cache(kv_cache, layer, key)
+    assert value.shape == key.shape, f"value {tuple(value.shape)} vs key {tuple(key.shape)}"
+    assert slot_mapping.shape == key.shape[:1] and not slot_mapping.is_floating_point(), \
+        f"slot_mapping must be integer [{key.shape[0]}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
+    assert kv_cache.stride(-1) == 1, f"kv_cache head_dim must be contiguous, strides {kv_cache.stride()}"
+    for t in (key, value, slot_mapping):
+        assert t.device == kv_cache.device, f"inputs on {t.device}, kv_cache on {kv_cache.device}"
+    T, H, D = key.shape
+    if T == 0:
+        return
+    key, value, slot_mapping = _last_dim_contiguous(key), _last_dim_contiguous(value), slot_mapping.contiguous()
+    k_cache, v_cache = kv_cache[layer, 0], kv_cache[layer, 1]  # [num_blocks, block_size, H_kv, D]
+    BLOCK_H, BLOCK_D = _pow2(H, 1), _pow2(D, 1)
+    _reshape_and_cache_kernel[(T,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_HEADS=H, HEAD_DIM=D, BLOCK_SIZE=kv_cache.shape[3], BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
+        num_warps=4 if BLOCK_H * BLOCK_D >= 2048 else 1)
+
+
+def _decode_config(head_bytes: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the decode kernel for ``head_bytes`` per token and KV head
+    (the padded head_dim times the compute dtype's size). Measured on an H200 (bf16, batch 32 x 2048):
+    head_dim 128 runs best with 128-token tiles, 2 stages; 64 with 64-token tiles, 3 stages."""
+    if head_bytes <= 128:
+        return 64, 4, 3
+    if head_bytes <= 256:
+        return 128, 4, 2
+    return 32, 4, 2  # fp32 head_dim 128, 16-bit 256: 64-token tiles spill
+
+
+def _prefill_config(head_bytes: int, mean_q_len: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel: query tiles no taller than
+    the mean query length (a batch of decodes and one prompt wastes little on the decodes). On an
+    H200 (4 prompts x 1024, 32/8 heads of 128, bf16): 237 TFLOP/s, ~60% of SDPA's flash kernel;
+    128-row tiles with 8 warps, or 128-token KV tiles, ran slower."""
+    return min(64, _pow2(mean_q_len)), (64 if head_bytes <= 256 else 32), 4, 2
+
+
+def decode_split_plan(num_seqs: int, num_kv_heads: int, max_ctx: int, block_n: int, num_sms: int,
+                      head_bytes: int = 256, num_splits: Optional[int] = None) -> tuple[int, int]:
+    """(num_splits, split_size in tokens, a multiple of ``block_n``) for a decode step whose
+    sequences hold at most ``max_ctx`` tokens. Split only when ``num_seqs * num_kv_heads`` programs
+    leave SMs short of work (fewer than one per SM at ``head_bytes`` 256, two at 128: smaller
+    heads need more programs in flight), then up to ``_SPLIT_TARGET_PER_SM`` programs per SM, never
+    below ``_MIN_TILES_PER_SPLIT`` tiles a split. On an H200 (bf16, 32 x 2048 tokens, 8 KV heads),
+    256 unsplit programs beat 768 split ones at head_dim 128 (95% vs 88% of SDPA) and lose at 64
+    (63% vs 87%). ``num_splits`` forces the count (clamped to the tiles)."""
+    tiles = max(1, -(-max_ctx // block_n))
+    programs = max(1, num_seqs * num_kv_heads)
+    if num_splits is None and programs >= num_sms * max(1, 256 // head_bytes):
+        num_splits = 1
+    elif num_splits is None:
+        want = -(-_SPLIT_TARGET_PER_SM * num_sms // programs)
+        num_splits = max(1, min(want, tiles // _MIN_TILES_PER_SPLIT))
+    split_tiles = -(-tiles // max(1, min(num_splits, tiles)))
+    return -(-tiles // split_tiles), split_tiles * block_n
+
+
+def paged_attention_triton(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
+                           query_start_loc: Tensor, scale: float, *, num_splits: Optional[int] = None,
+                           block_n: Optional[int] = None) -> Tensor:
+    """Causal attention of a step's packed queries over each sequence's paged KV cache, as
+    ``paged_attention_impl`` computes it; no host sync, so CUDA graphs can capture it.
+
+    Args:
+        query: ``[T, H, D]``; sequence ``s`` owns rows ``query_start_loc[s]:query_start_loc[s + 1]``.
+        kv_cache: ``[num_layers, 2, num_blocks, block_size, H_kv, D]``, the step's keys already written.
+        layer: which layer's keys and values.
+        block_tables: ``[S, max_blocks]`` block ids of each sequence.
+        seq_lens: ``[S]`` tokens of each sequence, this step's included.
+        query_start_loc: ``[S + 1]`` offsets of each sequence's query rows.
+        scale: softmax scale.
+        num_splits, block_n: override the heuristics (decode splits; KV tile size), for tests and tuning.
+
+    Returns:
+        ``[T, H, D]`` in ``query.dtype``. ``T == S`` (read from shapes) means a decode step:
+        exactly one query per sequence.
+    """
+    _check_metadata(query, kv_cache, block_tables, seq_lens, query_start_loc)
+    T, Hq, D = query.shape
+    S = seq_lens.shape[0]
+    bs, Hkv = kv_cache.shape[3], kv_cache.shape[4]
+    out = torch.empty_like(query)
+    if T == 0 or S == 0:
+        return out
+    query, seq_lens, query_start_loc = _last_dim_contiguous(query), seq_lens.contiguous(), query_start_loc.contiguous()
+    k_cache, v_cache = kv_cache[layer, 0], kv_cache[layer, 1]  # [num_blocks, block_size, H_kv, D], same strides
+    dot_dtype = attention._compute_dtype(query, kv_cache)
+    group = Hq // Hkv
+    BLOCK_D = _pow2(D)
+    common = dict(HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_D=BLOCK_D, DOT_DTYPE=_TL_DTYPES[dot_dtype],
+                  DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32")
+    strides = (query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+               out.stride(0), out.stride(1), block_tables.stride(0), block_tables.stride(1))
+    wide = dot_dtype.itemsize * BLOCK_D  # bytes of one token's head
+    scale_log2 = scale * LOG2E
+    if T == S:  # decode: flash-decoding over split KV
+        BLOCK_N, num_warps, num_stages = _decode_config(wide)
+        BLOCK_N = block_n or BLOCK_N
+        splits, split_size = decode_split_plan(S, Hkv, block_tables.shape[1] * bs, BLOCK_N, _num_sms(query.device),
+                                               wide, num_splits)
+        BLOCK_G = _pow2(group)
+        if splits == 1:
+            part_m = part_l = part_acc = out  # unused
+        else:
+            part_m = torch.empty(S, Hq, splits, dtype=torch.float32, device=query.device)
+            part_l = torch.empty_like(part_m)
+            part_acc = torch.empty(S, Hq, splits, BLOCK_D, dtype=torch.float32, device=query.device)
+        _paged_decode_kernel[(S, Hkv, splits)](
+            query, k_cache, v_cache, out, part_m, part_l, part_acc, block_tables, seq_lens, scale_log2, split_size,
+            *strides, GROUP=group, NUM_SPLITS=splits, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, **common,
+            num_warps=num_warps, num_stages=num_stages)
+        if splits > 1:
+            _combine_splits_kernel[(S, Hq)](
+                out, part_m, part_l, part_acc, seq_lens, split_size, out.stride(0), out.stride(1),
+                NUM_SPLITS=splits, BLOCK_SPLITS=_pow2(splits, 1), HEAD_DIM=D, BLOCK_D=BLOCK_D, num_warps=1)
+        return out
+    # prefill, chunked prefill, mixed
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _prefill_config(wide, -(-T // S))
+    BLOCK_N = block_n or BLOCK_N
+    tiles = -(-T // BLOCK_M)  # enough for one sequence holding every query; the others' extra tiles exit at once
+    _paged_prefill_kernel[(tiles, S, Hq)](
+        query, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale_log2, *strides,
+        GROUP=group, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **common, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+attention.reshape_and_cache.register_kernel("cuda")(reshape_and_cache_triton)
+
+
+@attention.paged_attention.register_kernel("cuda")
+def _(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale):
+    return paged_attention_triton(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale)

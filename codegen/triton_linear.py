@@ -1,0 +1,226 @@
+"""Triton kernels for the weight-only linears ``qc::w4a16_linear`` and ``qc::w8a16_linear``
+(registered as their CUDA kernels): dequantization fused into the GEMM.
+
+The kernel reads the artifact's own layout: int4 as uint8 ``[N, K/2]`` (column ``2j`` in the
+low nibble, ``2j + 1`` in the high one), so a tile's bytes are contiguous along K and load as
+16-byte vectors without any repacking of the weight. The two nibble planes are two ``tl.dot``
+products (``x[:, 0::2] @ lo``, ``x[:, 1::2] @ hi``) on integer-valued 16-bit tiles; the group's
+scale multiplies the tile's fp32 partial product, and a zero point is one rank-1 correction per
+group (``- rowsum(x_group) * zero * scale``), so the inner loop does no per-weight float math
+beyond the int -> float conversion. Scales and zeros are read through their strides: the
+runtime stores them N-contiguous (``codegen.cuda``), one coalesced row per group.
+
+Decode-sized M (few rows) splits K across programs (split-K, fp32 atomics) so that a GEMV
+still fills every SM; prefill-sized M uses larger M tiles and no split.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import ops
+from .ops import quantized_linear_ref
+
+
+@triton.jit
+def _wq_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+                      M, N, K, k_per_split,
+                      stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
+                      stride_om, stride_on,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_mn = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid_mn // num_n
+    pid_n = pid_mn % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # per-channel zero point: rowsum of x over this split
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if BITS == 4:
+            HALF: tl.constexpr = BLOCK_K // 2
+            offs_b = k0 // 2 + tl.arange(0, HALF)              # byte columns of this tile
+            mask_b = offs_b < k_end // 2
+            b = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_b[:, None] * stride_wk,
+                        mask=mask_n[None, :] & mask_b[:, None], other=0x88)  # [HALF, BLOCK_N] uint8
+            lo = ((b & 0xF).to(tl.int16) - 8).to(dt)
+            hi = ((b >> 4).to(tl.int16) - 8).to(dt)
+            xp = x_ptr + offs_m[:, None] * stride_xm + (2 * offs_b[None, :]) * stride_xk
+            xmask = mask_m[:, None] & mask_b[None, :]
+            x_even = tl.load(xp, mask=xmask, other=0.0)                  # [BLOCK_M, HALF]
+            x_odd = tl.load(xp + stride_xk, mask=xmask, other=0.0)
+            part = tl.dot(x_even, lo, input_precision=DOT_PRECISION)
+            part = tl.dot(x_odd, hi, part, input_precision=DOT_PRECISION)
+            if HAS_ZERO:
+                xs = tl.sum(x_even.to(tl.float32), axis=1) + tl.sum(x_odd.to(tl.float32), axis=1)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_end
+            w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                        mask=mask_n[None, :] & mask_k[:, None], other=0).to(dt)  # [BLOCK_K, BLOCK_N]
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            part = tl.dot(xt, w, input_precision=DOT_PRECISION)
+            if HAS_ZERO:
+                xs = tl.sum(xt.to(tl.float32), axis=1)
+        if PER_CHANNEL:
+            acc += part
+            if HAS_ZERO:
+                xsum += xs
+        else:
+            g = k0 // GROUP
+            s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+            acc += part * s[None, :]
+            if HAS_ZERO:
+                z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)
+                acc -= xs[:, None] * (z * s)[None, :]
+    if PER_CHANNEL:
+        s = tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + offs_n * stride_zn, mask=mask_n, other=0).to(tl.float32)
+            acc = (acc - xsum[:, None] * z[None, :]) * s[None, :]
+        else:
+            acc = acc * s[None, :]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=mask_n & (pid_k == 0), other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    omask = mask_m[:, None] & mask_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=omask, sem="relaxed")
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+class LinearConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+NUM_SMS = 132  # H100/H200; only shapes the decode heuristic, never correctness
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return NUM_SMS
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.device) -> LinearConfig:
+    """Tiles by M: decode sizes (M <= 16) take 16-row tiles and split K until about four programs
+    run per SM; larger M takes wider tiles and no split. BLOCK_K divides the group size (one
+    scale per tile), and a split covers whole groups."""
+    per_channel = group >= K
+    if M <= 16:
+        bm, bn, bk, warps, stages = 16, 64, 128 if bits == 4 else 64, 4, 4
+    elif M <= 64:
+        bm, bn, bk, warps, stages = 64, 64, 64, 4, 4
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    if not per_channel:
+        bk = min(bk, group)
+    k_tiles = triton.cdiv(K, bk)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    split = 1
+    if M <= 16:
+        want = max(1, 4 * _num_sms(device) // tiles)
+        split = min(_pow2_floor(want), max(1, k_tiles // 4))
+    return LinearConfig(bm, bn, bk, split, warps, stages)
+
+
+def _check(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
+           bits: int) -> tuple[int, int, int]:
+    K = x.shape[-1]
+    N = qweight.shape[0]
+    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"x must be float16/bfloat16/float32, got {x.dtype}"
+    if bits == 4:
+        assert qweight.dtype == torch.uint8 and qweight.shape[1] * 2 == K, \
+            f"int4 qweight must be uint8 [N, K/2] = [{N}, {K // 2}], got {qweight.dtype} {tuple(qweight.shape)}"
+    else:
+        assert qweight.dtype == torch.int8 and qweight.shape[1] == K, \
+            f"int8 qweight must be int8 [N, K] = [{N}, {K}], got {qweight.dtype} {tuple(qweight.shape)}"
+    assert scales.dim() == 2 and scales.shape[0] == N and K % scales.shape[1] == 0, \
+        f"scales must be [N, K/G] = [{N}, K/G] with G dividing K={K}, got {tuple(scales.shape)}"
+    assert zeros is None or zeros.shape == scales.shape, f"zeros {tuple(zeros.shape)} vs scales {tuple(scales.shape)}"
+    assert bias is None or bias.shape == (N,), f"bias must be [{N}], got {tuple(bias.shape)}"
+    group = K // scales.shape[1]
+    min_group = 32 if bits == 4 else 16  # tl.dot needs K >= 16 per nibble plane
+    assert scales.shape[1] == 1 or group % min_group == 0, \
+        f"group size {group} must be a multiple of {min_group} (or one group per row)"
+    for t in (qweight, scales, zeros, bias):
+        assert t is None or t.device == x.device, f"all operands on {x.device}, got one on {t.device}"
+    return N, K, group
+
+
+def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
+                     bits: int, config: Optional[LinearConfig] = None) -> Tensor:
+    """``x [..., K]`` @ dequantized ``qweight`` (int4 uint8 ``[N, K/2]`` or int8 ``[N, K]``; scales and
+    zeros ``[N, K/G]``, any strides) -> ``[..., N]`` in ``x.dtype``: ``quantized_linear_ref`` fused."""
+    N, K, group = _check(x, qweight, scales, zeros, bias, bits)
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    cfg = config or pick_config(M, N, K, group, bits, x.device)
+    per_channel = scales.shape[1] == 1
+    if not per_channel:
+        assert group % cfg.block_k == 0, f"BLOCK_K {cfg.block_k} must divide the group size {group}"
+    k_tiles = triton.cdiv(K, cfg.block_k)
+    k_per_split = triton.cdiv(k_tiles, cfg.split_k) * cfg.block_k
+    if per_channel and zeros is not None:
+        k_per_split = K  # NOTE: the per-channel zero correction needs the whole row's sum in one program
+    split = triton.cdiv(K, k_per_split)
+    atomic = split > 1
+    out = torch.zeros(M, N, device=x.device, dtype=torch.float32) if atomic else x.new_empty(M, N)
+    if M:
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+        z = zeros if zeros is not None else scales  # any pointer: unread when HAS_ZERO is False
+        _wq_linear_kernel[grid](
+            x2, qweight, scales, z, bias if bias is not None else scales, out,
+            M, N, K, k_per_split,
+            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+            z.stride(0), z.stride(1), out.stride(0), out.stride(1),
+            BITS=bits, GROUP=group, PER_CHANNEL=per_channel, HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None,
+            ATOMIC=atomic, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def w4a16_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
+                        bias: Optional[Tensor]) -> Tensor:
+    return wq_linear_triton(x, qweight, scales, zeros, bias, bits=4)
+
+
+def w8a16_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
+                        bias: Optional[Tensor]) -> Tensor:
+    return wq_linear_triton(x, qweight, scales, zeros, bias, bits=8)
+
+
+def w4a16_linear_ref(x, qweight, scales, zeros, bias):
+    return quantized_linear_ref(x, qweight, scales, zeros, bias, bits=4)
+
+
+def w8a16_linear_ref(x, qweight, scales, zeros, bias):
+    return quantized_linear_ref(x, qweight, scales, zeros, bias, bits=8)
+
+
+ops.w4a16_linear.register_kernel("cuda")(w4a16_linear_triton)
+ops.w8a16_linear.register_kernel("cuda")(w8a16_linear_triton)

@@ -1,0 +1,105 @@
+"""The Triton weight-only linear kernel (``codegen.triton_linear``) against ``quantized_linear_ref``:
+int4 and int8, groups and per channel, with and without zero points and bias, decode-sized and
+prefill-sized M, N and K off the tile sizes, forced split-K. On the interpreter without a GPU."""
+import pytest
+import torch
+
+from qcompiler.codegen.ops import quantized_linear_ref
+from qcompiler.codegen.quant import quantize_weight
+from qcompiler.codegen.triton_linear import LinearConfig, pick_config, wq_linear_triton
+
+
+def _weight(N, K, bits, group, symmetric, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g)
+    return quantize_weight(w, bits, group, symmetric)
+
+
+def _case(M, N, K, bits, group, symmetric, bias, dtype, device, seed=0):
+    qw = _weight(N, K, bits, group, symmetric, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g) if bias else None
+    # the reference in fp32 from the same (rounded) operands; the kernel accumulates in fp32 too
+    ref = quantized_linear_ref(x.float(), qw.qweight, qw.scales.float(), qw.zeros, b, bits)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    args = (x.to(device), to(qw.qweight), to(qw.scales.to(dtype)), to(qw.zeros), to(None if b is None else b.to(dtype)))
+    return args, ref
+
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-2)}
+
+
+@pytest.mark.parametrize("M", [1, 3, 17])
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 64, False), (8, 32, False), (8, None, True)])
+def test_matches_reference(kernel_device, M, bits, group, symmetric):
+    K = 192 if group else 72  # per channel: K off every block size
+    args, ref = _case(M, 40, K, bits, group or K, symmetric, bias=M != 3, dtype=torch.float32, device=kernel_device)
+    out = wq_linear_triton(*args, bits=bits)
+    assert out.shape == (M, 40) and out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 64, False), (8, 32, True)])
+def test_half_activations(kernel_device, bits, group, symmetric):
+    args, ref = _case(5, 24, 128, bits, group, symmetric, bias=True, dtype=torch.float16, device=kernel_device)
+    out = wq_linear_triton(*args, bits=bits)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.cpu().float(), ref, **TOL[torch.float16])
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (8, None)])
+def test_split_k(kernel_device, split_k, bits, group):
+    """Split-K partial sums (fp32 atomics) add up to the whole product; bias is added once."""
+    K = 192 if group else 200
+    args, ref = _case(2, 24, K, bits, group or K, True, bias=True, dtype=torch.float32, device=kernel_device)
+    cfg = LinearConfig(block_m=16, block_n=16, block_k=32, split_k=split_k, num_warps=4, num_stages=2)
+    out = wq_linear_triton(*args, bits=bits, config=cfg)
+    torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
+
+
+def test_strided_scales_and_batched_input(kernel_device):
+    """N-contiguous scales/zeros (the layout the runtime prepares) and a [B, T, K] input."""
+    (x, qw, s, z, b), ref = _case(6, 40, 128, 4, 32, False, bias=False, dtype=torch.float32, device=kernel_device)
+    s_t, z_t = s.t().contiguous().t(), z.t().contiguous().t()
+    assert s_t.stride() == (1, 40)
+    out = wq_linear_triton(x.view(2, 3, 128), qw, s_t, z_t, b, bits=4)
+    assert out.shape == (2, 3, 40)
+    torch.testing.assert_close(out.reshape(6, 40).cpu(), ref, **TOL[torch.float32])
+
+
+def test_configs_by_size():
+    cpu = torch.device("cpu")
+    decode = pick_config(1, 11008, 4096, 128, 4, cpu)
+    assert decode.block_m == 16 and decode.split_k > 1 and 128 % decode.block_k == 0
+    prefill = pick_config(512, 11008, 4096, 128, 4, cpu)
+    assert prefill.block_m > 16 and prefill.split_k == 1
+    assert pick_config(1, 4096, 4096, 32, 4, cpu).block_k == 32  # BLOCK_K divides the group
+
+
+def test_bad_operands_are_refused(kernel_device):
+    (x, qw, s, z, b), _ = _case(1, 24, 64, 4, 32, True, bias=False, dtype=torch.float32, device=kernel_device)
+    with pytest.raises(AssertionError, match="uint8"):
+        wq_linear_triton(x, qw.view(torch.int8), s, z, b, bits=4)
+    with pytest.raises(AssertionError, match="scales"):
+        wq_linear_triton(x, qw, s[:, :1].expand(24, 3), z, b, bits=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 100])
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 128, False), (4, 64, True), (8, None, True)])
+def test_bf16_on_gpu(M, bits, group, symmetric):
+    K, N = 512, 384
+    args, ref = _case(M, N, K, bits, group or K, symmetric, bias=True, dtype=torch.bfloat16, device="cuda")
+    out = torch.ops.qc.w4a16_linear(*args) if bits == 4 else torch.ops.qc.w8a16_linear(*args)
+    assert out.is_cuda and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+def test_opcheck_on_gpu():
+    args, _ = _case(3, 64, 256, 4, 64, False, bias=True, dtype=torch.bfloat16, device="cuda")
+    torch.library.opcheck(torch.ops.qc.w4a16_linear.default, args)
+    args, _ = _case(3, 64, 256, 8, 64, True, bias=False, dtype=torch.bfloat16, device="cuda")
+    torch.library.opcheck(torch.ops.qc.w8a16_linear.default, args)
