@@ -71,6 +71,36 @@ def paged_attention_ref(query: Tensor, kv_cache: Tensor, layer: int, block_table
     return out
 
 
+def decode_attention_padded(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
+                            scale: float) -> Tensor:
+    """``_decode_attention`` without a host sync: every sequence's keys are gathered up to the block
+    table's width and masked past its length. Traceable by Dynamo, so Inductor schedules it with
+    its neighbours instead of calling an opaque op."""
+    S, Hq, D = query.shape
+    bs, Hkv = kv_cache.shape[3], kv_cache.shape[4]
+    L = block_tables.shape[1] * bs
+    idx = block_tables.reshape(-1)
+    dt = _compute_dtype(query, kv_cache)
+    k = kv_cache[layer, 0].index_select(0, idx).view(S, L, Hkv, D).transpose(1, 2)  # [S, H_kv, L, D]
+    v = kv_cache[layer, 1].index_select(0, idx).view(S, L, Hkv, D).transpose(1, 2)
+    mask = (torch.arange(L, device=query.device) < seq_lens.unsqueeze(1)).view(S, 1, 1, L)
+    # NOTE: the query heads of one KV head are rows of one attention (query head h reads KV head
+    # h // rep): no enable_gqa flag, which Dynamo cannot pass when head counts are symbolic
+    q = query.view(S, Hkv, Hq // Hkv, D).to(dt)  # [S, H_kv, rep, D]
+    o = F.scaled_dot_product_attention(q, k.to(dt), v.to(dt), attn_mask=mask, scale=scale)
+    return o.reshape(S, Hq, D).to(query.dtype)
+
+
+def paged_attention_for_compile(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor,
+                                seq_lens: Tensor, query_start_loc: Tensor, scale: float) -> Tensor:
+    """What a CPU program under ``torch.compile`` calls for ``qc::paged_attention``: decode steps
+    (one query per sequence, a shape fact Dynamo guards on) as traceable ATen ops, other steps
+    through the opaque op."""
+    if query.shape[0] == seq_lens.shape[0]:
+        return decode_attention_padded(query, kv_cache, layer, block_tables, seq_lens, scale)
+    return paged_attention(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale)
+
+
 def _decode_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
                       lens: list[int], scale: float) -> Tensor:
     """One query per sequence: every sequence's blocks gathered at once (``index_select``: ~2x

@@ -138,6 +138,23 @@ DIRECT = {qc.w4a16_linear_cpu.default: ops.w4a16_linear_cpu_impl,
           qc.fp8_linear.default: act_quant.fp8_linear_impl}
 
 
+# What a program under torch.compile calls instead: the same code, traced by Dynamo, so that
+# Inductor sees torch's own kernels (int4pack, SDPA) and fuses the casts and reshapes around them.
+TRACED = {qc.w4a16_linear_cpu.default: ops.w4a16_linear_cpu_impl,
+          qc.w8a16_linear_cpu.default: ops.w8a16_linear_cpu_impl,
+          qc.paged_attention.default: attention.paged_attention_for_compile}
+
+
+def trace_through(gm: GraphModule) -> GraphModule:
+    """Before ``torch.compile`` on CPU: the ``qc`` ops whose code Dynamo can trace without a host
+    sync are called as that code (``TRACED``); the rest stay opaque ops."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in TRACED:
+            node.target = TRACED[node.target]
+    gm.recompile()
+    return gm
+
+
 def call_directly(gm: GraphModule) -> GraphModule:
     """Every ``qc`` op with a plain implementation is called as that function: ~30 µs of
     custom-op dispatch saved per call, ~180 calls per decode step of a 30-layer model. For eager

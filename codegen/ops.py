@@ -96,7 +96,11 @@ CPU_ALIGN = 64
 
 def aligned(t: Tensor) -> Tensor:
     """``t``, or a copy of it at a 64-byte-aligned address: torch's int8pack CPU kernel reads
-    weights with aligned vector loads and crashes on tensors that safetensors placed elsewhere."""
+    weights with aligned vector loads and crashes on tensors that safetensors placed elsewhere.
+    Under ``torch.compile`` the weights are the load-time lowering's own, freshly allocated (aligned)
+    tensors, and the check (a pointer read Dynamo cannot trace) is skipped."""
+    if torch.compiler.is_compiling():
+        return t
     return t if t.data_ptr() % CPU_ALIGN == 0 and t.is_contiguous() else t.contiguous().clone()
 
 

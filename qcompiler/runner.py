@@ -6,7 +6,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.passes import move_to_device_pass
 
-from qcompiler.codegen.cpu import call_directly, float_linears_to_bf16, lower_for_cpu
+from qcompiler.codegen.cpu import call_directly, float_linears_to_bf16, lower_for_cpu, trace_through
 from qcompiler.codegen.cuda import lower_for_cuda
 from qcompiler.codegen.fx import hoist_constants
 from qcompiler.runtime.step_inputs import single_sequence
@@ -106,8 +106,8 @@ def prepare(ep: ExportedProgram, manifest: dict, *, path: Optional[Path] = None,
         if manifest["target"]["name"] in A16_TARGETS:
             gm = float_linears_to_bf16(gm)
         gm = hoist_constants(gm)
-        if not compile and device.type == "cpu":
-            gm = call_directly(gm)
+        if device.type == "cpu":
+            gm = trace_through(gm) if compile else call_directly(gm)
     if compile:
         gm = torch.compile(gm, dynamic=True)
     return CompiledModel(path, manifest, gm, device)

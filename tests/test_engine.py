@@ -63,6 +63,18 @@ def test_greedy_equals_eager(artifact, kw):
     check_pool(llm)
 
 
+def test_compiled_program_greedy_equals_eager(artifact):
+    """``torch.compile`` of the program (decode attention traced into the graph, prompt attention
+    and the KV write as opaque ops): same tokens as the eager model, graphs reused across steps."""
+    out, model = artifact
+    llm = LLM(out, compile=True, kv_cache_dtype="float32")
+    ps = prompts(4, seed=5)
+    outs = llm.generate(ps, GREEDY)
+    for p, o in zip(ps, outs):
+        assert o.token_ids == greedy_ref(model, p, 12), (p, o)
+    check_pool(llm)
+
+
 def test_prefix_cache_hits_and_same_output(artifact):
     out, model = artifact
     llm = LLM(out, block_size=4)
