@@ -98,7 +98,10 @@ def _emit_cpu(gm, put, x, bits, qweight, scales, zeros, bias) -> Node:
         args = (x, put("int4pack", int4pack), put("scales_and_zeros", sz), put("qweight", qweight),
                 put("scales", scales), put("zeros", zeros), put("bias", bias))
         return insert_call(gm, qc.w4a16_linear_cpu.default, args)
-    args = (x, put("qweight", aligned(qweight)), put("scales", scales), put("zeros", zeros), put("bias", bias))
+    # NOTE: scales in bf16, as the int8pack kernel reads them: Inductor's lowering of that kernel
+    # takes a stored tensor, not one cast in the graph
+    args = (x, put("qweight", aligned(qweight)), put("scales", scales.to(torch.bfloat16)), put("zeros", zeros),
+            put("bias", bias))
     return insert_call(gm, qc.w8a16_linear_cpu.default, args)
 
 

@@ -70,16 +70,18 @@ def quantizable(gm: GraphModule, bits: int, group_size: Optional[int], include_l
 
 
 def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], symmetric: bool,
-                     include_lm_head: bool = False, clip: bool = False, progress: bool = False) -> GraphModule:
+                     include_lm_head: bool = False, clip: bool = False, progress: bool = False,
+                     lm_head_only: bool = False) -> GraphModule:
     """RTN (``clip``: with the ranges ``quant.search_qparams`` picks by weight error), unless a
     calibration pass left codes in ``gm.meta["qc_codes"]`` (weight name -> (``QuantizedWeight``,
-    the original weight's record)): then those codes are used as they are."""
+    the original weight's record)): then those codes are used as they are. ``lm_head_only``: the
+    output projections alone (a scheme of their own, run before the one for every other linear)."""
     layers = gm.meta.setdefault("qc_layers", {})
     codes = gm.meta.pop("qc_codes", {})
     heads = output_linears(gm)
     done: dict[str, Node] = {}
     warned: set[str] = set()
-    todo = [n for n in linear_nodes(gm) if n.args[1].op == "get_attr"]
+    todo = [n for n in linear_nodes(gm) if n.args[1].op == "get_attr" and (n in heads or not lm_head_only)]
     for node in tqdm(todo, desc=f"quantize int{bits}", disable=None if progress else True, unit="layer"):
         w_node = node.args[1]
         fqn, w = w_node.target, get_constant(gm, w_node.target)

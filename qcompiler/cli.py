@@ -27,7 +27,8 @@ Targets:
 Methods (--method): rtn (round to nearest), gptq (error compensation), awq (activation-aware
 scales); gptq and awq also clip each group's range where that lowers the error (--no-clip: off). gptq, awq, SmoothQuant and --observer calibrate on the model file's calibration_texts()
 or calibration_data(), or --calib-file.
-Embeddings and lm_head stay float (--quantize-lm-head quantizes lm_head). A linear whose
+Embeddings and lm_head stay float (--quantize-lm-head quantizes lm_head with the scheme,
+--lm-head-bits 8 in int8 per channel). A linear whose
 input size the group size does not divide stays float; the manifest records it."""
 
 
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
     c.add_argument("--calib-file", default=None, help="calibrate on this UTF-8 text instead of the model file's")
     c.add_argument("--quantize-lm-head", action="store_true", default=None, help="quantize the output projection too")
+    c.add_argument("--lm-head-bits", type=int, default=None,
+                   help="w4a16/w8a16: 8 = output projection in int8 per channel (the rest as the scheme says)")
     c.add_argument("--dtype", default=None, help="cast the model first: float32, bfloat16 or float16")
     c.add_argument("-o", "--output", default=None, help="artifact directory (default build/<model>-<target>)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -151,7 +154,8 @@ def cmd_compile(a) -> int:
     if a.no_smoothquant and a.smoothquant_alpha is not None:
         raise ValueError("--smoothquant-alpha and --no-smoothquant exclude each other")
     target = make_target(a.target, group_size=group_size, symmetric=a.symmetric, method=a.method,
-                         quantize_lm_head=a.quantize_lm_head, act_order=a.act_order, clip=a.clip,
+                         quantize_lm_head=a.quantize_lm_head, lm_head_bits=a.lm_head_bits, act_order=a.act_order,
+                         clip=a.clip,
                          smoothquant_alpha=a.smoothquant_alpha, observer=a.observer,
                          no_smoothquant=a.no_smoothquant or None)
     calib = CalibrationConfig(samples=a.calib_samples, seq_len=a.calib_seq_len, file=a.calib_file)

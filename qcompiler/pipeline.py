@@ -42,8 +42,13 @@ def _weight_only_passes(t: WeightOnly, progress: bool, samples: Samples) -> list
         "awq": [("awq", partial(awq, samples=samples, **params, clip=t.clip, progress=progress),
                  {**params, "n_grid": 20, "clip": t.clip})],
     }[t.method]
+    head = []
+    if t.lm_head_bits:
+        hp = dict(bits=t.lm_head_bits, group_size=None, symmetric=True)
+        head = [("quantize_lm_head", partial(quantize_weights, **hp, include_lm_head=True, lm_head_only=True), hp)]
     return [
         *calibrated,
+        *head,
         # after gptq/awq, whose codes or clipped weights it takes as they are, clip is RTN's own search
         ("quantize_weights", partial(quantize_weights, **params, clip=t.clip and t.method == "rtn", progress=progress),
          {"method": t.method, **params}),

@@ -63,9 +63,17 @@ class WeightOnly(Target):
     # calibration data for gptq/awq, the weight error for rtn. None: on for gptq and awq, off for rtn
     # (SmolLM2 g64: GPTQ sym 30.5 -> 26.3, asym 26.8 -> 26.0; AWQ sym 29.8 -> 28.8)
     clip: Optional[bool] = None
+    # 8: the output projection in int8 per output channel (symmetric, RTN) while the rest follow the
+    # scheme: half the bytes of a 16-bit lm_head per decoded token, as llama.cpp's Q8_0 output.
+    # None: lm_head float (or the scheme's own, with quantize_lm_head)
+    lm_head_bits: Optional[int] = None
 
     def __post_init__(self):
         _check_group_size(self.group_size, allow_none=self.bits == 8)
+        if self.lm_head_bits not in (None, 8):
+            raise ValueError(f"lm_head_bits must be 8 or None (lm_head float), got {self.lm_head_bits!r}")
+        if self.lm_head_bits and self.quantize_lm_head:
+            raise ValueError("lm_head_bits and quantize_lm_head both set: choose one scheme for lm_head")
         _check_method(self.method)
         if self.act_order is None:
             object.__setattr__(self, "act_order", self.method == "gptq")
@@ -83,7 +91,8 @@ class WeightOnly(Target):
     def scheme(self) -> str:
         g = "per-channel" if self.group_size is None else f"g{self.group_size}"
         m = "" if self.method == "rtn" else f" {self.method}{' act-order' if self.act_order else ''}"  # noqa: E501
-        return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}{m}{' clip' if self.clip else ''}"
+        head = f", lm_head int{self.lm_head_bits}" if self.lm_head_bits else ""
+        return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}{m}{' clip' if self.clip else ''}{head}"
 
 
 @dataclass(frozen=True)

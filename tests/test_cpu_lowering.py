@@ -3,12 +3,14 @@ one input share one call, and outputs stay within bf16 rounding of the canonical
 import pytest
 import torch
 
-from qcompiler.capture import capture
+from qcompiler.capture import capture, export_paged
 from qcompiler.codegen import ops
 from qcompiler.codegen.cpu import lower_for_cpu
 from qcompiler.codegen.cuda import lower_for_cuda
 from qcompiler.codegen.fx import call_nodes, get_constant
+from qcompiler.codegen.quant import sqnr_db
 from qcompiler.pipeline import run_pipeline
+from qcompiler.runner import prepare
 from qcompiler.runtime.step_inputs import single_sequence
 from qcompiler.targets import W4A16, W8A16
 from tiny_models import Args, build
@@ -56,3 +58,44 @@ def test_cuda_lowering_merges_siblings_and_keeps_outputs(target):
     args = single_sequence(ids, pos, gm.meta["qc_paged"], torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(lowered(*args), gm(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_lm_head_reaches_the_int8pack_kernel():
+    """``lm_head_bits=8``: the output projection alone in int8 per channel (its own pass, first),
+    served by the int8pack kernel; the rest as the scheme says; logits near the float-head program's."""
+    a = Args(vocab=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128, tie=True)
+    res = {bits: run_pipeline(capture(build(a), max_tokens=128), W4A16(group_size=32, lm_head_bits=bits))
+           for bits in (None, 8)}
+    assert [r["name"] for r in res[8].records][:2] == ["normalize", "quantize_lm_head"]
+    heads = [v for v in res[8].layers.values() if v.get("bits") == 8]
+    assert len(heads) == 1 and heads[0]["group_size"] == 64 and heads[0]["symmetric"]
+    assert sum(v.get("bits") == 4 for v in res[8].layers.values()) == 7 * a.n_layers
+    lowered = lower_for_cpu(res[8].gm)
+    assert len(call_nodes(lowered, qc.w8a16_linear_cpu.default)) == 1
+    ids, pos = torch.randint(0, 64, (9,)), torch.arange(9)
+    args = single_sequence(ids, pos, res[None].gm.meta["qc_paged"], torch.float32)
+    with torch.no_grad():
+        assert sqnr_db(res[None].gm(*args), lowered(*args)) > 30
+
+
+def test_lm_head_bits_is_validated():
+    with pytest.raises(ValueError, match="lm_head_bits"):
+        W4A16(lm_head_bits=4)
+    with pytest.raises(ValueError, match="choose one"):
+        W4A16(lm_head_bits=8, quantize_lm_head=True)
+
+
+def test_compiled_program_equals_eager_with_packed_kernels():
+    """``load(compile=True)`` on CPU: int4pack/int8pack linears and decode attention traced into
+    the Inductor graph compute what the eager program computes, for a decode-shaped call (one
+    token: the traced attention) and a prompt (the opaque attention op)."""
+    a = Args(vocab=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128, tie=True)
+    target = W4A16(group_size=32, symmetric=False, lm_head_bits=8)
+    gm = run_pipeline(capture(build(a), max_tokens=128), target).gm
+    paged = gm.meta["qc_paged"]
+    ep = export_paged(gm, 128, paged, torch.float32)
+    manifest = {"target": target.to_dict(), "model": {"dtype": "float32"}, "program": {"max_tokens": 128, "paged": paged}}
+    eager, compiled = (prepare(ep, manifest, compile=c) for c in (False, True))
+    ids, pos = torch.randint(0, 64, (9,)), torch.arange(9)
+    for T in (1, 9):
+        torch.testing.assert_close(compiled.flat(ids[:T], pos[:T]), eager.flat(ids[:T], pos[:T]), rtol=1e-2, atol=1e-2)
