@@ -47,7 +47,7 @@ def test_manifest_records_scheme_layers_and_files(artifact):
     out, _, rep = artifact
     man = json.loads((out / MANIFEST).read_text())
     assert man["target"] == {"name": "w4a16", "group_size": 32, "symmetric": False, "method": "rtn",
-                             "quantize_lm_head": False, "act_order": False, "clip": False}
+                             "quantize_lm_head": False, "act_order": False, "clip": False, "lm_head_bits": None}
     assert [p["name"] for p in man["passes"]] == ["normalize", "quantize_weights", "fuse_weight_only",
                                                   "paged_attention"]
     assert man["program"]["paged"] == {"num_layers": 2, "num_kv_heads": 1, "head_dim": 16}
