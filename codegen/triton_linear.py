@@ -13,6 +13,7 @@ runtime stores them N-contiguous (``codegen.cuda``), one coalesced row per group
 Decode-sized M (few rows) splits K across programs (split-K, fp32 atomics) so that a GEMV
 still fills every SM; prefill-sized M uses larger M tiles and no split.
 """
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -115,7 +116,9 @@ class LinearConfig(NamedTuple):
 NUM_SMS = 132  # H100/H200; only shapes the decode heuristic, never correctness
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
+    """Multiprocessors of ``device``, asked once (every decode-sized call consults it)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return NUM_SMS
