@@ -8,6 +8,8 @@ p % block_size``. A step's tokens are packed: sequence ``s`` owns query rows
 ``query_start_loc[s]:query_start_loc[s + 1]``, which are its last tokens: ``seq_lens[s]``
 counts every token of ``s`` including them. Heads are grouped (GQA): query head ``h``
 reads KV head ``h // (num_heads // num_kv_heads)``."""
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -71,19 +73,26 @@ def paged_attention_ref(query: Tensor, kv_cache: Tensor, layer: int, block_table
     return out
 
 
-def decode_attention_padded(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
-                            scale: float) -> Tensor:
-    """``_decode_attention`` without a host sync: every sequence's keys are gathered up to the block
-    table's width and masked past its length. Traceable by Dynamo, so Inductor schedules it with
-    its neighbours instead of calling an opaque op."""
+def decode_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
+                     scale: float, lens: Optional[list[int]] = None) -> Tensor:
+    """One query per sequence: every sequence's blocks gathered at once (``index_select``: ~2x
+    advanced indexing), one SDPA for the step, keys past a sequence's length masked. With ``lens``
+    (the lengths, on the host) keys stop at the longest and equal lengths need no mask; without,
+    keys span the block table's width and are always masked: no host sync, so Dynamo can trace it
+    and Inductor schedules it with its neighbours."""
     S, Hq, D = query.shape
     bs, Hkv = kv_cache.shape[3], kv_cache.shape[4]
-    L = block_tables.shape[1] * bs
-    idx = block_tables.reshape(-1)
+    if lens is None:
+        nb = block_tables.shape[1]
+        L, masked = nb * bs, True
+    else:
+        L = max(lens)
+        nb, masked = -(-L // bs), min(lens) != L
+    idx = block_tables[:, :nb].reshape(-1)
     dt = _compute_dtype(query, kv_cache)
-    k = kv_cache[layer, 0].index_select(0, idx).view(S, L, Hkv, D).transpose(1, 2)  # [S, H_kv, L, D]
-    v = kv_cache[layer, 1].index_select(0, idx).view(S, L, Hkv, D).transpose(1, 2)
-    mask = (torch.arange(L, device=query.device) < seq_lens.unsqueeze(1)).view(S, 1, 1, L)
+    k = kv_cache[layer, 0].index_select(0, idx).view(S, nb * bs, Hkv, D)[:, :L].transpose(1, 2)  # [S, H_kv, L, D]
+    v = kv_cache[layer, 1].index_select(0, idx).view(S, nb * bs, Hkv, D)[:, :L].transpose(1, 2)
+    mask = (torch.arange(L, device=query.device) < seq_lens.unsqueeze(1)).view(S, 1, 1, L) if masked else None
     # NOTE: the query heads of one KV head are rows of one attention (query head h reads KV head
     # h // rep): no enable_gqa flag, which Dynamo cannot pass when head counts are symbolic
     q = query.view(S, Hkv, Hq // Hkv, D).to(dt)  # [S, H_kv, rep, D]
@@ -97,28 +106,8 @@ def paged_attention_for_compile(query: Tensor, kv_cache: Tensor, layer: int, blo
     (one query per sequence, a shape fact Dynamo guards on) as traceable ATen ops, other steps
     through the opaque op."""
     if query.shape[0] == seq_lens.shape[0]:
-        return decode_attention_padded(query, kv_cache, layer, block_tables, seq_lens, scale)
+        return decode_attention(query, kv_cache, layer, block_tables, seq_lens, scale)
     return paged_attention(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale)
-
-
-def _decode_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
-                      lens: list[int], scale: float) -> Tensor:
-    """One query per sequence: every sequence's blocks gathered at once (``index_select``: ~2x
-    advanced indexing), one SDPA for the step, keys past a sequence's length masked."""
-    S, Hq, D = query.shape
-    bs, Hkv = kv_cache.shape[3], kv_cache.shape[4]
-    L = max(lens)
-    nb = -(-L // bs)
-    idx = block_tables[:, :nb].reshape(-1)
-    dt = _compute_dtype(query, kv_cache)
-    k = kv_cache[layer, 0].index_select(0, idx).view(S, nb * bs, Hkv, D)[:, :L].transpose(1, 2)  # [S, H_kv, L, D]
-    v = kv_cache[layer, 1].index_select(0, idx).view(S, nb * bs, Hkv, D)[:, :L].transpose(1, 2)
-    mask = None
-    if min(lens) != L:
-        mask = (torch.arange(L, device=query.device) < seq_lens.unsqueeze(1)).view(S, 1, 1, L)
-    q = query.unsqueeze(2).to(dt)  # [S, Hq, 1, D]
-    o = F.scaled_dot_product_attention(q, k.to(dt), v.to(dt), attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
-    return o.squeeze(2).to(query.dtype)
 
 
 def paged_attention_impl(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
@@ -131,7 +120,7 @@ def paged_attention_impl(query: Tensor, kv_cache: Tensor, layer: int, block_tabl
     assert Hq % Hkv == 0, f"{Hq} query heads not a multiple of {Hkv} KV heads"
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     if T == len(lens) and starts == list(range(T + 1)):
-        return _decode_attention(query, kv_cache, layer, block_tables, seq_lens, lens, scale)
+        return decode_attention(query, kv_cache, layer, block_tables, seq_lens, scale, lens)
     out = torch.empty_like(query)
     dt = _compute_dtype(query, kv_cache)
     for s, n in enumerate(lens):

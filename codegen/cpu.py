@@ -37,20 +37,28 @@ def _constants(gm: GraphModule, node: Node):
     return [None if a is None else get_constant(gm, a.target) for a in args]
 
 
-def _cpu_key(gm: GraphModule, node: Node):
-    """Nodes with equal keys can share one call; None: this node has no CPU fast path."""
+def sibling_key(gm: GraphModule, node: Node):
+    """Nodes with equal keys read one input with one scheme and can share one call; None unless
+    every operand is a constant."""
     c = _constants(gm, node)
     if c is None:
         return None
-    qweight, scales, zeros, bias = c
-    bits = BITS[node.target]
-    K = qweight.shape[1] * (2 if bits == 4 else 1)
-    G = K // scales.shape[1]
-    if bits == 4 and (G not in (32, 64, 128, 256) or K % 32):
+    _, scales, zeros, bias = c
+    return (node.args[0], BITS[node.target], scales.shape[1], zeros is None, bias is None, scales.dtype)
+
+
+def _cpu_key(gm: GraphModule, node: Node):
+    """``sibling_key``, or None: this node has no CPU fast path."""
+    key = sibling_key(gm, node)
+    if key is None:
         return None
-    if bits == 8 and scales.shape[1] != 1:
+    _, bits, ngroups = key[:3]
+    K = get_constant(gm, node.args[1].target).shape[1] * (2 if bits == 4 else 1)
+    if bits == 4 and (K // ngroups not in (32, 64, 128, 256) or K % 32):
         return None
-    return (node.args[0], bits, G, zeros is None, bias is None, scales.dtype)
+    if bits == 8 and ngroups != 1:
+        return None
+    return key
 
 
 def _cat(ts):

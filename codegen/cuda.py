@@ -7,13 +7,27 @@ is the Triton GEMM of ``codegen.triton_linear``), with two changes made once her
 * scales and zero points are stored N-contiguous (same shape ``[N, K/G]``, strides ``(1, N)``):
   the kernel reads one group's scales for a tile of N outputs as one coalesced row.
 """
+import functools
+
 import torch
 from torch.fx import GraphModule, Node
 
-from .cpu import BITS, _constants, lower_linears
+from .cpu import lower_linears, sibling_key
 from .fx import insert_call
 
 qc = torch.ops.qc
+
+
+DEFAULT_NUM_SMS = 132  # an H100/H200: what the kernels' heuristics assume off the GPU (the interpreter)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of ``device``, asked once: it shapes the kernels' tile and split choices,
+    never their results."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_NUM_SMS
 
 
 def n_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -21,23 +35,14 @@ def n_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
-def _cuda_key(gm: GraphModule, node: Node):
-    c = _constants(gm, node)
-    if c is None:
-        return None
-    qweight, scales, zeros, bias = c
-    return (node.args[0], BITS[node.target], scales.shape[1], zeros is None, bias is None, scales.dtype,
-            qweight.shape[1])
-
-
 def _emit_cuda(gm, put, x, bits, qweight, scales, zeros, bias) -> Node:
     op = qc.w4a16_linear.default if bits == 4 else qc.w8a16_linear.default
     zeros = None if zeros is None else n_contiguous(zeros)
-    return insert_call(gm, op, (x, put("qweight", qweight.contiguous()), put("scales", n_contiguous(scales)),
+    return insert_call(gm, op, (x, put("qweight", qweight), put("scales", n_contiguous(scales)),
                                 put("zeros", zeros), put("bias", bias)))
 
 
 def lower_for_cuda(gm: GraphModule, merge: bool = True) -> GraphModule:
     """Merges sibling weight-only linears and lays their scales out N-contiguous. Outputs equal
     the canonical program's (the same op, the same values)."""
-    return lower_linears(gm, _cuda_key, _emit_cuda, merge)
+    return lower_linears(gm, sibling_key, _emit_cuda, merge)

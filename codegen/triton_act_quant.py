@@ -11,7 +11,6 @@ is approximate on NVIDIA GPUs), round-half-to-even is spelled out with ``floor``
 no ``rint``), fp8 codes are rounded onto the e4m3 grid in fp32 before the cast (the interpreter's fp8
 cast does not round to even), and the epilogue is compiled without FMA contraction.
 """
-from functools import lru_cache
 from typing import NamedTuple, Optional
 
 import torch
@@ -20,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import act_quant
+from .cuda import num_sms
 from .act_quant import FP8_DTYPE, FP8_MAX, INT8_MAX, fp8_linear_ref, quantize_per_token_ref, w8a8_linear_ref
 
 __all__ = ["GemmConfig", "fp8_linear_ref", "fp8_linear_triton", "pick_gemm_config", "quantize_per_token_fp8_triton",
@@ -152,15 +152,7 @@ class GemmConfig(NamedTuple):
     num_stages: int
 
 
-NUM_SMS = 132  # H100/H200; only shapes the heuristic, never correctness
 QUANT_MAX_BLOCK = 8192  # rows up to this long are read once, from registers
-
-
-@lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return NUM_SMS
 
 
 def pick_gemm_config(M: int, N: int, fp8: bool, fast_accum: bool, device: torch.device) -> GemmConfig:
@@ -171,7 +163,7 @@ def pick_gemm_config(M: int, N: int, fp8: bool, fast_accum: bool, device: torch.
     tiles, again narrow when there are few. Prefill: 128 x 128 tiles, 8 warps, grouped ordering
     for L2 reuse; int8 and fast-accumulating fp8 run best with 3 stages (fp8 also with 256-wide
     tiles once they fill the SMs), fp8 promoting its accumulator with 4 (it holds two accumulators)."""
-    sms = _num_sms(device)
+    sms = num_sms(device)
     if M <= 16:
         if triton.cdiv(N, 64) >= sms:
             return GemmConfig(16, 64, 256, 1, 4, 4)

@@ -10,7 +10,6 @@ once for the whole group), then a small kernel combines the splits. Any other st
 chunks after cached tokens, mixed batches) runs a causal flash-attention kernel over query tiles.
 Softmax statistics and dot products accumulate in fp32; as in ``paged_attention_impl``, operands
 are rounded to the narrower of the query and cache dtypes, and the output is in ``query.dtype``."""
-import functools
 from typing import Optional
 
 import torch
@@ -19,9 +18,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import attention
+from .cuda import num_sms
 
 LOG2E = 1.4426950408889634
-_DEFAULT_NUM_SMS = 132  # an H100/H200; the CPU interpreter has none to ask
 _SPLIT_TARGET_PER_SM = 4  # decode programs wanted per SM before splitting sequences further
 _MIN_TILES_PER_SPLIT = 4  # a split walks at least this many KV tiles: the combine is not free
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -217,13 +216,6 @@ def _paged_prefill_kernel(Q, K, V, Out, BlockTables, SeqLens, QueryStartLoc, sca
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _DEFAULT_NUM_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _pow2(n: int, at_least: int = 16) -> int:
     return max(at_least, triton.next_power_of_2(n))
 
@@ -356,7 +348,7 @@ def paged_attention_triton(query: Tensor, kv_cache: Tensor, layer: int, block_ta
     if T == S:  # decode: flash-decoding over split KV
         BLOCK_N, num_warps, num_stages = _decode_config(wide)
         BLOCK_N = block_n or BLOCK_N
-        splits, split_size = decode_split_plan(S, Hkv, block_tables.shape[1] * bs, BLOCK_N, _num_sms(query.device),
+        splits, split_size = decode_split_plan(S, Hkv, block_tables.shape[1] * bs, BLOCK_N, num_sms(query.device),
                                                wide, num_splits)
         BLOCK_G = _pow2(group)
         if splits == 1:

@@ -13,7 +13,6 @@ runtime stores them N-contiguous (``codegen.cuda``), one coalesced row per group
 Decode-sized M (few rows) splits K across programs (split-K, fp32 atomics) so that a GEMV
 still fills every SM; prefill-sized M uses larger M tiles and no split.
 """
-import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -22,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import ops
-from .ops import quantized_linear_ref
+from .cuda import num_sms
 
 
 @triton.jit
@@ -113,17 +112,6 @@ class LinearConfig(NamedTuple):
     num_stages: int
 
 
-NUM_SMS = 132  # H100/H200; only shapes the decode heuristic, never correctness
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    """Multiprocessors of ``device``, asked once (every decode-sized call consults it)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return NUM_SMS
-
-
 def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
@@ -145,7 +133,7 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split = 1
     if M <= 16:
-        want = max(1, 4 * _num_sms(device) // tiles)
+        want = max(1, 4 * num_sms(device) // tiles)
         split = min(_pow2_floor(want), max(1, k_tiles // 4))
     return LinearConfig(bm, bn, bk, split, warps, stages)
 
@@ -215,14 +203,6 @@ def w4a16_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optio
 def w8a16_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
                         bias: Optional[Tensor]) -> Tensor:
     return wq_linear_triton(x, qweight, scales, zeros, bias, bits=8)
-
-
-def w4a16_linear_ref(x, qweight, scales, zeros, bias):
-    return quantized_linear_ref(x, qweight, scales, zeros, bias, bits=4)
-
-
-def w8a16_linear_ref(x, qweight, scales, zeros, bias):
-    return quantized_linear_ref(x, qweight, scales, zeros, bias, bits=8)
 
 
 ops.w4a16_linear.register_kernel("cuda")(w4a16_linear_triton)

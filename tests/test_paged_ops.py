@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qcompiler.codegen.attention import decode_attention_padded, paged_attention_ref
+from qcompiler.codegen.attention import decode_attention, paged_attention_ref
 
 qc = torch.ops.qc
 
@@ -69,7 +69,7 @@ def test_sync_free_decode_attention_equals_reference(rep):
     kv_cache = torch.randn(2, 2, 16, bs, Hkv, D, generator=g)
     q = torch.randn(3, Hkv * rep, D, generator=g)
     args = (q, kv_cache, 1, block_tables, seq_lens)
-    out = decode_attention_padded(*args, 0.3)
+    out = decode_attention(*args, 0.3)
     ref = paged_attention_ref(*args, torch.arange(4), 0.3)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
