@@ -40,6 +40,20 @@ def _(kv_cache, layer, key, value, slot_mapping):
     return None
 
 
+def reshape_and_cache_for_compile(kv_cache: Tensor, layer: int, key: Tensor, value: Tensor,
+                                  slot_mapping: Tensor) -> None:
+    """What a CPU program under ``torch.compile`` calls for ``qc::reshape_and_cache``: one
+    ``index_put_`` on the whole cache per K and V, which Inductor performs in place on the cache
+    input (an ``index_copy_`` into a view of it made Inductor copy the whole cache on each call).
+    Every slot must be >= 0: CPU steps have no padding rows (only CUDA graphs pad, and they run
+    the Triton kernel)."""
+    bs = kv_cache.shape[3]
+    block, offset = slot_mapping // bs, slot_mapping % bs
+    at_layer = torch.full_like(block, layer)
+    kv_cache.index_put_((at_layer, torch.zeros_like(block), block, offset), key.to(kv_cache.dtype))
+    kv_cache.index_put_((at_layer, torch.ones_like(block), block, offset), value.to(kv_cache.dtype))
+
+
 def gather_kv(kv_cache: Tensor, layer: int, block_table: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
     """One sequence's keys and values ``[seq_len, H_kv, D]`` in token order."""
     bs = kv_cache.shape[3]

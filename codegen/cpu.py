@@ -153,7 +153,8 @@ DIRECT = {qc.w4a16_linear_cpu.default: ops.w4a16_linear_cpu_impl,
 # Inductor sees torch's own kernels (int4pack, SDPA) and fuses the casts and reshapes around them.
 TRACED = {qc.w4a16_linear_cpu.default: ops.w4a16_linear_cpu_impl,
           qc.w8a16_linear_cpu.default: ops.w8a16_linear_cpu_impl,
-          qc.paged_attention.default: attention.paged_attention_for_compile}
+          qc.paged_attention.default: attention.paged_attention_for_compile,
+          qc.reshape_and_cache.default: attention.reshape_and_cache_for_compile}
 
 
 def trace_through(gm: GraphModule) -> GraphModule:

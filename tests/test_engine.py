@@ -64,8 +64,8 @@ def test_greedy_equals_eager(artifact, kw):
 
 
 def test_compiled_program_greedy_equals_eager(artifact):
-    """``torch.compile`` of the program (decode attention traced into the graph, prompt attention
-    and the KV write as opaque ops): same tokens as the eager model, graphs reused across steps."""
+    """``torch.compile`` of the program (decode attention and the KV write traced into the graph,
+    prompt attention as an opaque op): same tokens as the eager model, graphs reused across steps."""
     out, model = artifact
     llm = LLM(out, compile=True, kv_cache_dtype="float32")
     ps = prompts(4, seed=5)

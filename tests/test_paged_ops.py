@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qcompiler.codegen.attention import decode_attention, paged_attention_ref
+from qcompiler.codegen.attention import decode_attention, paged_attention_ref, reshape_and_cache_for_compile
 
 qc = torch.ops.qc
 
@@ -80,6 +80,20 @@ def test_reshape_and_cache_exact_slots_and_padding():
     qc.reshape_and_cache(kv, 0, k, -k, torch.tensor([5, -1, 0]))  # -1: a padding token, skipped
     assert kv[0, 0].flatten().tolist() == [3.0, 0, 0, 0, 0, 1.0]  # token 0 -> slot 5, token 2 -> slot 0
     assert kv[0, 1].flatten().tolist() == [-3.0, 0, 0, 0, 0, -1.0]
+
+
+def test_compiled_kv_write_lands_in_the_callers_cache():
+    """The KV write a compiled CPU program traces: compiled by Inductor, it writes exactly the
+    op's slots of the given layer into the cache the caller passed (bf16 cache, fp32 keys)."""
+    g = torch.Generator().manual_seed(0)
+    kv = torch.randn(3, 2, 5, 4, 2, 8, generator=g).to(torch.bfloat16)
+    expect = kv.clone()
+    write = torch.compile(reshape_and_cache_for_compile, dynamic=True)
+    for layer, slots in ((1, [7, 0, 19]), (2, [4]), (1, [12, 13])):
+        k, v = (torch.randn(len(slots), 2, 8, generator=g) for _ in range(2))
+        write(kv, layer, k, v, torch.tensor(slots))
+        qc.reshape_and_cache(expect, layer, k, v, torch.tensor(slots))
+        assert torch.equal(kv, expect), (layer, slots)
 
 
 def test_opcheck():
