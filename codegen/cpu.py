@@ -1,5 +1,5 @@
-"""Load-time lowering for CPU: swaps canonical weight-only linears for ops that run torch's
-packed CPU kernels, repacking each weight once (never per call).
+"""Load-time lowering for CPU: swaps canonical weight-only linears for ops that run our own int4
+kernel (``cpu_native``) or torch's packed CPU kernels, repacking each weight once (never per call).
 
 Linears that read the same input with the same scheme (q/k/v, gate/up) are merged into one
 call on the concatenated weight, then split: rows quantize independently, so this is exact,
@@ -10,7 +10,7 @@ from collections import defaultdict
 import torch
 from torch.fx import GraphModule, Node
 
-from . import act_quant, attention, ops
+from . import act_quant, attention, cpu_native, ops
 from .fx import finish, free_name, get_constant, insert_call, insert_constant
 from .ops import aligned, linear_bf16
 
@@ -54,6 +54,8 @@ def _cpu_key(gm: GraphModule, node: Node):
         return None
     _, bits, ngroups = key[:3]
     K = get_constant(gm, node.args[1].target).shape[1] * (2 if bits == 4 else 1)
+    if (K // ngroups) % 4 == 0 and cpu_native.available():  # our kernel: any group of 4k
+        return key
     if bits == 4 and (K // ngroups not in (32, 64, 128, 256) or K % 32):
         return None
     if bits == 8 and ngroups != 1:
@@ -101,6 +103,11 @@ def _lower_group(gm: GraphModule, nodes: list[Node], emit) -> None:
 
 
 def _emit_cpu(gm, put, x, bits, qweight, scales, zeros, bias) -> Node:
+    if _native(qweight, scales, bits):
+        packed, block_scales, block_biases = cpu_native.pack_native(qweight, scales, zeros, bits)
+        args = (x, put("packed", packed), put("block_scales", block_scales), put("block_biases", block_biases),
+                put("qweight", qweight), put("scales", scales), put("zeros", zeros), put("bias", bias), bits)
+        return insert_call(gm, qc.wq_linear_native.default, args)
     if bits == 4:
         int4pack, sz = pack_int4_for_cpu(qweight, scales, zeros)
         args = (x, put("int4pack", int4pack), put("scales_and_zeros", sz), put("qweight", qweight),
@@ -113,10 +120,17 @@ def _emit_cpu(gm, put, x, bits, qweight, scales, zeros, bias) -> Node:
     return insert_call(gm, qc.w8a16_linear_cpu.default, args)
 
 
+def _native(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> bool:
+    group = qweight.shape[1] * (2 if bits == 4 else 1) // scales.shape[1]
+    return group % 4 == 0 and cpu_native.available()
+
+
 def lower_for_cpu(gm: GraphModule, merge: bool = True) -> GraphModule:
-    """``qc.w4a16_linear`` -> ``qc.w4a16_linear_cpu`` (int4pack), per-channel ``qc.w8a16_linear``
-    -> ``qc.w8a16_linear_cpu``, siblings merged when ``merge``. Outputs equal the canonical
-    program up to bf16 activation rounding."""
+    """``qc.w4a16_linear`` and per-channel ``qc.w8a16_linear`` -> ``qc.wq_linear_native`` (our
+    AVX-512 kernel, fp32 activations; where it is unavailable, ``qc.w4a16_linear_cpu`` /
+    ``qc.w8a16_linear_cpu``: torch's int4pack/int8pack with bf16 activations), siblings merged when ``merge``.
+    Outputs equal the canonical program up to fp32 summation order (native) or bf16 activation
+    rounding (torch's packed kernels)."""
     return lower_linears(gm, _cpu_key, _emit_cpu, merge)
 
 
@@ -142,6 +156,7 @@ def float_linears_to_bf16(gm: GraphModule) -> GraphModule:
 
 # The custom ops an eager program may call as plain functions: same code, no dispatcher.
 DIRECT = {qc.w4a16_linear_cpu.default: ops.w4a16_linear_cpu_impl,
+          qc.wq_linear_native.default: ops.wq_linear_native_impl,
           qc.w8a16_linear_cpu.default: ops.w8a16_linear_cpu_impl,
           qc.reshape_and_cache.default: attention.reshape_and_cache_impl,
           qc.paged_attention.default: attention.paged_attention_impl,
@@ -152,6 +167,7 @@ DIRECT = {qc.w4a16_linear_cpu.default: ops.w4a16_linear_cpu_impl,
 # What a program under torch.compile calls instead: the same code, traced by Dynamo, so that
 # Inductor sees torch's own kernels (int4pack, SDPA) and fuses the casts and reshapes around them.
 TRACED = {qc.w4a16_linear_cpu.default: ops.w4a16_linear_cpu_impl,
+          qc.wq_linear_native.default: ops.wq_linear_native_impl,
           qc.w8a16_linear_cpu.default: ops.w8a16_linear_cpu_impl,
           qc.paged_attention.default: attention.paged_attention_for_compile,
           qc.reshape_and_cache.default: attention.reshape_and_cache_for_compile}

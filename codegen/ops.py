@@ -16,6 +16,9 @@ from .quant import dequantize_weight_ref
 # NOTE: torch's int4/int8 packed CPU kernels are per-row GEMVs: they beat a dense bf16
 # GEMM only for a few rows. Past this many rows a dequantize + bf16 GEMM wins (bench/linear_cpu.py).
 PACKED_MAX_ROWS = 64
+# Our own int4/int8 kernel (codegen.cpu_native) converts a weight block once for 4 rows; past this
+# many rows the dequantize + bf16 GEMM (AMX/AVX512-BF16 through oneDNN) wins (bench/linear_cpu.py).
+NATIVE_MAX_ROWS = 64
 
 
 def quantized_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
@@ -135,10 +138,31 @@ def w8a16_linear_cpu_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Opt
     return _finish(y, x, bias)
 
 
+def wq_linear_native_impl(x: Tensor, packed: Tensor, block_scales: Tensor, block_biases: Tensor,
+                          qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
+                          bits: int) -> Tensor:
+    """``qc::w4a16_linear`` / ``qc::w8a16_linear`` on CPU through our own kernel
+    (``codegen.cpu_native``: fp32 activations and accumulation, weights from ``pack_native``)
+    for few rows, a bf16 dequantize + GEMM for many."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] <= NATIVE_MAX_ROWS:
+        y = torch.ops.qc_cpu.wq_gemm(x2.float().contiguous(), packed, block_scales, block_biases, bits,
+                                     x.shape[-1] // scales.shape[1], qweight.shape[0],
+                                     None if bias is None else bias.float())
+        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+    return _finish(_dense_bf16(x2, qweight, scales, zeros, bits=bits), x, bias)
+
+
 # NOTE: the plain functions stay importable: an eager program calls them directly
 # (``codegen.cpu.call_directly``), skipping ~30 µs of custom-op dispatch per call.
 w4a16_linear_cpu = torch.library.custom_op("qc::w4a16_linear_cpu", w4a16_linear_cpu_impl, mutates_args=())
 w8a16_linear_cpu = torch.library.custom_op("qc::w8a16_linear_cpu", w8a16_linear_cpu_impl, mutates_args=())
+wq_linear_native = torch.library.custom_op("qc::wq_linear_native", wq_linear_native_impl, mutates_args=())
+
+
+@wq_linear_native.register_fake
+def _(x, packed, block_scales, block_biases, qweight, scales, zeros, bias, bits):
+    return x.new_empty(*x.shape[:-1], _out_features(qweight))
 
 
 @w4a16_linear_cpu.register_fake

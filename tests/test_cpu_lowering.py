@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qcompiler.capture import capture, export_paged
-from qcompiler.codegen import ops
+from qcompiler.codegen import cpu_native, ops
 from qcompiler.codegen.cpu import lower_for_cpu
 from qcompiler.codegen.cuda import lower_for_cuda
 from qcompiler.codegen.fx import call_nodes, get_constant
@@ -18,9 +18,16 @@ from tiny_models import Args, build
 qc = torch.ops.qc
 
 
-@pytest.mark.parametrize("target,fast_op", [(W4A16(group_size=32, symmetric=False), qc.w4a16_linear_cpu.default),
-                                            (W8A16(), qc.w8a16_linear_cpu.default)])
-def test_merge_siblings_and_match_canonical(target, fast_op):
+@pytest.mark.parametrize("target,fast_op", [(W4A16(group_size=32, symmetric=False), qc.wq_linear_native.default),
+                                            (W8A16(), qc.wq_linear_native.default),
+                                            (W4A16(group_size=32, symmetric=False), qc.w4a16_linear_cpu.default),
+                                            (W8A16(), qc.w8a16_linear_cpu.default)],
+                         ids=["w4a16-native", "w8a16-native", "w4a16-int4pack", "w8a16-int8pack"])
+def test_merge_siblings_and_match_canonical(target, fast_op, monkeypatch):
+    if fast_op == qc.wq_linear_native.default and not cpu_native.available():
+        pytest.skip("our CPU kernel needs AVX-512 (F, BW) and g++")
+    if fast_op != qc.wq_linear_native.default:  # the fallback where our kernel is unavailable
+        monkeypatch.setattr(cpu_native, "available", lambda: False)
     a = Args(vocab=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128, bias=True)
     gm = run_pipeline(capture(build(a), max_tokens=128), target).gm
     T_dense = ops.PACKED_MAX_ROWS + 1
@@ -60,9 +67,15 @@ def test_cuda_lowering_merges_siblings_and_keeps_outputs(target):
         torch.testing.assert_close(lowered(*args), gm(*args), rtol=1e-5, atol=1e-5)
 
 
-def test_int8_lm_head_reaches_the_int8pack_kernel():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "int8pack"])
+def test_int8_lm_head_reaches_a_packed_kernel(native, monkeypatch):
     """``lm_head_bits=8``: the output projection alone in int8 per channel (its own pass, first),
-    served by the int8pack kernel; the rest as the scheme says; logits near the float-head program's."""
+    served by our kernel (or torch's int8pack where ours is unavailable); the rest as the scheme
+    says; logits near the float-head program's."""
+    if native and not cpu_native.available():
+        pytest.skip("our CPU kernel needs AVX-512 (F, BW) and g++")
+    if not native:
+        monkeypatch.setattr(cpu_native, "available", lambda: False)
     a = Args(vocab=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128, tie=True)
     res = {bits: run_pipeline(capture(build(a), max_tokens=128), W4A16(group_size=32, lm_head_bits=bits))
            for bits in (None, 8)}
@@ -71,7 +84,11 @@ def test_int8_lm_head_reaches_the_int8pack_kernel():
     assert len(heads) == 1 and heads[0]["group_size"] == 64 and heads[0]["symmetric"]
     assert sum(v.get("bits") == 4 for v in res[8].layers.values()) == 7 * a.n_layers
     lowered = lower_for_cpu(res[8].gm)
-    assert len(call_nodes(lowered, qc.w8a16_linear_cpu.default)) == 1
+    if native:
+        heads = [n for n in call_nodes(lowered, qc.wq_linear_native.default) if n.args[-1] == 8]
+    else:
+        heads = call_nodes(lowered, qc.w8a16_linear_cpu.default)
+    assert len(heads) == 1
     ids, pos = torch.randint(0, 64, (9,)), torch.arange(9)
     args = single_sequence(ids, pos, res[None].gm.meta["qc_paged"], torch.float32)
     with torch.no_grad():
@@ -86,7 +103,7 @@ def test_lm_head_bits_is_validated():
 
 
 def test_compiled_program_equals_eager_with_packed_kernels():
-    """``load(compile=True)`` on CPU: int4pack/int8pack linears and decode attention traced into
+    """``load(compile=True)`` on CPU: packed-kernel linears, the KV write and decode attention traced into
     the Inductor graph compute what the eager program computes, for a decode-shaped call (one
     token: the traced attention) and a prompt (the opaque attention op)."""
     a = Args(vocab=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128, tie=True)

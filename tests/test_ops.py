@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qcompiler.codegen import ops
+from qcompiler.codegen import cpu_native, ops
 from qcompiler.codegen.cpu import pack_int4_for_cpu
 from qcompiler.codegen.quant import dequantize_weight_ref, quantize_weight
 from reference import fake_quant_ref
@@ -53,6 +53,46 @@ def test_w4a16_cpu_fast_path(M, symmetric, group):
     assert_close_bf16(y, qc.w4a16_linear(x, *qw, bias))
 
 
+native = pytest.mark.skipif(not cpu_native.available(), reason="our CPU kernel needs AVX-512 (F, BW) and g++")
+
+
+@native
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 17, ops.NATIVE_MAX_ROWS + 1])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits,group,N", [(4, 32, 40), (4, 64, 64), (4, 128, 33), (4, 4, 16), (8, None, 40), (8, 64, 17)])
+def test_native_kernel(M, symmetric, bits, group, N):
+    """Our int4/int8 kernel against the canonical op: fp32 activations and accumulation, so fp32
+    tolerances (the dense bf16 path past NATIVE_MAX_ROWS: bf16 ones). N off the 16-channel block,
+    row counts off the 4-row tile, a group of one 4-k step, int8 per channel and grouped."""
+    w = _x(N, 256, 3)
+    qw = quantize_weight(w, bits, group, symmetric)
+    x, bias = _x(M, 256), _x(1, N, 4)[0]
+    y = qc.wq_linear_native(x, *cpu_native.pack_native(*qw, bits), *qw, bias, bits)
+    ref = (qc.w4a16_linear if bits == 4 else qc.w8a16_linear)(x, *qw, bias)
+    if M <= ops.NATIVE_MAX_ROWS:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    else:
+        assert_close_bf16(y, ref)
+    assert y.dtype == x.dtype and y.shape == (M, N)
+
+
+@native
+def test_native_kernel_rejects_bad_layouts():
+    qw = quantize_weight(_x(32, 64, 3), 4, 32, False)
+    packed, s, b = cpu_native.pack_native(*qw, 4)
+    gemm = torch.ops.qc_cpu.wq_gemm
+    with pytest.raises(RuntimeError, match="fp32"):
+        gemm(_x(2, 64).bfloat16(), packed, s, b, 4, 32, 32, None)
+    with pytest.raises(RuntimeError, match="packed must be uint8"):
+        gemm(_x(2, 128), packed, s, b, 4, 32, 32, None)
+    with pytest.raises(RuntimeError, match="packed must be int8"):
+        gemm(_x(2, 64), packed, s, b, 8, 32, 32, None)
+    with pytest.raises(RuntimeError, match="group size"):
+        gemm(_x(2, 64), packed, s, b, 4, 6, 32, None)
+    with pytest.raises(RuntimeError, match="bits"):
+        gemm(_x(2, 64), packed, s, b, 3, 32, 32, None)
+
+
 @pytest.mark.parametrize("M", [1, 5, ops.PACKED_MAX_ROWS + 3])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_w8a16_cpu_fast_path(M, symmetric):
@@ -83,6 +123,9 @@ def test_opcheck_all_ops():
     torch.library.opcheck(qc.w8a16_linear, (x, *q8, _x(1, 32)[0]))
     torch.library.opcheck(qc.w4a16_linear_cpu, (x, int4pack, sz, *q4, None))
     torch.library.opcheck(qc.w8a16_linear_cpu, (x, *q8, None))
+    if cpu_native.available():
+        torch.library.opcheck(qc.wq_linear_native, (x, *cpu_native.pack_native(*q4, 4), *q4, _x(1, 32)[0], 4))
+        torch.library.opcheck(qc.wq_linear_native, (x, *cpu_native.pack_native(*q8, 8), *q8, None, 8))
 
 
 def test_w8a16_cpu_survives_unaligned_weights():

@@ -1,0 +1,70 @@
+"""Our own CPU kernel for weight-only int4/int8 linears (``csrc/cpu_wq_gemm.cpp``, op
+``qc_cpu::wq_gemm``): AVX-512 FMAs in fp32 on weights converted in registers (int4 through a
+16-entry table), the group scale applied once per group to a partial sum, a weight block
+converted once for up to 4 rows, software prefetch ahead of the weight stream. Built on first
+use with torch's C++ extension tools (g++ and ninja) into the qcompiler cache; where the CPU
+lacks AVX-512 or the build fails, ``available()`` is False and the CPU lowering keeps torch's
+int4pack/int8pack kernels."""
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("csrc") / "cpu_wq_gemm.cpp"
+BLOCK = 16  # output channels per packed block: one fp32 zmm register
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512f" in flags and " avx512bw" in flags
+
+
+@lru_cache(maxsize=None)
+def available() -> bool:
+    """True once ``qc_cpu::wq_gemm`` is registered (built here if needed). ``QCOMPILER_NATIVE=0``
+    turns it off."""
+    if os.environ.get("QCOMPILER_NATIVE", "1") == "0" or not _cpu_has_avx512():
+        return False
+    if hasattr(torch.ops, "qc_cpu") and hasattr(torch.ops.qc_cpu, "wq_gemm"):
+        return True
+    from qcompiler.models import CACHE_DIR
+    from torch.utils import cpp_extension
+    build = CACHE_DIR / "cpu_kernels" / f"torch{torch.__version__.split('+')[0]}"
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(name="qcompiler_cpu_wq_gemm", sources=[str(SOURCE)], build_directory=str(build),
+                           extra_cflags=["-O3"], is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, no ninja: torch's kernels remain
+        log.warning("qcompiler: CPU kernel build failed (%s); using torch's packed kernels", e)
+        return False
+
+    @torch.library.register_fake("qc_cpu::wq_gemm")
+    def _(x, packed, scales, biases, bits, group_size, out_features, bias):
+        return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
+    return True
+
+
+def pack_native(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Canonical weights (int4: uint8 ``[N, K/2]``, low nibble first, ``w = (u - 8 - z) * s``;
+    int8: int8 ``[N, K]``, ``w = (q - z) * s``) -> (``packed``: the canonical bytes, channel-minor
+    within blocks of 16 channels, ``[N/16, K/2 or K, 16]``; ``scales`` and ``biases`` fp32
+    ``[N/16, K/G, 16]``, ``bias = -z * s``), N padded to 16 with zero-scale channels. Layout:
+    ``csrc/cpu_wq_gemm.cpp``."""
+    N, G = qweight.shape[0], scales.shape[1]
+    NB = -(-N // BLOCK)
+    s = scales.float()
+    b = torch.zeros_like(s) if zeros is None else -zeros.float() * s
+    if NB * BLOCK != N:
+        pad = NB * BLOCK - N
+        qweight = torch.cat([qweight, qweight.new_full((pad, qweight.shape[1]), 0x88 if bits == 4 else 0)])
+        s, b = (torch.cat([t, t.new_zeros(pad, G)]) for t in (s, b))
+    blocks = lambda t: t.reshape(NB, BLOCK, t.shape[1]).transpose(1, 2).contiguous()  # noqa: E731
+    return blocks(qweight), blocks(s), blocks(b)
