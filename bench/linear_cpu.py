@@ -1,5 +1,5 @@
-"""qc::w4a16_linear / qc::w8a16_linear CPU paths vs fp32 and bf16 F.linear on SmolLM2-135M's
-linear shapes, M = 1, 16, 256 tokens.
+"""qc::w4a16_linear / qc::w8a16_linear CPU paths (our AVX-512 kernel, torch's int4pack/int8pack)
+vs fp32 and bf16 F.linear on SmolLM2-135M's linear shapes, M = 1, 16, 256 tokens.
 
     .venv/bin/python bench/linear_cpu.py [--threads 1] [--group-size 64]
 
@@ -14,6 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from qcompiler.codegen import cpu_native
 from qcompiler.codegen.cpu import pack_int4_for_cpu
 from qcompiler.codegen.ops import quantized_linear_ref
 from qcompiler.codegen.quant import quantize_weight
@@ -44,13 +45,19 @@ def make_candidates(K: int, N: int, G: int):
     per = {  # name -> (weights to rotate (one copy), bytes, call(x, weights))
         "fp32 F.linear": ((w,), w.numel() * 4, lambda x, t: F.linear(x, t[0])),
         "bf16 F.linear": ((wb,), w.numel() * 2, lambda x, t: F.linear(x.bfloat16(), t[0])),
-        "w4a16 qc (fast CPU path)": ((*p4, *q4), sum(t.numel() * t.element_size() for t in (*p4, *q4)),
+        "w4a16 torch int4pack": ((*p4, *q4), sum(t.numel() * t.element_size() for t in p4),
                                      lambda x, t: qc.w4a16_linear_cpu(x, t[0], t[1], t[2], t[3], t[4], None)),
         "w4a16 Inductor dequant+GEMM": (tuple(q4), sum(t.numel() * t.element_size() for t in q4),
                                         lambda x, t: compiled(x, *t)),
-        "w8a16 qc (fast CPU path)": ((q8.qweight, q8.scales), q8.qweight.numel() + q8.scales.numel() * 4,
+        "w8a16 torch int8pack": ((q8.qweight, q8.scales), q8.qweight.numel() + q8.scales.numel() * 4,
                                      lambda x, t: qc.w8a16_linear_cpu(x, t[0], t[1], None, None)),
     }
+    if cpu_native.available():
+        for bits, q in ((4, q4), (8, q8)):
+            pn = cpu_native.pack_native(*q, bits)
+            per[f"w{bits}a16 ours (AVX-512)"] = (
+                (*pn, *q), sum(t.numel() * t.element_size() for t in pn),
+                lambda x, t, b=bits: qc.wq_linear_native(x, t[0], t[1], t[2], t[3], t[4], t[5], None, b))
     out = {}
     for name, (ws, nbytes, fn) in per.items():
         out[name] = ([tuple(t.clone() for t in ws) for _ in range(copies_for(nbytes))], fn)
@@ -97,13 +104,15 @@ def main():
     for shape, K, N, M, name, med, lo, hi, r32, rbf in rows:
         print(f"| {shape} {K}×{N} | {M} | {name} | {med:.1f} ({lo:.1f}–{hi:.1f}) | {r32:.2f} | {rbf:.2f} |")
     med = {(r[0], r[3], r[4]): r[5] for r in rows}
-    print("\n| one decoder layer's linears | M | fp32 µs | bf16 µs | w4a16 µs (merged, as loaded) | × vs fp32 | × vs bf16 |")
+    print("\n| one decoder layer's linears (W4A16 merged, as loaded) | M | fp32 µs | bf16 µs | W4A16 µs | × vs fp32 | × vs bf16 |")
     print("|---|---|---|---|---|---|---|")
     for M in a.ms:
         f32 = sum(med[(s, M, "fp32 F.linear")] for s in LAYER_FLOAT)
         b16 = sum(med[(s, M, "bf16 F.linear")] for s in LAYER_FLOAT)
-        w4 = sum(med[(s, M, "w4a16 qc (fast CPU path)")] for s in LAYER_LOWERED)
-        print(f"| SmolLM2 layer | {M} | {f32:.0f} | {b16:.0f} | {w4:.0f} | {f32 / w4:.2f} | {b16 / w4:.2f} |")
+        for kernel in ("w4a16 ours (AVX-512)", "w4a16 torch int4pack"):
+            if (LAYER_LOWERED[0], M, kernel) in med:
+                w4 = sum(med[(s, M, kernel)] for s in LAYER_LOWERED)
+                print(f"| {kernel} | {M} | {f32:.0f} | {b16:.0f} | {w4:.0f} | {f32 / w4:.2f} | {b16 / w4:.2f} |")
 
 
 if __name__ == "__main__":

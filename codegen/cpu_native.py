@@ -21,10 +21,10 @@ BLOCK = 16  # output channels per packed block: one fp32 zmm register
 
 def _cpu_has_avx512() -> bool:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
-    return " avx512f" in flags and " avx512bw" in flags
+    return {"avx512f", "avx512bw"} <= flags
 
 
 @lru_cache(maxsize=None)
