@@ -41,7 +41,7 @@ def available() -> bool:
     build.mkdir(parents=True, exist_ok=True)
     try:
         cpp_extension.load(name="qcompiler_cpu_wq_gemm", sources=[str(SOURCE)], build_directory=str(build),
-                           extra_cflags=["-O3"], is_python_module=False, verbose=False)
+                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja: torch's kernels remain
         log.warning("qcompiler: CPU kernel build failed (%s); using torch's packed kernels", e)
         return False
