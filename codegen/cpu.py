@@ -1,4 +1,4 @@
-"""Load-time lowering for CPU: swaps canonical weight-only linears for ops that run our own int4
+"""Load-time lowering for CPU: swaps canonical weight-only linears for ops that run our own int4/int8
 kernel (``cpu_native``) or torch's packed CPU kernels, repacking each weight once (never per call).
 
 Linears that read the same input with the same scheme (q/k/v, gate/up) are merged into one
@@ -126,9 +126,10 @@ def _native(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> bool:
 
 
 def lower_for_cpu(gm: GraphModule, merge: bool = True) -> GraphModule:
-    """``qc.w4a16_linear`` and per-channel ``qc.w8a16_linear`` -> ``qc.wq_linear_native`` (our
-    AVX-512 kernel, fp32 activations; where it is unavailable, ``qc.w4a16_linear_cpu`` /
-    ``qc.w8a16_linear_cpu``: torch's int4pack/int8pack with bf16 activations), siblings merged when ``merge``.
+    """``qc.w4a16_linear`` and ``qc.w8a16_linear`` -> ``qc.wq_linear_native`` (our AVX-512
+    kernel, fp32 activations, any group of a multiple of 4; where it is unavailable,
+    ``qc.w4a16_linear_cpu`` / per-channel ``qc.w8a16_linear_cpu``: torch's int4pack/int8pack with
+    bf16 activations), siblings merged when ``merge``.
     Outputs equal the canonical program up to fp32 summation order (native) or bf16 activation
     rounding (torch's packed kernels)."""
     return lower_linears(gm, _cpu_key, _emit_cpu, merge)
