@@ -108,7 +108,7 @@ if ((${#TESTS[@]} == 0)); then
 else
   PYTEST_TIMEOUT=()
   if timeout 60 "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_TIMEOUT=(--timeout 240); else say "(pytest-timeout not installed: no per-test timeout)"; fi
-  logged "$LOG" timeout -k 5 "$(cap 200 270)" "$PY" -m pytest -q -x ${PYTEST_TIMEOUT[@]+"${PYTEST_TIMEOUT[@]}"} -p no:cacheprovider "${TESTS[@]}"
+  logged "$LOG" timeout -k 5 "$(cap 200 270)" "$PY" -m pytest -q --maxfail=8 ${PYTEST_TIMEOUT[@]+"${PYTEST_TIMEOUT[@]}"} -p no:cacheprovider "${TESTS[@]}"
   RC[tests]=$?
 fi
 
