@@ -3,13 +3,14 @@
 #   1. make the package importable (editable pip install without network; else a path finder),
 #   2. versions and the card,
 #   3. the Triton kernel tests and the runtime's GPU tests (tests/test_triton_*.py,
-#      tests/test_gpu_runtime.py; on CUDA the gpu-marked tests run too),
-#   4. bench/gpu_kernels.py (our kernels beside their anchors: kernels.json, kernels.md),
-#   5. bench/gpu_e2e.py (decode on the runtime, 7B shape: e2e.json),
-#   6. bench/gpu_tune.py (the W4A16 tile sweep behind pick_config: tune.json, log in kernels.log).
+#      tests/test_gpu_runtime.py; on CUDA the gpu-marked tests run too; GPU_TESTS overrides),
+#   4. bench/gpu_tune.py (the W4A16 tile sweep: tune.json, log tune.log; its table,
+#      codegen/tuned/<card>.json, serves the steps after it; SKIP_TUNE=1 skips it),
+#   5. bench/gpu_kernels.py (our kernels beside their anchors: kernels.json, kernels.md),
+#   6. bench/gpu_e2e.py (decode on the runtime, 7B shape: e2e.json).
 # No `set -e`: a failing step is logged and the next one runs. Every step runs under `timeout`,
 # shortened when the session's time runs low. Few files come back from $OUT, so the logs are few:
-# tests.log (setup, versions, tests, summary), kernels.log, e2e.log.
+# tests.log (setup, versions, tests, summary), tune.log, kernels.log, e2e.log.
 #
 #     OUT=/some/dir bash bench/gpu.sh          # $OUT defaults to bench/out
 set -uo pipefail
@@ -112,13 +113,27 @@ else
   RC[tests]=$?
 fi
 
-# --- 4. kernel benchmarks -------------------------------------------------------------------
+# --- 4. W4A16 tile sweep (its table serves the steps after it) ------------------------------
+step "bench/gpu_tune.py"
+T=$(cap ${TUNE_S:-150} 200)
+if [[ -n "${SKIP_TUNE:-}" ]]; then
+  RC[tune]=skipped
+elif ((T >= 20)); then
+  : > "$OUT/tune.log"
+  logged "$OUT/tune.log" timeout -k 5 "$((T + 30))" "$PY" bench/gpu_tune.py --budget "$T"
+  RC[tune]=$?
+else
+  say "skipped: only ${T} s left"
+  RC[tune]=skipped
+fi
+
+# --- 5. kernel benchmarks -------------------------------------------------------------------
 step "bench/gpu_kernels.py"
 : > "$OUT/kernels.log"
-logged "$OUT/kernels.log" timeout -k 5 "$(cap 170 100)" "$PY" bench/gpu_kernels.py ${KERNELS_ARGS:-}
+logged "$OUT/kernels.log" timeout -k 5 "$(cap 120 150)" "$PY" bench/gpu_kernels.py ${KERNELS_ARGS:-}
 RC[kernels]=$?
 
-# --- 5. end to end --------------------------------------------------------------------------
+# --- 6. end to end --------------------------------------------------------------------------
 step "bench/gpu_e2e.py"
 if [[ -f bench/gpu_e2e.py ]]; then
   T=$(cap 200 10)
@@ -135,22 +150,9 @@ else
   RC[e2e]=missing
 fi
 
-# --- 6. W4A16 tile sweep --------------------------------------------------------------------
-step "bench/gpu_tune.py"
-T=$(cap 90 5)
-if [[ -n "${SKIP_TUNE:-}" ]]; then
-  RC[tune]=skipped
-elif ((T >= 20)); then
-  logged "$OUT/kernels.log" timeout -k 5 "$T" "$PY" bench/gpu_tune.py
-  RC[tune]=$?
-else
-  say "skipped: only ${T} s left"
-  RC[tune]=skipped
-fi
-
 # --- summary --------------------------------------------------------------------------------
 step "summary"
-for k in install import tests kernels e2e tune; do say "  $k: ${RC[$k]:-not run} (0 = ok, 124 = timed out)"; done
+for k in install import tests tune kernels e2e; do say "  $k: ${RC[$k]:-not run} (0 = ok, 124 = timed out)"; done
 say "  total: $((SECONDS - T0)) s"
 ls -l "$OUT" | tee -a "$LOG"
 for k in import tests kernels e2e; do [[ "${RC[$k]:-}" == 0 || "${RC[$k]:-}" == missing ]] || exit 1; done

@@ -178,5 +178,7 @@ def _(x, qweight, scales, zeros, bias):
 def linear_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """A float linear with 16-bit activations and a bf16 copy of its weight (made once at load):
     how a weight-only artifact serves the layers it left float, lm_head first."""
-    y = F.linear(x.to(torch.bfloat16), weight, None if bias is None else bias.to(torch.bfloat16))
-    return y.to(x.dtype)
+    # NOTE: flattened to 2-D first: CUDA's linear on a 3-D input with a symbolic length asks for
+    # numel() while the graph is traced with fake tensors
+    y = F.linear(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), weight, None if bias is None else bias.to(torch.bfloat16))
+    return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)

@@ -2,17 +2,30 @@
 (registered as their CUDA kernels): dequantization fused into the GEMM.
 
 The kernel reads the artifact's own layout: int4 as uint8 ``[N, K/2]`` (column ``2j`` in the
-low nibble, ``2j + 1`` in the high one), so a tile's bytes are contiguous along K and load as
-16-byte vectors without any repacking of the weight. The two nibble planes are two ``tl.dot``
-products (``x[:, 0::2] @ lo``, ``x[:, 1::2] @ hi``) on integer-valued 16-bit tiles; the group's
-scale multiplies the tile's fp32 partial product, and a zero point is one rank-1 correction per
-group (``- rowsum(x_group) * zero * scale``), so the inner loop does no per-weight float math
-beyond the int -> float conversion. Scales and zeros are read through their strides: the
-runtime stores them N-contiguous (``codegen.cuda``), one coalesced row per group.
+low nibble, ``2j + 1`` in the high one), so a weight tile ``[BLOCK_N, BLOCK_K/2]`` is contiguous
+along K and loads as 16-byte vectors without any repacking. The activation tile
+``[BLOCK_M, BLOCK_K]`` loads contiguously too and is split into its even and odd columns in
+registers, which meet the low and high nibble planes. The group's scale multiplies the tile's
+fp32 partial product, and a zero point is one rank-1 correction per group
+(``- rowsum(x_group) * zero * scale``), so the inner loop does no per-weight float math beyond
+the int -> float conversion. Scales and zeros are read through their strides: the runtime
+stores them N-contiguous (``codegen.cuda``), one coalesced row per group.
 
-Decode-sized M (few rows) splits K across programs (split-K, fp32 atomics) so that a GEMV
-still fills every SM; prefill-sized M uses larger M tiles and no split.
+Two forms of the same loop:
+
+* decode sizes (``M <= GEMV_MAX_M``): no tensor cores; the few rows multiply the weight tile in
+  registers and reduce along K (a GEMV), split over K across programs (fp32 atomics) so that
+  the weight stream fills every SM;
+* larger M: ``tl.dot`` on integer-valued 16-bit tiles, larger M tiles, split-K only while the
+  tiles alone leave SMs idle.
+
+Tiles come from a table measured on the device (``codegen/tuned/<device>.json``, written by
+``bench/gpu_tune.py``) when it holds the shape, else from ``pick_config``'s rules.
 """
+import functools
+import json
+import os
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -23,6 +36,9 @@ from torch import Tensor
 from . import ops
 from .cuda import num_sms
 
+GEMV_MAX_M = 4  # up to this many rows: the GEMV form (no tensor cores)
+TUNED_DIR = Path(__file__).parent / "tuned"
+
 
 @triton.jit
 def _wq_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
@@ -31,7 +47,7 @@ def _wq_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
                       stride_om, stride_on,
                       BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr,
+                      USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_mn = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -48,32 +64,34 @@ def _wq_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)          # [BLOCK_M, BLOCK_K]
         if BITS == 4:
             HALF: tl.constexpr = BLOCK_K // 2
-            offs_b = k0 // 2 + tl.arange(0, HALF)              # byte columns of this tile
-            mask_b = offs_b < k_end // 2
-            b = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_b[:, None] * stride_wk,
-                        mask=mask_n[None, :] & mask_b[:, None], other=0x88)  # [HALF, BLOCK_N] uint8
-            lo = ((b & 0xF).to(tl.int16) - 8).to(dt)
-            hi = ((b >> 4).to(tl.int16) - 8).to(dt)
-            xp = x_ptr + offs_m[:, None] * stride_xm + (2 * offs_b[None, :]) * stride_xk
-            xmask = mask_m[:, None] & mask_b[None, :]
-            x_even = tl.load(xp, mask=xmask, other=0.0)                  # [BLOCK_M, HALF]
-            x_odd = tl.load(xp + stride_xk, mask=xmask, other=0.0)
-            part = tl.dot(x_even, lo, input_precision=DOT_PRECISION)
-            part = tl.dot(x_odd, hi, part, input_precision=DOT_PRECISION)
-            if HAS_ZERO:
-                xs = tl.sum(x_even.to(tl.float32), axis=1) + tl.sum(x_odd.to(tl.float32), axis=1)
+            offs_b = k0 // 2 + tl.arange(0, HALF)                                # byte columns of this tile
+            b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :] * stride_wk,
+                        mask=mask_n[:, None] & (offs_b < k_end // 2)[None, :], other=0x88)  # [BLOCK_N, HALF] uint8
+            lo = (b & 0xF).to(tl.int16) - 8
+            hi = (b >> 4).to(tl.int16) - 8
+            x_even, x_odd = tl.split(tl.reshape(xt, (BLOCK_M, HALF, 2)))         # [BLOCK_M, HALF] each
+            if USE_DOT:
+                part = tl.dot(x_even, tl.trans(lo.to(dt)), input_precision=DOT_PRECISION)
+                part = tl.dot(x_odd, tl.trans(hi.to(dt)), part, input_precision=DOT_PRECISION)
+            else:
+                prod = (x_even.to(tl.float32)[:, None, :] * lo.to(tl.float32)[None, :, :]
+                        + x_odd.to(tl.float32)[:, None, :] * hi.to(tl.float32)[None, :, :])
+                part = tl.sum(prod, axis=2)
         else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < k_end
-            w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                        mask=mask_n[None, :] & mask_k[:, None], other=0).to(dt)  # [BLOCK_K, BLOCK_N]
-            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            part = tl.dot(xt, w, input_precision=DOT_PRECISION)
-            if HAS_ZERO:
-                xs = tl.sum(xt.to(tl.float32), axis=1)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=mask_n[:, None] & mask_k[None, :], other=0)           # [BLOCK_N, BLOCK_K] int8
+            if USE_DOT:
+                part = tl.dot(xt, tl.trans(w.to(dt)), input_precision=DOT_PRECISION)
+            else:
+                part = tl.sum(xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if HAS_ZERO:
+            xs = tl.sum(xt.to(tl.float32), axis=1)
         if PER_CHANNEL:
             acc += part
             if HAS_ZERO:
@@ -116,15 +134,62 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
+def _pow2_ceil(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table(device_name: str) -> dict:
+    """``{(bits, group, N, K): [(M, LinearConfig), ...] sorted by M}`` from
+    ``codegen/tuned/<device name>.json`` (spaces as underscores); empty when there is none."""
+    path = TUNED_DIR / (device_name.replace(" ", "_") + ".json")
+    if not path.is_file():
+        return {}
+    table: dict = {}
+    for e in json.loads(path.read_text())["entries"]:
+        key = (e["bits"], e["group"], e["N"], e["K"])
+        table.setdefault(key, []).append((e["M"], LinearConfig(**e["config"])))
+    return {k: sorted(v) for k, v in table.items()}
+
+
+def tuned_config(table: dict, M: int, N: int, K: int, group: int, bits: int) -> Optional[LinearConfig]:
+    """The entry of ``table`` (as ``tuned_table`` returns) for this shape measured at the M nearest
+    to ``M`` in the same form (GEMV or tensor cores), or None."""
+    rows = table.get((bits, group, N, K))
+    if not rows:
+        return None
+    # the entry measured at the nearest M of the same form (GEMV or tensor cores)
+    same = [(m, c) for m, c in rows if (m <= GEMV_MAX_M) == (M <= GEMV_MAX_M)]
+    if not same:
+        return None
+    m, cfg = min(same, key=lambda mc: (abs(mc[0] - M), mc[0]))
+    if M <= GEMV_MAX_M:
+        cfg = cfg._replace(block_m=_pow2_ceil(M))
+    return cfg
+
+
+def _tuned(M: int, N: int, K: int, group: int, bits: int, device: torch.device) -> Optional[LinearConfig]:
+    if device.type != "cuda" or os.environ.get("QCOMPILER_TUNED", "1") == "0":
+        return None
+    return tuned_config(tuned_table(torch.cuda.get_device_name(device)), M, N, K, group, bits)
+
+
 def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.device) -> LinearConfig:
-    """Tiles by M: decode sizes (M <= 16) take 16-row tiles and split K until about four programs
-    run per SM; larger M takes wider tiles and no split. BLOCK_K divides the group size (one
-    scale per tile), and a split covers whole groups."""
+    """Tiles for one call. A measured entry for this device and shape wins (``tuned_table``).
+    Otherwise, by rule: decode sizes (``M <= GEMV_MAX_M``) take the GEMV form with wide N tiles
+    and split K until about four programs run per SM; larger M takes ``tl.dot`` tiles that grow
+    with M, split only while the tiles leave SMs idle. BLOCK_K divides the group size (one scale
+    per tile), and a split covers whole groups."""
     per_channel = group >= K
-    if M <= 16:
+    tuned = _tuned(M, N, K, group, bits, device)
+    if tuned is not None and (per_channel or group % tuned.block_k == 0):
+        return tuned
+    if M <= GEMV_MAX_M:
+        bm, bn, bk, warps, stages = _pow2_ceil(M), 128, 128 if bits == 4 else 64, 8, 1
+    elif M <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128 if bits == 4 else 64, 4, 4
     elif M <= 64:
-        bm, bn, bk, warps, stages = 64, 64, 64, 4, 4
+        bm, bn, bk, warps, stages = _pow2_ceil(M), 64, 64, 4, 4
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     if not per_channel:
@@ -132,7 +197,7 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
     k_tiles = triton.cdiv(K, bk)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split = 1
-    if M <= 16:
+    if M <= 64:
         want = max(1, 4 * num_sms(device) // tiles)
         split = min(_pow2_floor(want), max(1, k_tiles // 4))
     return LinearConfig(bm, bn, bk, split, warps, stages)
@@ -189,7 +254,7 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
             x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
             z.stride(0), z.stride(1), out.stride(0), out.stride(1),
             BITS=bits, GROUP=group, PER_CHANNEL=per_channel, HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None,
-            ATOMIC=atomic, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            ATOMIC=atomic, USE_DOT=cfg.block_m >= 16, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.to(x.dtype).reshape(*x.shape[:-1], N)

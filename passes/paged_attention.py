@@ -91,13 +91,14 @@ def paged_attention(gm: GraphModule) -> GraphModule:
     Hkv0 = _shape(kv_heads_source(sdpas[0].args[1], q0))[1]
     D = _shape(q0)[3]
     pos = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    dev = q0.meta["val"].device  # the metadata lives where the program was captured (CPU or CUDA)
     with mode:
-        examples = {"kv_cache": torch.empty(len(sdpas), 2, 8, 16, Hkv0, D, dtype=q0.meta["val"].dtype),
+        examples = {"kv_cache": torch.empty(len(sdpas), 2, 8, 16, Hkv0, D, dtype=q0.meta["val"].dtype, device=dev),
                     "slot_mapping": torch.empty_like(pos.meta["val"]),
-                    "block_tables": torch.empty(2, 4, dtype=torch.int64),
-                    "seq_lens": torch.empty(2, dtype=torch.int64),
-                    "query_start_loc": torch.empty(3, dtype=torch.int64),
-                    "logits_indices": torch.empty(2, dtype=torch.int64)}
+                    "block_tables": torch.empty(2, 4, dtype=torch.int64, device=dev),
+                    "seq_lens": torch.empty(2, dtype=torch.int64, device=dev),
+                    "query_start_loc": torch.empty(3, dtype=torch.int64, device=dev),
+                    "logits_indices": torch.empty(2, dtype=torch.int64, device=dev)}
     inputs = {}
     with gm.graph.inserting_after(pos):
         for name in reversed(PAGED_INPUTS):

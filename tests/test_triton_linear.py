@@ -6,7 +6,7 @@ import torch
 
 from qcompiler.codegen.ops import quantized_linear_ref
 from qcompiler.codegen.quant import quantize_weight
-from qcompiler.codegen.triton_linear import LinearConfig, pick_config, wq_linear_triton
+from qcompiler.codegen.triton_linear import LinearConfig, pick_config, tuned_config, wq_linear_triton
 
 
 def _weight(N, K, bits, group, symmetric, seed=0):
@@ -19,11 +19,13 @@ def _case(M, N, K, bits, group, symmetric, bias, dtype, device, seed=0):
     qw = _weight(N, K, bits, group, symmetric, seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(M, K, generator=g).to(dtype)
-    b = torch.randn(N, generator=g) if bias else None
-    # the reference in fp32 from the same (rounded) operands; the kernel accumulates in fp32 too
-    ref = quantized_linear_ref(x.float(), qw.qweight, qw.scales.float(), qw.zeros, b, bits)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    scales = qw.scales.to(dtype)
+    # the reference in fp32 from the same operands the kernel gets (x, scales and bias rounded to
+    # ``dtype``); the kernel accumulates in fp32 too
+    ref = quantized_linear_ref(x.float(), qw.qweight, scales.float(), qw.zeros, None if b is None else b.float(), bits)
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    args = (x.to(device), to(qw.qweight), to(qw.scales.to(dtype)), to(qw.zeros), to(None if b is None else b.to(dtype)))
+    args = (x.to(device), to(qw.qweight), to(scales), to(qw.zeros), to(b))
     return args, ref
 
 
@@ -40,21 +42,23 @@ def test_matches_reference(kernel_device, M, bits, group, symmetric):
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("M", [2, 5])  # the GEMV form and the tensor-core form
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 64, False), (8, 32, True)])
-def test_half_activations(kernel_device, bits, group, symmetric):
-    args, ref = _case(5, 24, 128, bits, group, symmetric, bias=True, dtype=torch.float16, device=kernel_device)
+def test_half_activations(kernel_device, M, bits, group, symmetric):
+    args, ref = _case(M, 24, 128, bits, group, symmetric, bias=True, dtype=torch.float16, device=kernel_device)
     out = wq_linear_triton(*args, bits=bits)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.cpu().float(), ref, **TOL[torch.float16])
 
 
+@pytest.mark.parametrize("block_m", [2, 16])  # the GEMV form and the tensor-core form
 @pytest.mark.parametrize("split_k", [2, 3])
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (8, None)])
-def test_split_k(kernel_device, split_k, bits, group):
+def test_split_k(kernel_device, block_m, split_k, bits, group):
     """Split-K partial sums (fp32 atomics) add up to the whole product; bias is added once."""
     K = 192 if group else 200
     args, ref = _case(2, 24, K, bits, group or K, True, bias=True, dtype=torch.float32, device=kernel_device)
-    cfg = LinearConfig(block_m=16, block_n=16, block_k=32, split_k=split_k, num_warps=4, num_stages=2)
+    cfg = LinearConfig(block_m=block_m, block_n=16, block_k=32, split_k=split_k, num_warps=4, num_stages=2)
     out = wq_linear_triton(*args, bits=bits, config=cfg)
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
@@ -72,10 +76,24 @@ def test_strided_scales_and_batched_input(kernel_device):
 def test_configs_by_size():
     cpu = torch.device("cpu")
     decode = pick_config(1, 11008, 4096, 128, 4, cpu)
-    assert decode.block_m == 16 and decode.split_k > 1 and 128 % decode.block_k == 0
+    assert decode.block_m == 1 and decode.split_k > 1 and 128 % decode.block_k == 0  # the GEMV form
+    assert pick_config(3, 11008, 4096, 128, 4, cpu).block_m == 4
+    assert pick_config(16, 11008, 4096, 128, 4, cpu).block_m == 16  # tensor cores from here
     prefill = pick_config(512, 11008, 4096, 128, 4, cpu)
     assert prefill.block_m > 16 and prefill.split_k == 1
     assert pick_config(1, 4096, 4096, 32, 4, cpu).block_k == 32  # BLOCK_K divides the group
+
+
+def test_tuned_entries_by_nearest_m():
+    """A measured table answers for its shapes at the nearest M of the same form, else nothing."""
+    gemv = LinearConfig(1, 256, 128, 4, 8, 1)
+    dot = LinearConfig(32, 64, 64, 2, 4, 3)
+    table = {(4, 128, 11008, 4096): [(1, gemv), (32, dot)]}
+    assert tuned_config(table, 1, 11008, 4096, 128, 4) == gemv
+    assert tuned_config(table, 3, 11008, 4096, 128, 4) == gemv._replace(block_m=4)  # tile rows follow M
+    assert tuned_config(table, 200, 11008, 4096, 128, 4) == dot
+    assert tuned_config(table, 1, 4096, 4096, 128, 4) is None  # a shape it does not hold
+    assert tuned_config({(4, 128, 11008, 4096): [(32, dot)]}, 1, 11008, 4096, 128, 4) is None
 
 
 def test_bad_operands_are_refused(kernel_device):
