@@ -115,12 +115,12 @@ fi
 
 # --- 4. W4A16 tile sweep (its table serves the steps after it) ------------------------------
 step "bench/gpu_tune.py"
-T=$(cap ${TUNE_S:-150} 200)
+T=$(cap "${TUNE_S:-150}" "${TUNE_RESERVE:-200}")
 if [[ -n "${SKIP_TUNE:-}" ]]; then
   RC[tune]=skipped
 elif ((T >= 20)); then
   : > "$OUT/tune.log"
-  logged "$OUT/tune.log" timeout -k 5 "$((T + 30))" "$PY" bench/gpu_tune.py --budget "$T"
+  logged "$OUT/tune.log" timeout -k 5 "$((T + 30))" "$PY" bench/gpu_tune.py --budget "$T" ${TUNE_ARGS:-}
   RC[tune]=$?
 else
   say "skipped: only ${T} s left"
@@ -130,7 +130,7 @@ fi
 # --- 5. kernel benchmarks -------------------------------------------------------------------
 step "bench/gpu_kernels.py"
 : > "$OUT/kernels.log"
-logged "$OUT/kernels.log" timeout -k 5 "$(cap 120 150)" "$PY" bench/gpu_kernels.py ${KERNELS_ARGS:-}
+logged "$OUT/kernels.log" timeout -k 5 "$(cap 120 "${KERNELS_RESERVE:-150}")" "$PY" bench/gpu_kernels.py ${KERNELS_ARGS:-}
 RC[kernels]=$?
 
 # --- 6. end to end --------------------------------------------------------------------------

@@ -34,8 +34,8 @@ if SMOKE:
     PLAN = [(1, (64, 96)), (16, (64, 96))]
 
 # (block_n, block_k, num_warps, num_stages); block_m follows M; each is tried at these splits
-GEMV = [(64, 128, 4, 1), (128, 128, 4, 1), (128, 128, 8, 1), (256, 128, 8, 1), (128, 64, 4, 1),
-        (256, 64, 8, 1), (128, 128, 8, 3), (256, 128, 8, 3)]
+GEMV = [(32, 128, 4, 1), (64, 128, 4, 1), (128, 128, 4, 1), (128, 128, 8, 1), (256, 128, 8, 1), (64, 64, 4, 1),
+        (128, 64, 4, 1), (256, 64, 8, 1)]
 DOT = [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 4)]
 if SMOKE:
     GEMV, DOT = [(32, 32, 4, 1), (64, 32, 4, 1)], [(32, 32, 4, 2)]
@@ -60,8 +60,10 @@ def candidates(M: int):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=150.0, help="seconds for the whole sweep")
+    ap.add_argument("--ms", help="comma-separated M values: only these rows of the plan")
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes: plumbing only")
     args = ap.parse_args()
+    plan = [(M, s) for M, s in PLAN if not args.ms or M in {int(m) for m in args.ms.split(",")}]
     if not SMOKE and not torch.cuda.is_available():
         print("bench/gpu_tune.py needs a CUDA device (or --smoke)", file=sys.stderr)
         return 2
@@ -82,6 +84,13 @@ def main() -> int:
                        f"int4 g{GROUP} with int8 zero points, N-contiguous scales",
              "entries": [], "sweep": []}
     paths = [os.path.join(out_dir, "tune.json")] + ([] if SMOKE else [str(TUNED_DIR / (name.replace(" ", "_") + ".json"))])
+    # entries of the device's table that this run does not measure again are kept
+    kept = []
+    if os.path.isfile(paths[-1]) and not SMOKE:
+        measured = {(4, GROUP, N, K, M) for M, (K, N) in plan}
+        kept = [e for e in json.load(open(paths[-1]))["entries"]
+                if (e["bits"], e["group"], e["N"], e["K"], e["M"]) not in measured]
+    table["entries"] = list(kept)
 
     def save():
         for p in paths:
@@ -92,7 +101,7 @@ def main() -> int:
     bench = (lambda fn: do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e3) if not SMOKE else \
         (lambda fn: (fn(), 1.0)[1])
     weights = {}
-    for M, (K, N) in PLAN:
+    for M, (K, N) in plan:
         if time.monotonic() > t_end:
             print(f"budget spent: stopped before M={M} K={K} N={N}", flush=True)
             break
@@ -145,7 +154,7 @@ def main() -> int:
                                "tried": len(times)})
         save()
     save()
-    print(f"wrote {' and '.join(paths)}: {len(table['entries'])} entries", flush=True)
+    print(f"wrote {' and '.join(paths)}: {len(table['entries'])} entries ({len(kept)} kept from before)", flush=True)
     return 0
 
 
