@@ -41,6 +41,19 @@ TUNED_DIR = Path(__file__).parent / "tuned"
 
 
 @triton.jit
+def _nibbles_to(code, dt: tl.constexpr):
+    """uint8 codes 0..15 -> ``code - 8`` in ``dt``. For 16-bit floats by the exponent trick: the
+    bits ``0x4300 | code`` are the bf16 ``128 + code`` (``0x6400 | code``: the fp16 ``1024 + code``),
+    exact, so one subtraction gives the value without a conversion instruction."""
+    if dt == tl.bfloat16:
+        return ((code.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True) - 136.0).to(tl.bfloat16)
+    elif dt == tl.float16:
+        return ((code.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0).to(tl.float16)
+    else:
+        return (code.to(tl.int16) - 8).to(dt)
+
+
+@triton.jit
 def _wq_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
                       M, N, K, k_per_split,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
@@ -77,8 +90,8 @@ def _wq_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
             hi = (b >> 4).to(tl.int16) - 8
             x_even, x_odd = tl.split(tl.reshape(xt, (BLOCK_M, HALF, 2)))         # [BLOCK_M, HALF] each
             if USE_DOT:
-                part = tl.dot(x_even, tl.trans(lo.to(dt)), input_precision=DOT_PRECISION)
-                part = tl.dot(x_odd, tl.trans(hi.to(dt)), part, input_precision=DOT_PRECISION)
+                part = tl.dot(x_even, tl.trans(_nibbles_to(b & 0xF, dt)), input_precision=DOT_PRECISION)
+                part = tl.dot(x_odd, tl.trans(_nibbles_to(b >> 4, dt)), part, input_precision=DOT_PRECISION)
             else:
                 prod = (x_even.to(tl.float32)[:, None, :] * lo.to(tl.float32)[None, :, :]
                         + x_odd.to(tl.float32)[:, None, :] * hi.to(tl.float32)[None, :, :])
