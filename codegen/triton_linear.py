@@ -41,19 +41,6 @@ TUNED_DIR = Path(__file__).parent / "tuned"
 
 
 @triton.jit
-def _nibbles_to(code, dt: tl.constexpr):
-    """uint8 codes 0..15 -> ``code - 8`` in ``dt``. For 16-bit floats by the exponent trick: the
-    bits ``0x4300 | code`` are the bf16 ``128 + code`` (``0x6400 | code``: the fp16 ``1024 + code``),
-    exact, so one subtraction gives the value without a conversion instruction."""
-    if dt == tl.bfloat16:
-        return ((code.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True) - 136.0).to(tl.bfloat16)
-    elif dt == tl.float16:
-        return ((code.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0).to(tl.float16)
-    else:
-        return (code.to(tl.int16) - 8).to(dt)
-
-
-@triton.jit
 def _wq_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
                       M, N, K, k_per_split,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
@@ -90,8 +77,8 @@ def _wq_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
             hi = (b >> 4).to(tl.int16) - 8
             x_even, x_odd = tl.split(tl.reshape(xt, (BLOCK_M, HALF, 2)))         # [BLOCK_M, HALF] each
             if USE_DOT:
-                part = tl.dot(x_even, tl.trans(_nibbles_to(b & 0xF, dt)), input_precision=DOT_PRECISION)
-                part = tl.dot(x_odd, tl.trans(_nibbles_to(b >> 4, dt)), part, input_precision=DOT_PRECISION)
+                part = tl.dot(x_even, tl.trans(lo.to(dt)), input_precision=DOT_PRECISION)
+                part = tl.dot(x_odd, tl.trans(hi.to(dt)), part, input_precision=DOT_PRECISION)
             else:
                 prod = (x_even.to(tl.float32)[:, None, :] * lo.to(tl.float32)[None, :, :]
                         + x_odd.to(tl.float32)[:, None, :] * hi.to(tl.float32)[None, :, :])
@@ -128,81 +115,6 @@ def _wq_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
         acc += bias[None, :]
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     omask = mask_m[:, None] & mask_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=omask, sem="relaxed")
-    else:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
-
-
-@triton.jit
-def _wq_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-                    M, N, K, k_per_split,
-                    stride_xm, stride_xk, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg,
-                    stride_om, stride_on,
-                    BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The decode form: weights read as 32-bit words (8 nibbles or 4 bytes, K order within the
-    word), unpacked with shifts and masks and turned into floats by the exponent trick
-    (``bits | 0x4B000000`` is the float ``2**23 + bits``), so no conversion instructions run per
-    weight; each of the few rows multiplies the tile in registers and reduces along K."""
-    PER: tl.constexpr = 8 if BITS == 4 else 4                    # values per word
-    MASK: tl.constexpr = 0xF if BITS == 4 else 0xFF
-    BIAS: tl.constexpr = 8388616.0 if BITS == 4 else 8388736.0   # 2**23 + the code's offset (8, or 128)
-    BLOCK_W: tl.constexpr = BLOCK_K // PER
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_m = tl.arange(0, BLOCK_M)
-    shifts = (tl.arange(0, PER) * BITS)[None, None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_w = k0 // PER + tl.arange(0, BLOCK_W)
-        mask_w = offs_w < k_end // PER
-        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                        mask=mask_n[:, None] & mask_w[None, :], other=0)        # [BLOCK_N, BLOCK_W] int32
-        code = (words[:, :, None] >> shifts) & MASK                             # [BLOCK_N, BLOCK_W, PER]
-        if BITS == 8:
-            code = code ^ 0x80                                                  # two's complement -> offset binary
-        wf = (code | 0x4B000000).to(tl.float32, bitcast=True) - BIAS            # the signed value, exactly
-        wf = tl.where(mask_w[None, :, None], wf, 0.0)
-        offs_k = offs_w[:, None] * PER + tl.arange(0, PER)[None, :]             # [BLOCK_W, PER]
-        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        xs = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for m in tl.static_range(BLOCK_M):
-            xv = tl.load(x_ptr + m * stride_xm + offs_k * stride_xk, mask=(m < M) & mask_w[:, None],
-                         other=0.0).to(tl.float32)                              # [BLOCK_W, PER]
-            pm = tl.sum(tl.sum(wf * xv[None, :, :], axis=2), axis=1)            # [BLOCK_N]
-            part += tl.where(offs_m[:, None] == m, pm[None, :], 0.0)
-            if HAS_ZERO:
-                xs += tl.where(offs_m == m, tl.sum(tl.sum(xv, axis=1), axis=0), 0.0)
-        if PER_CHANNEL:
-            acc += part
-            if HAS_ZERO:
-                xsum += xs
-        else:
-            g = k0 // GROUP
-            s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
-            acc += part * s[None, :]
-            if HAS_ZERO:
-                z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)
-                acc -= xs[:, None] * (z * s)[None, :]
-    if PER_CHANNEL:
-        s = tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(z_ptr + offs_n * stride_zn, mask=mask_n, other=0).to(tl.float32)
-            acc = (acc - xsum[:, None] * z[None, :]) * s[None, :]
-        else:
-            acc = acc * s[None, :]
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=mask_n & (pid_k == 0), other=0.0).to(tl.float32)
-        acc += bias[None, :]
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    omask = (offs_m < M)[:, None] & mask_n[None, :]
     if ATOMIC:
         tl.atomic_add(out, acc, mask=omask, sem="relaxed")
     else:
@@ -262,6 +174,7 @@ def _tuned(M: int, N: int, K: int, group: int, bits: int, device: torch.device) 
     return tuned_config(tuned_table(torch.cuda.get_device_name(device)), M, N, K, group, bits)
 
 
+@functools.lru_cache(maxsize=4096)  # one answer per shape and device: a call pays for a dict lookup only
 def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.device) -> LinearConfig:
     """Tiles for one call. A measured entry for this device and shape wins (``tuned_table``).
     Otherwise, by rule: decode sizes (``M <= GEMV_MAX_M``) take the GEMV form with wide N tiles
@@ -315,14 +228,6 @@ def _check(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], 
     return N, K, group
 
 
-def _as_words(qweight: Tensor, bits: int) -> Optional[Tensor]:
-    """``qweight`` viewed as int32 words ``[N, K/PER]`` (no copy), or None when its rows are not
-    whole aligned words (then the tensor-core form runs instead)."""
-    if qweight.shape[1] % 4 or qweight.stride(1) != 1 or qweight.stride(0) % 4 or qweight.storage_offset() % 4:
-        return None
-    return qweight.view(torch.int32)
-
-
 def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
                      bits: int, config: Optional[LinearConfig] = None) -> Tensor:
     """``x [..., K]`` @ dequantized ``qweight`` (int4 uint8 ``[N, K/2]`` or int8 ``[N, K]``; scales and
@@ -341,19 +246,9 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
     split = triton.cdiv(K, k_per_split)
     atomic = split > 1
     out = torch.zeros(M, N, device=x.device, dtype=torch.float32) if atomic else x.new_empty(M, N)
-    z = zeros if zeros is not None else scales  # any pointer: unread when HAS_ZERO is False
-    words = _as_words(qweight, bits) if cfg.block_m <= GEMV_MAX_M and M <= cfg.block_m else None
-    if M and words is not None:
-        _wq_gemv_kernel[(triton.cdiv(N, cfg.block_n), split)](
-            x2, words, scales, z, bias if bias is not None else scales, out,
-            M, N, K, k_per_split,
-            x2.stride(0), x2.stride(1), words.stride(0), scales.stride(0), scales.stride(1),
-            z.stride(0), z.stride(1), out.stride(0), out.stride(1),
-            BITS=bits, GROUP=group, PER_CHANNEL=per_channel, HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None,
-            ATOMIC=atomic, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    elif M:
+    if M:
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+        z = zeros if zeros is not None else scales  # any pointer: unread when HAS_ZERO is False
         _wq_linear_kernel[grid](
             x2, qweight, scales, z, bias if bias is not None else scales, out,
             M, N, K, k_per_split,
