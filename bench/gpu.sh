@@ -13,6 +13,9 @@
 # tests.log (setup, versions, tests, summary), tune.log, kernels.log, e2e.log.
 #
 #     OUT=/some/dir bash bench/gpu.sh          # $OUT defaults to bench/out
+#
+# Each step's cap leaves a reserve for the steps after it (TESTS_RESERVE, TUNE_RESERVE,
+# KERNELS_RESERVE, in seconds): lower them together with TOTAL_S for a short visit.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
@@ -109,7 +112,7 @@ if ((${#TESTS[@]} == 0)); then
 else
   PYTEST_TIMEOUT=()
   if timeout 60 "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_TIMEOUT=(--timeout 240); else say "(pytest-timeout not installed: no per-test timeout)"; fi
-  logged "$LOG" timeout -k 5 "$(cap 200 270)" "$PY" -m pytest -q --maxfail=8 ${PYTEST_TIMEOUT[@]+"${PYTEST_TIMEOUT[@]}"} -p no:cacheprovider "${TESTS[@]}"
+  logged "$LOG" timeout -k 5 "$(cap 200 "${TESTS_RESERVE:-270}")" "$PY" -m pytest -q --maxfail=8 ${PYTEST_TIMEOUT[@]+"${PYTEST_TIMEOUT[@]}"} -p no:cacheprovider "${TESTS[@]}"
   RC[tests]=$?
 fi
 
