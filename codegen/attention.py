@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_native
+
 
 def _check_cache(kv_cache: Tensor, layer: int, key: Tensor) -> None:
     assert kv_cache.dim() == 6 and kv_cache.shape[1] == 2, f"kv_cache must be [L, 2, blocks, block, H_kv, D], got {tuple(kv_cache.shape)}"
@@ -89,11 +91,16 @@ def paged_attention_ref(query: Tensor, kv_cache: Tensor, layer: int, block_table
 
 def decode_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
                      scale: float, lens: Optional[list[int]] = None) -> Tensor:
-    """One query per sequence: every sequence's blocks gathered at once (``index_select``: ~2x
-    advanced indexing), one SDPA for the step, keys past a sequence's length masked. With ``lens``
+    """One query per sequence. On a CPU with our kernels and an fp32 cache: ``qc_cpu::paged_decode``
+    reads K and V in place through the block tables. Otherwise every sequence's blocks are
+    gathered at once (``index_select``: ~2x advanced indexing), one SDPA for the step, keys past
+    a sequence's length masked. With ``lens``
     (the lengths, on the host) keys stop at the longest and equal lengths need no mask; without,
     keys span the block table's width and are always masked: no host sync, so Dynamo can trace it
     and Inductor schedules it with its neighbours."""
+    if cpu_native.decode_supported(query, kv_cache):  # in place from the paged cache, no gather
+        return torch.ops.qc_cpu.paged_decode(query.contiguous(), kv_cache, layer, block_tables.contiguous(),
+                                             seq_lens.contiguous(), scale)
     S, Hq, D = query.shape
     bs, Hkv = kv_cache.shape[3], kv_cache.shape[4]
     if lens is None:

@@ -1,10 +1,15 @@
-"""Our own CPU kernel for weight-only int4/int8 linears (``csrc/cpu_wq_gemm.cpp``, op
-``qc_cpu::wq_gemm``): AVX-512 FMAs in fp32 on weights converted in registers (int4 through a
-16-entry table), the group scale applied once per group to a partial sum, a weight block
-converted once for up to 4 rows, software prefetch ahead of the weight stream. Built on first
-use with torch's C++ extension tools (g++ and ninja) into the qcompiler cache; where the CPU
-lacks AVX-512 or the build fails, ``available()`` is False and the CPU lowering keeps torch's
-int4pack/int8pack kernels."""
+"""Our own CPU kernels, built on first use with torch's C++ extension tools (g++ and ninja)
+into the qcompiler cache:
+
+* ``qc_cpu::wq_gemm`` (``csrc/cpu_wq_gemm.cpp``), weight-only int4/int8 linears: AVX-512 FMAs in
+  fp32 on weights converted in registers (int4 through a 16-entry table), the group scale applied
+  once per group to a partial sum, a weight block converted once for up to 8 rows, software
+  prefetch ahead of the weight stream;
+* ``qc_cpu::paged_decode`` (``csrc/cpu_attention.cpp``), decode attention read in place from the
+  paged KV cache through the block tables (no gathered copy, no mask).
+
+Where the CPU lacks AVX-512 or the build fails, ``available()`` is False: the CPU lowering keeps
+torch's int4pack/int8pack kernels and attention its ATen form."""
 import logging
 import os
 from functools import lru_cache
@@ -15,7 +20,7 @@ import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("csrc") / "cpu_wq_gemm.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / f for f in ("cpu_wq_gemm.cpp", "cpu_attention.cpp")]
 BLOCK = 16  # output channels per packed block: one fp32 zmm register
 
 
@@ -27,29 +32,51 @@ def _cpu_has_avx512() -> bool:
     return {"avx512f", "avx512bw"} <= flags
 
 
+_BUILT = False  # set once the ops are registered; read while Dynamo traces (no file access there)
+
+
 @lru_cache(maxsize=None)
 def available() -> bool:
-    """True once ``qc_cpu::wq_gemm`` is registered (built here if needed). ``QCOMPILER_NATIVE=0``
-    turns it off."""
+    """True once the ``qc_cpu`` ops are registered (built here if needed). ``QCOMPILER_NATIVE=0``
+    turns them off."""
     if os.environ.get("QCOMPILER_NATIVE", "1") == "0" or not _cpu_has_avx512():
         return False
-    if hasattr(torch.ops, "qc_cpu") and hasattr(torch.ops.qc_cpu, "wq_gemm"):
+    global _BUILT
+    if hasattr(torch.ops, "qc_cpu") and hasattr(torch.ops.qc_cpu, "paged_decode"):
+        _BUILT = True
         return True
     from qcompiler.models import CACHE_DIR
     from torch.utils import cpp_extension
     build = CACHE_DIR / "cpu_kernels" / f"torch{torch.__version__.split('+')[0]}"
     build.mkdir(parents=True, exist_ok=True)
     try:
-        cpp_extension.load(name="qcompiler_cpu_wq_gemm", sources=[str(SOURCE)], build_directory=str(build),
+        cpp_extension.load(name="qcompiler_cpu_kernels", sources=[str(f) for f in SOURCES], build_directory=str(build),
                            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja: torch's kernels remain
-        log.warning("qcompiler: CPU kernel build failed (%s); using torch's packed kernels", e)
+        log.warning("qcompiler: CPU kernel build failed (%s); using torch's packed kernels and ATen attention", e)
         return False
 
     @torch.library.register_fake("qc_cpu::wq_gemm")
     def _(x, packed, scales, biases, bits, group_size, out_features, bias):
         return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
+
+    @torch.library.register_fake("qc_cpu::paged_decode")
+    def _(query, kv_cache, layer, block_tables, seq_lens, scale):
+        return torch.empty_like(query)
+    _BUILT = True
     return True
+
+
+DECODE_HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # built into qc_cpu::paged_decode
+
+
+def decode_supported(query: Tensor, kv_cache: Tensor) -> bool:
+    """Whether ``qc_cpu::paged_decode`` takes this step: query and cache on the CPU in fp32 or
+    bf16 (the arithmetic is fp32 either way), a head size it was built for, the kernels built
+    (``available()`` ran: ``qcompiler.load`` calls it for CPU programs)."""
+    ok = (torch.float32, torch.bfloat16)
+    return (_BUILT and query.device.type == "cpu" and query.dtype in ok and kv_cache.dtype in ok
+            and query.shape[-1] in DECODE_HEAD_DIMS)
 
 
 def pack_native(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int) -> tuple[Tensor, Tensor, Tensor]:

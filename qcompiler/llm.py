@@ -40,7 +40,8 @@ class LLM:
         compile: run the program through ``torch.compile``.
         kv_cache_dtype: "auto" (bfloat16 for weight-only artifacts, whose program runs 16-bit
             activations; the model's dtype otherwise), "float32", "bfloat16" or "float16".
-            Attention runs in the cache's dtype when it is the narrower one.
+            Attention runs in the cache's dtype when it is the narrower one, except CPU decode
+            steps with our kernel (``qc_cpu::paged_decode``), which read a bf16 cache into fp32.
         device: "cpu" or "cuda" (Triton kernels for the ``qc::`` ops).
         cuda_graphs: on CUDA, replay decode steps of up to ``max_num_seqs`` sequences from CUDA graphs.
     """

@@ -6,6 +6,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.passes import move_to_device_pass
 
+from qcompiler.codegen import cpu_native
 from qcompiler.codegen.cpu import call_directly, float_linears_to_bf16, lower_for_cpu, trace_through
 from qcompiler.codegen.cuda import lower_for_cuda
 from qcompiler.codegen.fx import hoist_constants
@@ -101,6 +102,8 @@ def prepare(ep: ExportedProgram, manifest: dict, *, path: Optional[Path] = None,
            if isinstance(t, torch.Tensor)):
         ep = move_to_device_pass(ep, device)
     gm = ep.module()
+    if fast and device.type == "cpu":
+        cpu_native.available()  # our CPU kernels, built once here: the lowering and attention ask for them
     if fast:
         gm = lower_for_cpu(gm) if device.type == "cpu" else lower_for_cuda(gm)
         if manifest["target"]["name"] in A16_TARGETS:

@@ -57,13 +57,13 @@ native = pytest.mark.skipif(not cpu_native.available(), reason="our CPU kernel n
 
 
 @native
-@pytest.mark.parametrize("M", [1, 3, 4, 5, 17, ops.NATIVE_MAX_ROWS + 1])
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 8, 16, 23, ops.NATIVE_MAX_ROWS + 1])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("bits,group,N", [(4, 32, 40), (4, 64, 64), (4, 128, 33), (4, 4, 16), (8, None, 40), (8, 64, 17)])
 def test_native_kernel(M, symmetric, bits, group, N):
     """Our int4/int8 kernel against the canonical op: fp32 activations and accumulation, so fp32
     tolerances (the dense bf16 path past NATIVE_MAX_ROWS: bf16 ones). N off the 16-channel block,
-    row counts off the 4-row tile, a group of one 4-k step, int8 per channel and grouped."""
+    row counts on and off the tiles (up to 4 rows: four accumulators a row; 5-8: two), a group of one 4-k step, int8 per channel and grouped."""
     w = _x(N, 256, 3)
     qw = quantize_weight(w, bits, group, symmetric)
     x, bias = _x(M, 256), _x(1, N, 4)[0]

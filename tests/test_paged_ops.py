@@ -5,6 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qcompiler.codegen import cpu_native
 from qcompiler.codegen.attention import decode_attention, paged_attention_ref, reshape_and_cache_for_compile
 
 qc = torch.ops.qc
@@ -127,3 +128,49 @@ def test_fp32_queries_over_a_bf16_cache(q_lens):
         rows = slice(int(qsl[s]), int(qsl[s + 1]))
         expect = contiguous_attention(r(q[rows]), r(ks[s]), r(vs[s]), D ** -0.5)
         torch.testing.assert_close(out[rows], expect, rtol=0, atol=3e-2)
+
+
+native = pytest.mark.skipif(not cpu_native.available(), reason="our CPU kernels need AVX-512 and g++")
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@native
+@pytest.mark.parametrize("D,rep,bs", [(64, 1, 16), (64, 3, 4), (64, 8, 16), (128, 3, 16), (32, 5, 8), (16, 1, 4)])
+@pytest.mark.parametrize("q_dt,kv_dt", [(F32, F32), (F32, BF16), (BF16, BF16)])
+def test_native_decode_equals_reference(D, rep, bs, q_dt, kv_dt):
+    """``qc_cpu::paged_decode`` (K/V read in place through the block tables) against the reference:
+    holes in the block tables, random keys in every slot no sequence owns, lengths 1 to past a
+    block, GQA with query heads in chunks of up to 4 per KV head, fp32/bf16 query and cache (fp32
+    arithmetic; a bf16 output is the fp32 result rounded). ``decode_attention`` dispatches to it."""
+    g = torch.Generator().manual_seed(D + rep)
+    Hkv, seq_lens = 2, torch.tensor([1, bs, bs + 1, 45])
+    nb = -(-45 // bs)
+    tables = torch.randperm(4 * nb + 3, generator=g)[: 4 * nb].view(4, nb)
+    kv = torch.randn(2, 2, 4 * nb + 3, bs, Hkv, D, generator=g).to(kv_dt)
+    q = torch.randn(4, Hkv * rep, D, generator=g).to(q_dt)
+    out = torch.ops.qc_cpu.paged_decode(q, kv, 1, tables, seq_lens, 0.3)
+    ref = paged_attention_ref(q.float(), kv.float(), 1, tables, seq_lens, torch.arange(5), 0.3)
+    assert out.dtype == q_dt and out.shape == q.shape
+    tol = dict(rtol=1e-5, atol=1e-5) if q_dt == F32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out.float(), ref, **tol)
+    assert torch.equal(decode_attention(q, kv, 1, tables, seq_lens, 0.3), out)
+
+
+@native
+def test_native_decode_refuses_bad_input():
+    kv = torch.randn(1, 2, 4, 4, 2, 16)
+    q, tables = torch.randn(2, 4, 16), torch.tensor([[0, 1], [2, 3]])
+    decode = torch.ops.qc_cpu.paged_decode
+    with pytest.raises(RuntimeError, match="length 0"):
+        decode(q, kv, 0, tables, torch.tensor([3, 0]), 0.25)
+    with pytest.raises(RuntimeError, match="length 9"):
+        decode(q, kv, 0, tables, torch.tensor([3, 9]), 0.25)  # past its 2 blocks of 4
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        decode(q, kv, 0, torch.tensor([[0, 7], [2, 3]]), torch.tensor([6, 2]), 0.25)
+    with pytest.raises(RuntimeError, match="layer 1 outside"):
+        decode(q, kv, 1, tables, torch.tensor([3, 2]), 0.25)
+    with pytest.raises(RuntimeError, match="head_dim 8 not built"):
+        decode(torch.randn(2, 4, 8), torch.randn(1, 2, 4, 4, 2, 8), 0, tables, torch.tensor([3, 2]), 0.25)
+    with pytest.raises(RuntimeError, match="query heads 3"):
+        decode(torch.randn(2, 3, 16), kv, 0, tables, torch.tensor([3, 2]), 0.25)
+    torch.library.opcheck(decode.default, (q, kv, 0, tables, torch.tensor([3, 2]), 0.25))
