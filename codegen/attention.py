@@ -94,9 +94,10 @@ def decode_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: 
     """One query per sequence. On a CPU with our kernels (fp32 or bf16 query and cache):
     ``qc_cpu::paged_decode`` reads K and V in place through the block tables, in fp32. Otherwise
     every sequence's blocks are gathered at once (``index_select``: ~2x advanced indexing), one
-    SDPA for the step, keys past a sequence's length masked. With ``lens`` (the lengths, on the host) keys stop at the longest and equal lengths need no mask; without,
-    keys span the block table's width and are always masked: no host sync, so Dynamo can trace it
-    and Inductor schedules it with its neighbours."""
+    SDPA for the step, keys past a sequence's length masked. With ``lens`` (the lengths, on the
+    host) keys stop at the longest and equal lengths need no mask; without, keys span the block
+    table's width and are always masked: no host sync, so Dynamo can trace it and Inductor
+    schedules it with its neighbours."""
     if cpu_native.decode_supported(query, kv_cache):  # in place from the paged cache, no gather
         return torch.ops.qc_cpu.paged_decode(query.contiguous(), kv_cache, layer, block_tables.contiguous(),
                                              seq_lens.contiguous(), scale)
