@@ -60,7 +60,7 @@ def make_candidates(K: int, N: int, G: int):
                 lambda x, t, b=bits: qc.wq_linear_native(x, t[0], t[1], t[2], t[3], t[4], t[5], None, b))
     out = {}
     for name, (ws, nbytes, fn) in per.items():
-        out[name] = ([tuple(t.clone() for t in ws) for _ in range(copies_for(nbytes))], fn)
+        out[name] = ([tuple(None if t is None else t.clone() for t in ws) for _ in range(copies_for(nbytes))], fn)
     return out
 
 
