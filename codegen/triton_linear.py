@@ -158,11 +158,10 @@ def tuned_config(table: dict, M: int, N: int, K: int, group: int, bits: int) -> 
     rows = table.get((bits, group, N, K))
     if not rows:
         return None
-    # the entry measured at the nearest M of the same form (GEMV or tensor cores)
     same = [(m, c) for m, c in rows if (m <= GEMV_MAX_M) == (M <= GEMV_MAX_M)]
     if not same:
         return None
-    m, cfg = min(same, key=lambda mc: (abs(mc[0] - M), mc[0]))
+    cfg = min(same, key=lambda mc: (abs(mc[0] - M), mc[0]))[1]
     if M <= GEMV_MAX_M:
         cfg = cfg._replace(block_m=_pow2_ceil(M))
     return cfg
