@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the text before this string (repeatable)")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda: Triton kernels and CUDA graphs")
@@ -198,7 +200,7 @@ def cmd_eval(a) -> int:
 def cmd_generate(a) -> int:
     from . import LLM, SamplingParams
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                            seed=a.seed)
+                            seed=a.seed, stop=tuple(a.stop))
     llm = LLM(a.artifact, device=a.device)
     prompt = a.prompt
     if a.chat:

@@ -100,20 +100,19 @@ class LLM:
         return [self._output(p, r) for p, r in zip(prompts, reqs)]
 
     def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None):
-        """Yields the text of one request as it is generated (incremental detokenization: a
-        piece is released once it no longer ends in an incomplete character), then its output."""
+        """Yields the text of one request as it is generated, then returns its output. A piece is
+        released once no later token can change it: not inside a multi-byte character, not a
+        possible start of a stop string (``runtime.detokenizer``)."""
         if self.tokenizer is None:
             raise ValueError("streaming text needs a tokenizer; this artifact has none")
-        req = self.engine.add_request(self._encode(prompt), params or SamplingParams())
-        sent, done = "", False
+        req = self.engine.add_request(self._encode(prompt), params or SamplingParams(), detokenize=True)
+        sent, done = 0, False
         while not done:
             done = any(r is req for r in self.engine.step())
-            text = req.text or self.engine.detokenize(req.seq.completion_token_ids)
-            if not done:
-                text = text.rstrip("\ufffd")
-            if len(text) > len(sent) and text.startswith(sent):
-                yield text[len(sent):]
-                sent = text
+            text = req.text if done else req.detok.stable
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
         return self._output(prompt, req)
 
     def _output(self, prompt, req) -> GenerationOutput:
@@ -126,7 +125,7 @@ class LLM:
         seq = req.seq
         ids = seq.token_ids[seq.num_prompt_tokens:]
         text = req.text
-        if not text and self.tokenizer is not None:
+        if req.detok is None and self.tokenizer is not None:
             text = self.engine.detokenize(ids)
         return GenerationOutput(prompt if isinstance(prompt, str) else None, seq.token_ids[:seq.num_prompt_tokens],
                                 text, ids, req.finish_reason, req.num_cached_tokens,

@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 
 from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer, decode
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -18,7 +19,8 @@ class Request:
     generator: Optional[torch.Generator]
     finish_reason: Optional[str] = None
     error: Optional[str] = None
-    text: str = ""
+    detok: Optional[IncrementalDetokenizer] = None  # text as it is generated: stop strings, streaming
+    text: str = ""  # the final text of a request that has ``detok``
     num_cached_tokens: int = 0  # prompt tokens the prefix cache served at the last admission
     children: list = field(default_factory=list)  # the other n - 1 completions, forked at the first token
     forked: bool = False
@@ -68,11 +70,15 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self.prompt_tokens = self.cached_tokens = 0
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, detokenize: bool = False) -> Request:
+        """``detokenize``: keep the request's text up to date as tokens come (``req.detok``);
+        requests with stop strings always do."""
         if not prompt_ids:
             raise ValueError("empty prompt: at least one token is needed")
+        if (params.stop or detokenize) and self.tokenizer is None:
+            raise ValueError("stop strings and streamed text need a tokenizer; this artifact has none")
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        req = Request(Sequence(prompt_ids), params, gen)
+        req = Request(Sequence(prompt_ids), params, gen, detok=self._detokenizer(params, detokenize))
         self.requests[req.seq.seq_id] = req
         self.scheduler.add(req.seq)
         return req
@@ -116,6 +122,8 @@ class Engine:
                 reason = self._finish_reason(r, r.seq.token_ids[-1])
                 if reason:
                     r.finish_reason = reason
+                    if r.detok is not None:
+                        r.text = r.detok.finish()
                     self.scheduler.finish(r.seq)
                     finished.append(self.requests.pop(r.seq.seq_id))
         return finished
@@ -128,7 +136,8 @@ class Engine:
         req.forked = True
         for _ in range(req.params.n - 1):
             child = Request(Sequence(list(req.seq.token_ids), req.seq.num_prompt_tokens), req.params,
-                            req.generator, num_cached_tokens=req.num_cached_tokens, forked=True)
+                            req.generator, num_cached_tokens=req.num_cached_tokens, forked=True,
+                            detok=self._detokenizer(req.params, req.detok is not None))
             self.bm.fork(req.seq, child.seq)
             self.scheduler.adopt(child.seq)
             self.requests[child.seq.seq_id] = child
@@ -137,23 +146,20 @@ class Engine:
 
     def _finish_reason(self, req: Request, tok: int) -> Optional[str]:
         p, seq = req.params, req.seq
-        if tok in p.stop_token_ids or (tok in self.eos and not p.ignore_eos):
+        stop_string = req.detok is not None and req.detok.add(tok)  # the text then ends before it
+        if stop_string or tok in p.stop_token_ids or (tok in self.eos and not p.ignore_eos):
             return "stop"
-        if p.stop and self.tokenizer is not None:
-            text = self.detokenize(seq.completion_token_ids)
-            for s in p.stop:
-                if s in text:
-                    req.text = text[: text.index(s)]
-                    return "stop"
         if len(seq.completion_token_ids) >= p.max_tokens:
             return "length"
         if len(seq) >= self.max_model_len:
             return "length"
         return None
 
+    def _detokenizer(self, params: SamplingParams, detokenize: bool) -> Optional[IncrementalDetokenizer]:
+        return IncrementalDetokenizer(self.tokenizer, params.stop) if params.stop or detokenize else None
+
     def detokenize(self, ids: list[int]) -> str:
-        # NOTE: no clean-up pass: it strips spaces before punctuation, wrong for BPE tokenizers
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return decode(self.tokenizer, ids)
 
     def stats(self) -> dict:
         bm = self.bm

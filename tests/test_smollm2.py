@@ -65,3 +65,6 @@ def test_smollm2_float_greedy_generation_equals_transformers(tmp_path, capsys):
     assert main(["generate", str(out), prompts[0], "--max-tokens", "16", "--stream"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(outs[0].text[:20]) and printed.strip()
+    stop = outs[0].text[8:12]  # streamed up to a stop string, which is not printed
+    assert main(["generate", str(out), prompts[0], "--max-tokens", "16", "--stream", "--stop", stop]) == 0
+    assert capsys.readouterr().out == outs[0].text[:outs[0].text.index(stop)] + "\n"
