@@ -10,12 +10,14 @@
   ratio to llama.cpp Q4_0's single-stream decode measured in the same run.
 - prefix: 32 requests sharing a 400-token system prompt, distinct 20-token questions, 16 new
   tokens each; radix cache on vs off: wall time, output tok/s, mean time to first token, hit rate.
-- waste: KV slots on a mixed-length workload, from the block manager's accounting at every step:
-  paged (blocks of 16 and of 8) vs preallocating max_model_len slots per running request.
+- waste: KV slots on two mixed-length workloads (short requests; ShareGPT-shaped lengths), from
+  the block manager's accounting at every step: paged (blocks of 16 and of 8) vs preallocating
+  max_model_len slots per running request.
 
 Artifacts are compiled into ``build/`` when missing. Prompts are slices of the Britannica text.
 """
 import argparse
+import math
 import random
 import statistics
 import sys
@@ -248,31 +250,50 @@ def shared_prefix(threads: int, tokens: list[int]) -> None:
 
 # --- KV waste ------------------------------------------------------------------------------
 
+def short_lengths(rng: random.Random) -> tuple[int, int]:
+    return rng.randint(8, 200), rng.randint(8, 96)
+
+
+def sharegpt_lengths(rng: random.Random) -> tuple[int, int]:
+    """Log-normal prompt and output lengths with ShareGPT's means (161 and 338 tokens, as in the
+    vLLM paper's workload), each capped at 1,024."""
+    def draw(mean):
+        return max(4, min(1024, round(rng.lognormvariate(math.log(mean) - 0.5, 1.0))))
+    return draw(161), draw(338)
+
+
+WORKLOADS = {"short": ("prompts 8–200 tokens, 8–96 new (uniform)", short_lengths),
+             "sharegpt": ("ShareGPT-shaped: log-normal lengths, means 161 prompt / 338 new, capped at 1,024",
+                          sharegpt_lengths)}
+
+
 def kv_waste(threads: int, tokens: list[int], max_model_len: int = 2048) -> None:
-    print("\n### KV waste: 24 requests, prompts 8–200 tokens, 8–96 new tokens, up to 16 running, "
-          "summed over every step\n")
-    print("| allocation | steps | slots held | slots used | waste |")
-    print("|---|---|---|---|---|")
-    for block_size in (16, 8):
-        rng = random.Random(0)
-        llm = LLM(artifact("w4a16"), prefix_cache=False, max_num_seqs=16, block_size=block_size)
-        eng = llm.engine
-        reqs = []
-        for i in range(24):
-            plen, olen = rng.randint(8, 200), rng.randint(8, 96)
-            reqs.append(eng.add_request(tokens[8000 + 211 * i: 8000 + 211 * i + plen],
-                                        SamplingParams(max_tokens=olen, temperature=0.0, ignore_eos=True)))
-        used = alloc = prealloc = steps = 0
-        while not all(r.done for r in reqs):
-            eng.step()
-            running = eng.scheduler.running
-            u = eng.bm.slot_usage(running)
-            used, alloc = used + u["slots_used"], alloc + u["slots_allocated"]
-            prealloc += len(running) * max_model_len
-            steps += 1
-        print(f"| paged, blocks of {block_size} | {steps} | {alloc} | {used} | {1 - used / alloc:.1%} |")
-    print(f"| max-length preallocation ({max_model_len} per running request), same run as blocks of 8 | {steps} | "
-          f"{prealloc} | {used} | {1 - used / prealloc:.1%} |")
+    for name, (title, lengths) in WORKLOADS.items():
+        print(f"\n### KV waste, {name}: 24 requests, {title}, up to 16 running, summed over every step\n")
+        print("| allocation | steps | slots held | slots used | waste |")
+        print("|---|---|---|---|---|")
+        for block_size in (16, 8):
+            rng = random.Random(0)
+            llm = LLM(artifact("w4a16"), prefix_cache=False, max_num_seqs=16, block_size=block_size)
+            eng = llm.engine
+            reqs = []
+            for i in range(24):
+                plen, olen = lengths(rng)
+                reqs.append(eng.add_request(tokens[8000 + 211 * i: 8000 + 211 * i + plen],
+                                            SamplingParams(max_tokens=olen, temperature=0.0, ignore_eos=True)))
+            used = alloc = prealloc = steps = 0
+            while not all(r.done for r in reqs):
+                eng.step()
+                running = eng.scheduler.running
+                u = eng.bm.slot_usage(running)
+                used, alloc = used + u["slots_used"], alloc + u["slots_allocated"]
+                prealloc += len(running) * max_model_len
+                steps += 1
+            print(f"| paged, blocks of {block_size} | {steps} | {alloc} | {used} | {1 - used / alloc:.1%} |")
+        mean_len = statistics.mean(len(r.seq) for r in reqs)
+        print(f"| max-length preallocation ({max_model_len} per running request), same run as blocks of 8 | "
+              f"{steps} | {prealloc} | {used} | {1 - used / prealloc:.1%} |")
+        print(f"\nmean final sequence length {mean_len:.0f} tokens")
 
 
 def main():
