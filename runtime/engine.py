@@ -6,7 +6,7 @@ import torch
 
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, decode
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample_batch
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .step_inputs import step_inputs
@@ -105,8 +105,7 @@ class Engine:
                            for s in sched.seqs], self.bm.block_size)
         logits = self.runner.run(inp)  # [S, V]: each sequence's last row
         greedy = logits.max(-1).indices.tolist()  # one call for every greedy request (max: ~1.6x argmax on CPU)
-        if any(self.requests[s.seq.seq_id].params.temperature > 0 for s in sched.seqs):
-            logits = logits.float().cpu()  # sampling draws from each request's own CPU generator
+        draws = []  # (logits row, request) for every request that gets a token now, forks included
         for i, s in enumerate(sched.seqs):
             seq = s.seq
             prompt_chunk = seq.num_computed_tokens < seq.num_prompt_tokens
@@ -116,16 +115,23 @@ class Engine:
             if seq.num_computed_tokens < len(seq):
                 continue  # a prompt chunk: nothing to sample yet
             req = self.requests[seq.seq_id]
-            for r in [req] + self._fork(req):
-                tok = greedy[i] if r.params.temperature == 0 else sample(logits[i], r.params, r.generator)
-                r.seq.token_ids.append(tok)
-                reason = self._finish_reason(r, r.seq.token_ids[-1])
-                if reason:
-                    r.finish_reason = reason
-                    if r.detok is not None:
-                        r.text = r.detok.finish()
-                    self.scheduler.finish(r.seq)
-                    finished.append(self.requests.pop(r.seq.seq_id))
+            draws += [(i, r) for r in [req] + self._fork(req)]
+        tokens = [greedy[i] for i, _ in draws]
+        sampled = [j for j, (_, r) in enumerate(draws) if r.params.temperature > 0]
+        if sampled:  # one batch on the CPU: each request draws from its own generator
+            rows = logits[[draws[j][0] for j in sampled]].float().cpu()
+            for j, tok in zip(sampled, sample_batch(rows, [draws[j][1].params for j in sampled],
+                                                    [draws[j][1].generator for j in sampled])):
+                tokens[j] = tok
+        for (_, r), tok in zip(draws, tokens):
+            r.seq.token_ids.append(tok)
+            reason = self._finish_reason(r, tok)
+            if reason:
+                r.finish_reason = reason
+                if r.detok is not None:
+                    r.text = r.detok.finish()
+                self.scheduler.finish(r.seq)
+                finished.append(self.requests.pop(r.seq.seq_id))
         return finished
 
     def _fork(self, req: Request) -> list[Request]:

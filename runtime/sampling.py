@@ -1,4 +1,5 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seeds;
+the requests of a step are sampled together (``sample_batch``)."""
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -32,17 +33,99 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
 
+NUCLEUS_LEVELS = (1e-2, 1e-4, 1e-7, 0.0)  # top-p sorts the tokens at least this fraction as likely as the best
+
+
 def sample(logits: torch.Tensor, p: SamplingParams, generator: Optional[torch.Generator]) -> int:
     """One token from ``logits [V]``."""
     if p.temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / p.temperature
+    return sample_batch(logits[None], [p], [generator])[0]
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[Optional[torch.Generator]]) -> list[int]:
+    """One token per row of ``logits [S, V]`` (temperature > 0), batched where the work is: not
+    a softmax, sort and ``multinomial`` per request, but inverse-CDF sampling from
+    ``sampling_probs`` with one uniform draw per row from the row's own generator (the global
+    one when ``None``)."""
+    probs = sampling_probs(logits, params)
+    cdf = probs.cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g) for g in generators])[:, None]
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=probs.shape[1] - 1)
+    toks = idx.flatten().tolist()
+    # u * total may round up to total and land past the last token with mass: step back to it
+    for i in (probs.gather(1, idx).flatten() == 0).nonzero().flatten().tolist():
+        toks[i] = int(probs[i].nonzero()[-1])
+    return toks
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """``[S, V]`` probabilities: temperature, then top-k (ties with the k-th logit kept), then
+    top-p (the smallest set of most likely tokens whose mass reaches ``top_p``; ties with its least
+    likely member kept; the rest zeroed, not renormalized)."""
+    S, V = logits.shape
+    x = logits.float() / torch.tensor([p.temperature for p in params])[:, None]
+    top_k = torch.tensor([p.top_k or V for p in params]).clamp(max=V)
+    rows = (top_k < V).nonzero().flatten()
+    best_k = {}  # row -> its top-k logits' indices, most likely first
+    if len(rows):
+        every = len(rows) == S
+        xs, k = (x, top_k) if every else (x[rows], top_k[rows])
+        cand = torch.topk(xs, int(k.max()), -1)
+        xs = xs.masked_fill(xs < cand.values.gather(1, (k - 1)[:, None]), float("-inf"))
+        if every:
+            x = xs
+        else:
+            x[rows] = xs
+        best_k = {r: cand.indices[j, :int(k[j])] for j, r in enumerate(rows.tolist())}
+    probs = torch.softmax(x, -1)
+    for i, p in enumerate(params):
+        if p.top_p < 1:
+            probs[i] = _nucleus(probs[i], p.top_p, best_k.get(i))
+    return probs
+
+
+def _nucleus(probs: torch.Tensor, top_p: float, best: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One row's top-p. The nucleus is a prefix of the tokens sorted by probability: after top-k,
+    of the k tokens top-k kept (``best``, in order; ties with the k-th, left out there, stay in
+    through the threshold); otherwise it is found among the tokens above a fraction of the most
+    likely one's probability once their mass reaches ``top_p``: a sort of tens to thousands of
+    tokens, not of the whole vocabulary."""
+    if best is not None:
+        sorted_p = probs[best]
+        mass = sorted_p.cumsum(-1)
+    else:
+        top = float(probs.max())
+        for level in NUCLEUS_LEVELS:
+            head = probs[probs >= top * level] if level else probs
+            if level and float(head.sum()) < top_p:
+                continue
+            sorted_p = head.sort(descending=True).values
+            mass = sorted_p.cumsum(-1)
+            if not level or float(mass[-1]) >= top_p:
+                break
+    n = max(1, int((mass - sorted_p < top_p).sum()))  # tokens before which the mass is short of top_p
+    return probs.masked_fill(probs < sorted_p[n - 1], 0.0)
+
+
+def sampling_probs_ref(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """``sampling_probs`` for one row ``[V]``, normalized, by full sorts."""
+    x = logits.float() / p.temperature
     if p.top_k:
-        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, -1)
+        kth = x.sort(descending=True).values[min(p.top_k, len(x)) - 1]
+        x = torch.where(x < kth, float("-inf"), x)
+    probs = torch.softmax(x, -1)
     if p.top_p < 1:
-        sorted_p, idx = probs.sort(descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= p.top_p  # keep the smallest set reaching top_p
-        probs = probs.scatter(0, idx, sorted_p.masked_fill(drop, 0.0))
-    return int(torch.multinomial(probs, 1, generator=generator))
+        sorted_p = probs.sort(descending=True).values
+        n = int((sorted_p.cumsum(-1) - sorted_p < p.top_p).sum())  # tokens before which the mass is short of top_p
+        probs = torch.where(probs < sorted_p[n - 1], 0.0, probs)
+    return probs / probs.sum()
+
+
+def _top_p_sorted(probs: torch.Tensor, sorted_p: torch.Tensor, top_p) -> torch.Tensor:
+    """``probs`` with every token less likely than the nucleus's least likely member zeroed;
+    ``sorted_p`` holds the most likely probabilities in descending order (enough to reach ``top_p``)."""
+    drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before a token already reaches top_p
+    threshold = sorted_p.masked_fill(drop, float("inf")).amin(-1, keepdim=True)
+    return probs.masked_fill(probs < threshold, 0.0)

@@ -1,7 +1,11 @@
-"""Sampler: greedy is argmax, top-k and top-p keep exactly the tokens they should, seeds repeat."""
+"""Sampler: greedy is argmax, top-k and top-p keep exactly the tokens they should, seeds repeat;
+the batched sampler against a per-row reference and the distribution it should draw from."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from qcompiler.runtime import sampling
 from qcompiler.runtime.sampling import SamplingParams, sample
 
 
@@ -38,3 +42,44 @@ def test_seed_repeats_and_temperature_sharpens():
 def test_bad_params(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kw)
+
+
+@settings(max_examples=60)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 6), vocab=st.integers(2, 300),
+       levels=st.sampled_from([(0.5, 0.0), (0.9, 1e-3, 0.0), sampling.NUCLEUS_LEVELS]))
+def test_batched_probs_equal_the_reference(seed, rows, vocab, levels):
+    """Mixed per-row temperature / top-k / top-p in one batch against full sorts per row; high
+    nucleus levels force the search past its first levels, down to the whole-row sort."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * 3
+
+    def draw(lo, hi):
+        return float(torch.empty(()).uniform_(lo, hi, generator=g))
+    params = [SamplingParams(temperature=draw(0.1, 2.0), top_k=int(torch.randint(0, vocab + 2, (), generator=g)) * (i % 2),
+                             top_p=min(1.0, draw(0.05, 1.3))) for i in range(rows)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sampling, "NUCLEUS_LEVELS", levels)
+        probs = sampling.sampling_probs(logits, params)
+    for i, p in enumerate(params):
+        torch.testing.assert_close(probs[i] / probs[i].sum(), sampling.sampling_probs_ref(logits[i], p),
+                                   atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.5),
+                                    SamplingParams(top_k=2), SamplingParams(top_p=0.7)])
+def test_batched_draws_follow_the_distribution(params):
+    logits = torch.log(torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))
+    n = 20000
+    toks = sampling.sample_batch(logits.expand(n, -1), [params] * n, [None] * n)
+    freq = torch.bincount(torch.tensor(toks), minlength=6).double() / n
+    expected = sampling.sampling_probs_ref(logits, params)
+    assert (freq - expected).abs().max() < 0.015, (freq, expected)  # ~4 standard deviations
+    assert set(toks) == set(expected.nonzero().flatten().tolist())
+
+
+def test_batch_rows_draw_from_their_own_generators():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
+    params = [SamplingParams(temperature=0.9, seed=1), SamplingParams(top_k=5), SamplingParams(top_p=0.8, seed=2)]
+    batch = sampling.sample_batch(logits, params, [torch.Generator().manual_seed(p.seed or 0) for p in params])
+    alone = [sample(logits[i], p, torch.Generator().manual_seed(p.seed or 0)) for i, p in enumerate(params)]
+    assert batch == alone
