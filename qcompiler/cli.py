@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end the text before this string (repeatable)")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--compile", action="store_true",
+                   help="run the program through torch.compile: ~3x faster decode after a compile of minutes the first "
+                        "time, under a minute from Inductor's cache after that")
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda: Triton kernels and CUDA graphs")
     return p
 
@@ -201,7 +204,7 @@ def cmd_generate(a) -> int:
     from . import LLM, SamplingParams
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             seed=a.seed, stop=tuple(a.stop))
-    llm = LLM(a.artifact, device=a.device)
+    llm = LLM(a.artifact, device=a.device, compile=a.compile)
     prompt = a.prompt
     if a.chat:
         if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
@@ -223,7 +226,8 @@ def cmd_generate(a) -> int:
     if out.error:
         raise ValueError(out.error)
     secs = time.perf_counter() - t0
-    print(f"[{len(out.token_ids)} tokens, {out.finish_reason}, {len(out.token_ids) / secs:.1f} tok/s]", file=sys.stderr)
+    rate = f"{secs:.1f} s with the compile" if a.compile else f"{len(out.token_ids) / secs:.1f} tok/s"
+    print(f"[{len(out.token_ids)} tokens, {out.finish_reason}, {rate}]", file=sys.stderr)
     return 0
 
 
