@@ -5,7 +5,8 @@
 Logits: the bundled SmolLM2-135M (transformers, fp32) over a 128-token slice of the Britannica
 text, one row per position. Per request (the anchor): ``sampling_probs_ref`` (temperature, top-k
 and top-p by full sorts) and ``torch.multinomial``, one row at a time. Ours: ``sample_batch``
-over all rows at once. Alternating rounds, median ms per step of ``--rows`` requests.
+over all rows at once, in its PyTorch form and through ``qc_cpu::sample_rows`` (the native
+kernels). Alternating rounds, median ms per step of ``--rows`` requests.
 """
 import argparse
 import statistics
@@ -20,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from examples import smollm2  # noqa: E402
 from qcompiler.data import britannica_text  # noqa: E402
+from qcompiler.codegen import cpu_native  # noqa: E402
 from qcompiler.runtime.sampling import SamplingParams, sample_batch, sampling_probs_ref  # noqa: E402
 
 SETTINGS = [SamplingParams(temperature=0.8), SamplingParams(temperature=0.7, top_p=0.9),
@@ -29,6 +31,11 @@ SETTINGS = [SamplingParams(temperature=0.8), SamplingParams(temperature=0.7, top
 
 def per_request(logits, params):
     return [int(torch.multinomial(sampling_probs_ref(row, params), 1)) for row in logits]
+
+
+def batched(rows, p, native: bool):
+    cpu_native.built = (lambda: True) if native else (lambda: False)
+    return sample_batch(rows, [p] * len(rows), [None] * len(rows))
 
 
 def main():
@@ -44,21 +51,26 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"\n{args.rows} requests per step, vocabulary {all_logits.shape[1]}, {args.threads} thread(s), "
           f"torch {torch.__version__}; median ms per step over {args.rounds} rounds x {len(ids) // args.rows} steps\n")
-    print("| sampling | per request (reference) | batched (ours) | speed-up |")
-    print("|---|---|---|---|")
+    native = cpu_native.available()
+    print("| sampling | per request (reference) | batched, PyTorch | batched, native | speed-up |")
+    print("|---|---|---|---|---|")
     for p in SETTINGS:
-        times = {"ref": [], "ours": []}
+        times = {"ref": [], "torch": [], "native": []}
         for _ in range(args.rounds):
             for start in range(0, len(ids) - args.rows + 1, args.rows):
                 rows = all_logits[start:start + args.rows]
-                for name, fn in (("ref", lambda: per_request(rows, p)),
-                                 ("ours", lambda: sample_batch(rows, [p] * len(rows), [None] * len(rows)))):
+                for name, fn in (("ref", lambda: per_request(rows, p)), ("torch", lambda: batched(rows, p, False)),
+                                 ("native", lambda: batched(rows, p, True))):
+                    if name == "native" and not native:
+                        continue
                     t0 = time.perf_counter()
                     fn()
                     times[name].append(time.perf_counter() - t0)
-        ref, ours = (statistics.median(times[k]) * 1e3 for k in ("ref", "ours"))
+        ms = {k: statistics.median(v) * 1e3 for k, v in times.items() if v}
+        best = ms.get("native", ms["torch"])
         desc = f"T={p.temperature}" + (f", top-k {p.top_k}" if p.top_k else "") + (f", top-p {p.top_p}" if p.top_p < 1 else "")
-        print(f"| {desc} | {ref:.1f} | {ours:.1f} | {ref / ours:.1f}× |")
+        print(f"| {desc} | {ms['ref']:.1f} | {ms['torch']:.1f} | {ms.get('native', float('nan')):.2f} | "
+              f"{ms['ref'] / best:.1f}× |")
 
 
 if __name__ == "__main__":

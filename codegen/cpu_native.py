@@ -6,10 +6,12 @@ into the qcompiler cache:
   once per group to a partial sum, a weight block converted once for up to 8 rows, software
   prefetch ahead of the weight stream;
 * ``qc_cpu::paged_decode`` (``csrc/cpu_attention.cpp``), decode attention read in place from the
-  paged KV cache through the block tables (no gathered copy, no mask).
+  paged KV cache through the block tables (no gathered copy, no mask);
+* ``qc_cpu::sample_rows`` (``csrc/cpu_sampling.cpp``), the engine's sampler: temperature, top-k,
+  top-p and the draw, a few passes per row (``runtime.sampling`` is its reference).
 
 Where the CPU lacks AVX-512 or the build fails, ``available()`` is False: the CPU lowering keeps
-torch's int4pack/int8pack kernels and attention its ATen form."""
+torch's int4pack/int8pack kernels, attention its ATen form, sampling its PyTorch form."""
 import logging
 import os
 from functools import lru_cache
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name("csrc") / f for f in ("cpu_wq_gemm.cpp", "cpu_attention.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / f for f in ("cpu_wq_gemm.cpp", "cpu_attention.cpp", "cpu_sampling.cpp")]
 BLOCK = 16  # output channels per packed block: one fp32 zmm register
 
 
@@ -42,7 +44,7 @@ def available() -> bool:
     if os.environ.get("QCOMPILER_NATIVE", "1") == "0" or not _cpu_has_avx512():
         return False
     global _BUILT
-    if hasattr(torch.ops, "qc_cpu") and hasattr(torch.ops.qc_cpu, "paged_decode"):
+    if hasattr(torch.ops, "qc_cpu") and hasattr(torch.ops.qc_cpu, "sample_rows"):
         _BUILT = True
         return True
     from qcompiler.models import CACHE_DIR
@@ -65,6 +67,11 @@ def available() -> bool:
         return torch.empty_like(query)
     _BUILT = True
     return True
+
+
+def built() -> bool:
+    """Whether the ops are registered, without building them (safe while Dynamo traces)."""
+    return _BUILT
 
 
 DECODE_HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # built into qc_cpu::paged_decode

@@ -104,7 +104,6 @@ class Engine:
                           [s.seq.token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_new_tokens]
                            for s in sched.seqs], self.bm.block_size)
         logits = self.runner.run(inp)  # [S, V]: each sequence's last row
-        greedy = logits.max(-1).indices.tolist()  # one call for every greedy request (max: ~1.6x argmax on CPU)
         draws = []  # (logits row, request) for every request that gets a token now, forks included
         for i, s in enumerate(sched.seqs):
             seq = s.seq
@@ -116,10 +115,14 @@ class Engine:
                 continue  # a prompt chunk: nothing to sample yet
             req = self.requests[seq.seq_id]
             draws += [(i, r) for r in [req] + self._fork(req)]
-        tokens = [greedy[i] for i, _ in draws]
+        tokens = [0] * len(draws)
+        if any(r.params.temperature == 0 for _, r in draws):
+            greedy = logits.max(-1).indices.tolist()  # one call for every greedy request (max: ~1.6x argmax on CPU)
+            tokens = [greedy[i] for i, _ in draws]
         sampled = [j for j, (_, r) in enumerate(draws) if r.params.temperature > 0]
         if sampled:  # one batch on the CPU: each request draws from its own generator
-            rows = logits[[draws[j][0] for j in sampled]].float().cpu()
+            idx = [draws[j][0] for j in sampled]
+            rows = (logits if idx == list(range(len(logits))) else logits[idx]).float().cpu()
             for j, tok in zip(sampled, sample_batch(rows, [draws[j][1].params for j in sampled],
                                                     [draws[j][1].generator for j in sampled])):
                 tokens[j] = tok

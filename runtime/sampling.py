@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from ..codegen import cpu_native
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -48,11 +50,17 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
     """One token per row of ``logits [S, V]`` (temperature > 0), batched where the work is: not
     a softmax, sort and ``multinomial`` per request, but inverse-CDF sampling from
     ``sampling_probs`` with one uniform draw per row from the row's own generator (the global
-    one when ``None``)."""
+    one when ``None``). On the CPU, once the native kernels are built, ``qc_cpu::sample_rows``
+    does it all in a few passes per row."""
+    u = torch.stack([torch.rand((), generator=g) for g in generators])
+    if logits.device.type == "cpu" and cpu_native.built():
+        return torch.ops.qc_cpu.sample_rows(
+            logits.float().contiguous(), torch.tensor([p.temperature for p in params], dtype=torch.float32),
+            torch.tensor([p.top_k for p in params]), torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            u).tolist()
     probs = sampling_probs(logits, params)
     cdf = probs.cumsum(-1)
-    u = torch.stack([torch.rand((), generator=g) for g in generators])[:, None]
-    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=probs.shape[1] - 1)
+    idx = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp(max=probs.shape[1] - 1)
     toks = idx.flatten().tolist()
     # u * total may round up to total and land past the last token with mass: step back to it
     for i in (probs.gather(1, idx).flatten() == 0).nonzero().flatten().tolist():

@@ -1,12 +1,24 @@
 """Sampler: greedy is argmax, top-k and top-p keep exactly the tokens they should, seeds repeat;
-the batched sampler against a per-row reference and the distribution it should draw from."""
+the batched sampler and its native form against a per-row reference and the distribution it
+should draw from."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qcompiler.codegen import cpu_native
 from qcompiler.runtime import sampling
 from qcompiler.runtime.sampling import SamplingParams, sample
+
+NATIVE = cpu_native.available()
+
+
+@pytest.fixture(params=["torch", "native"])
+def sampler(request, monkeypatch):
+    """The PyTorch sampler, or ``qc_cpu::sample_rows`` where the native kernels build."""
+    if request.param == "native" and not NATIVE:
+        pytest.skip("the native CPU kernels are not available here (no AVX-512 or no compiler)")
+    monkeypatch.setattr(cpu_native, "built", lambda: request.param == "native")
 
 
 def test_greedy_is_argmax():
@@ -18,7 +30,7 @@ def _support(logits, params, n=400):
     return {sample(logits, params, g) for _ in range(n)}
 
 
-def test_top_k_and_top_p_support():
+def test_top_k_and_top_p_support(sampler):
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     assert _support(logits, SamplingParams(top_k=2)) == {0, 1}
     assert _support(logits, SamplingParams(top_p=0.7)) == {0, 1}      # 0.5 < 0.7 <= 0.8
@@ -26,7 +38,7 @@ def test_top_k_and_top_p_support():
     assert _support(logits, SamplingParams(top_p=1.0)) == {0, 1, 2, 3}
 
 
-def test_seed_repeats_and_temperature_sharpens():
+def test_seed_repeats_and_temperature_sharpens(sampler):
     logits = torch.randn(50, generator=torch.Generator().manual_seed(1))
     p = SamplingParams(temperature=0.7, seed=3)
     a = [sample(logits, p, torch.Generator().manual_seed(3)) for _ in range(5)]
@@ -67,7 +79,7 @@ def test_batched_probs_equal_the_reference(seed, rows, vocab, levels):
 
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.5),
                                     SamplingParams(top_k=2), SamplingParams(top_p=0.7)])
-def test_batched_draws_follow_the_distribution(params):
+def test_batched_draws_follow_the_distribution(sampler, params):
     logits = torch.log(torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))
     n = 20000
     toks = sampling.sample_batch(logits.expand(n, -1), [params] * n, [None] * n)
@@ -77,9 +89,44 @@ def test_batched_draws_follow_the_distribution(params):
     assert set(toks) == set(expected.nonzero().flatten().tolist())
 
 
-def test_batch_rows_draw_from_their_own_generators():
+def test_batch_rows_draw_from_their_own_generators(sampler):
     logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
     params = [SamplingParams(temperature=0.9, seed=1), SamplingParams(top_k=5), SamplingParams(top_p=0.8, seed=2)]
     batch = sampling.sample_batch(logits, params, [torch.Generator().manual_seed(p.seed or 0) for p in params])
     alone = [sample(logits[i], p, torch.Generator().manual_seed(p.seed or 0)) for i, p in enumerate(params)]
     assert batch == alone
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native CPU kernels are not available here")
+@settings(max_examples=40)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 5), vocab=st.integers(1, 200))
+def test_native_draws_invert_the_reference_cdf(seed, rows, vocab):
+    """``qc_cpu::sample_rows`` at a grid of uniforms u returns, for each, the token where the
+    reference distribution's CDF crosses u (within rounding)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * 4
+
+    def draw(lo, hi):
+        return float(torch.empty(()).uniform_(lo, hi, generator=g))
+    params = [SamplingParams(temperature=draw(0.1, 2.0), top_k=int(torch.randint(0, vocab + 2, (), generator=g)) * (i % 2),
+                             top_p=min(1.0, draw(0.05, 1.3))) for i in range(rows)]
+    grid = torch.tensor([0.0, 0.999999] + [(j + 0.5) / 64 for j in range(64)])
+    for i, p in enumerate(params):
+        cdf = sampling.sampling_probs_ref(logits[i], p).cumsum(0)
+        n = len(grid)
+        toks = torch.ops.qc_cpu.sample_rows(logits[i].expand(n, -1).contiguous(), torch.full((n,), p.temperature),
+                                            torch.full((n,), p.top_k), torch.full((n,), p.top_p), grid)
+        below = torch.cat([torch.zeros(1, dtype=cdf.dtype), cdf])[toks]  # mass before the token drawn
+        assert ((below <= grid + 1e-5) & (grid < cdf[toks] + 1e-5)).all(), (p, toks, grid)
+        probs = sampling.sampling_probs_ref(logits[i], p)
+        assert (probs[toks] > 0).all()
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native CPU kernels are not available here")
+def test_native_sampler_rejects_bad_rows():
+    with pytest.raises(RuntimeError, match="temperature > 0"):
+        torch.ops.qc_cpu.sample_rows(torch.zeros(1, 4), torch.zeros(1), torch.zeros(1, dtype=torch.long),
+                                     torch.ones(1), torch.zeros(1))
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        torch.ops.qc_cpu.sample_rows(torch.zeros(1, 4, dtype=torch.float64), torch.ones(1),
+                                     torch.zeros(1, dtype=torch.long), torch.ones(1), torch.zeros(1))

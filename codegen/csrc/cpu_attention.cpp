@@ -6,12 +6,13 @@
 // with K and V read in place through the block table (no gathered copy, no mask). One work item
 // is a sequence, a KV head and up to kHeads of its query heads: their query vectors stay in
 // registers while the keys stream once, and the weighted sum of V keeps their outputs in
-// registers. exp is a degree-7 polynomial of 2^f on |f| <= 1/2 scaled by VSCALEFPS (relative
-// error ~1e-7). Cache layout: [layers, 2, blocks, block_size, kv_heads, head_dim] (DESIGN.md).
+// registers. exp: ``exp512`` (qc_avx512.h). Cache layout:
+// [layers, 2, blocks, block_size, kv_heads, head_dim] (DESIGN.md).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <immintrin.h>
+
+#include "qc_avx512.h"
 
 #include <cmath>
 #include <limits>
@@ -19,24 +20,6 @@
 #include <vector>
 
 namespace {
-
-#define QC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-
-QC_AVX512 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // exp(-87) ~ 1.6e-38: smaller inputs give 0 anyway
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));  // e^f = 2^(t - n)
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 
 QC_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 QC_AVX512 inline __m512 load16(const at::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
