@@ -29,13 +29,20 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# llama.cpp for the serving anchor, built for this CPU's AVX-512 but without AMX: AMX tiles
-# need a kernel permission this sandbox does not grant (a native build dies with SIGILL)
-LLAMA_ISA := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
-	-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
+# llama.cpp for the serving anchor, built for the instruction sets this CPU reports, never AMX:
+# AMX tiles need a kernel permission this sandbox does not grant (a native build dies with SIGILL),
+# and a fixed list breaks on machines without one of its extensions (e.g. AVX512-BF16)
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+isa = $(if $(filter $(1),$(CPU_FLAGS)),ON,OFF)
+LLAMA_ISA := -DGGML_NATIVE=OFF -DGGML_AVX=$(call isa,avx) -DGGML_AVX2=$(call isa,avx2) -DGGML_FMA=$(call isa,fma) \
+	-DGGML_F16C=$(call isa,f16c) -DGGML_AVX512=$(call isa,avx512f) -DGGML_AVX512_VBMI=$(call isa,avx512vbmi) \
+	-DGGML_AVX512_VNNI=$(call isa,avx512_vnni) -DGGML_AVX512_BF16=$(call isa,avx512_bf16) -DGGML_AVX_VNNI=$(call isa,avx_vnni)
 
 bench-deps: $(STAMP)
-	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_ISA)" $(BIN)/pip install -q llama-cpp-python==0.3.36 diskcache jinja2
+	# rebuilt when the CPU's instruction sets differ from the build's (a copied .venv on another machine)
+	test "$$(cat $(VENV)/.llama-isa 2>/dev/null)" = "$(LLAMA_ISA)" && $(BIN)/python -c "import llama_cpp" 2>/dev/null || { \
+	  CMAKE_ARGS="$(LLAMA_ISA)" $(BIN)/pip install -q --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36 && \
+	  $(BIN)/pip install -q llama-cpp-python==0.3.36 diskcache jinja2 && echo "$(LLAMA_ISA)" > $(VENV)/.llama-isa; }
 
 bench: bench-deps
 	$(BIN)/python bench/linear_cpu.py

@@ -8,6 +8,7 @@ Stop strings are searched only in the tail the new text can reach. For streaming
 holds back the last ``len(longest stop) - 1`` characters: they may still become the start of a
 stop string, and text once released is never taken back."""
 
+
 def decode(tokenizer, ids: list[int]) -> str:
     # NOTE: no clean-up pass: it strips spaces before punctuation, wrong for BPE tokenizers
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -130,10 +130,3 @@ def sampling_probs_ref(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         probs = torch.where(probs < sorted_p[n - 1], 0.0, probs)
     return probs / probs.sum()
 
-
-def _top_p_sorted(probs: torch.Tensor, sorted_p: torch.Tensor, top_p) -> torch.Tensor:
-    """``probs`` with every token less likely than the nucleus's least likely member zeroed;
-    ``sorted_p`` holds the most likely probabilities in descending order (enough to reach ``top_p``)."""
-    drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before a token already reaches top_p
-    threshold = sorted_p.masked_fill(drop, float("inf")).amin(-1, keepdim=True)
-    return probs.masked_fill(probs < threshold, 0.0)
