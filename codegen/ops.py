@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_native
 from .quant import dequantize_weight_ref
 
 # NOTE: torch's int4/int8 packed CPU kernels are per-row GEMVs: they beat a dense bf16
 # GEMM only for a few rows. Past this many rows a dequantize + bf16 GEMM wins (bench/linear_cpu.py).
 PACKED_MAX_ROWS = 64
 # Our own int4/int8 kernel (codegen.cpu_native) converts a weight block once for 4 rows; past this
-# many rows the dequantize + bf16 GEMM (AMX/AVX512-BF16 through oneDNN) wins (bench/linear_cpu.py).
+# many rows a dequantize + GEMM wins (``_dense``; bench/linear_cpu.py).
 NATIVE_MAX_ROWS = 64
 
 
@@ -73,20 +74,23 @@ def _(x, qweight, scales, zeros, bias):
 
 # --- CPU fast paths (layouts prepared once at load time by codegen.cpu) ----------------
 
-def _dequantize_bf16(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int) -> Tensor:
-    if bits == 4:
-        q = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).to(torch.bfloat16) - 8.0
-    else:
-        q = qweight.to(torch.bfloat16)
+def _dequantize(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, dtype: torch.dtype) -> Tensor:
+    """``(q - 8 [int4] - zero) * scale`` as ``q * scale + offset`` in fp32, the offset per group:
+    one pass over the weight after the unpack, not three; then ``dtype``."""
+    f32 = torch.float32
+    q = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).to(f32) if bits == 4 else qweight.to(f32)
     N, ngroups = scales.shape
-    q = q.reshape(N, ngroups, -1)
-    if zeros is not None:
-        q = q - zeros.to(torch.bfloat16).unsqueeze(-1)
-    return (q * scales.to(torch.bfloat16).unsqueeze(-1)).reshape(N, -1)
+    s = scales.to(f32)
+    shift = (zeros.to(f32) if zeros is not None else torch.zeros_like(s)) + (8.0 if bits == 4 else 0.0)
+    w = torch.addcmul(-(shift * s).unsqueeze(-1), q.reshape(N, ngroups, -1), s.unsqueeze(-1)).reshape(N, -1)
+    return w.to(dtype)
 
 
-def _dense_bf16(x2: Tensor, qweight, scales, zeros, bits) -> Tensor:
-    return F.linear(x2.to(torch.bfloat16), _dequantize_bf16(qweight, scales, zeros, bits))
+def _dense(x2: Tensor, qweight, scales, zeros, bits) -> Tensor:
+    """Dequantize, then one GEMM: in bf16 where the CPU multiplies bf16 natively (AVX512-BF16 or
+    AMX), else in fp32 (oneDNN's emulated bf16 GEMM runs ~4x slower than MKL's fp32 one there)."""
+    dtype = torch.bfloat16 if cpu_native.BF16_NATIVE else torch.float32
+    return F.linear(x2.to(dtype), _dequantize(qweight, scales, zeros, bits, dtype))
 
 
 def _finish(y: Tensor, x: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -117,7 +121,7 @@ def w4a16_linear_cpu_impl(x: Tensor, int4pack: Tensor, scales_and_zeros: Tensor,
         y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), aligned(int4pack), group_size,
                                               aligned(scales_and_zeros))
     else:
-        y = _dense_bf16(x2, qweight, scales, zeros, bits=4)
+        y = _dense(x2, qweight, scales, zeros, bits=4)
     return _finish(y, x, bias)
 
 
@@ -134,7 +138,7 @@ def w8a16_linear_cpu_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Opt
         if zeros is not None:
             y = y - xb.float().sum(-1, keepdim=True) * (zeros.reshape(-1).float() * scales.reshape(-1).float())
     else:
-        y = _dense_bf16(x2, qweight, scales, zeros, bits=8)
+        y = _dense(x2, qweight, scales, zeros, bits=8)
     return _finish(y, x, bias)
 
 
@@ -143,14 +147,14 @@ def wq_linear_native_impl(x: Tensor, packed: Tensor, block_scales: Tensor, block
                           bits: int) -> Tensor:
     """``qc::w4a16_linear`` / ``qc::w8a16_linear`` on CPU through our own kernel
     (``codegen.cpu_native``: fp32 activations and accumulation, weights from ``pack_native``)
-    for few rows, a bf16 dequantize + GEMM for many."""
+    for few rows, a dequantize + GEMM for many (``_dense``)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] <= NATIVE_MAX_ROWS:
         y = torch.ops.qc_cpu.wq_gemm(x2.float().contiguous(), packed, block_scales, block_biases, bits,
                                      x.shape[-1] // scales.shape[1], qweight.shape[0],
                                      None if bias is None else bias.float())
         return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
-    return _finish(_dense_bf16(x2, qweight, scales, zeros, bits=bits), x, bias)
+    return _finish(_dense(x2, qweight, scales, zeros, bits=bits), x, bias)
 
 
 # NOTE: the plain functions stay importable: an eager program calls them directly

@@ -77,6 +77,23 @@ def test_native_kernel(M, symmetric, bits, group, N):
 
 
 @native
+@pytest.mark.parametrize("bf16", [False, True])
+def test_many_rows_take_a_dense_gemm_in_the_cpus_fast_dtype(monkeypatch, bf16):
+    """Past NATIVE_MAX_ROWS: dequantize + one GEMM, in bf16 where the CPU has bf16 hardware, in
+    fp32 (fp32 tolerances) where bf16 would be emulated."""
+    monkeypatch.setattr(cpu_native, "BF16_NATIVE", bf16)
+    qw = quantize_weight(_x(40, 256, 3), 4, 64, False)
+    x, bias = _x(ops.NATIVE_MAX_ROWS + 3, 256), _x(1, 40, 4)[0]
+    y = ops.wq_linear_native_impl(x, *cpu_native.pack_native(*qw, 4), *qw, bias, 4)
+    ref = qc.w4a16_linear(x, *qw, bias)
+    if bf16:
+        assert_close_bf16(y, ref)
+        assert not torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())  # bf16 rounding shows
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@native
 def test_native_kernel_rejects_bad_layouts():
     qw = quantize_weight(_x(32, 64, 3), 4, 32, False)
     packed, s, b = cpu_native.pack_native(*qw, 4)
