@@ -56,19 +56,26 @@ def test_bad_params(kw, msg):
         SamplingParams(**kw)
 
 
+def random_case(seed: int, rows: int, vocab: int, scale: float):
+    """Random logits and per-row parameters: temperature, top-k on every other row, top-p (1 a
+    quarter of the time)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * scale
+
+    def draw(lo, hi):
+        return float(torch.empty(()).uniform_(lo, hi, generator=g))
+    params = [SamplingParams(temperature=draw(0.1, 2.0), top_k=int(torch.randint(0, vocab + 2, (), generator=g)) * (i % 2),
+                             top_p=min(1.0, draw(0.05, 1.3))) for i in range(rows)]
+    return logits, params
+
+
 @settings(max_examples=60)
 @given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 6), vocab=st.integers(2, 300),
        levels=st.sampled_from([(0.5, 0.0), (0.9, 1e-3, 0.0), sampling.NUCLEUS_LEVELS]))
 def test_batched_probs_equal_the_reference(seed, rows, vocab, levels):
     """Mixed per-row temperature / top-k / top-p in one batch against full sorts per row; high
     nucleus levels force the search past its first levels, down to the whole-row sort."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(rows, vocab, generator=g) * 3
-
-    def draw(lo, hi):
-        return float(torch.empty(()).uniform_(lo, hi, generator=g))
-    params = [SamplingParams(temperature=draw(0.1, 2.0), top_k=int(torch.randint(0, vocab + 2, (), generator=g)) * (i % 2),
-                             top_p=min(1.0, draw(0.05, 1.3))) for i in range(rows)]
+    logits, params = random_case(seed, rows, vocab, scale=3)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sampling, "NUCLEUS_LEVELS", levels)
         probs = sampling.sampling_probs(logits, params)
@@ -103,13 +110,7 @@ def test_batch_rows_draw_from_their_own_generators(sampler):
 def test_native_draws_invert_the_reference_cdf(seed, rows, vocab):
     """``qc_cpu::sample_rows`` at a grid of uniforms u returns, for each, the token where the
     reference distribution's CDF crosses u (within rounding)."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(rows, vocab, generator=g) * 4
-
-    def draw(lo, hi):
-        return float(torch.empty(()).uniform_(lo, hi, generator=g))
-    params = [SamplingParams(temperature=draw(0.1, 2.0), top_k=int(torch.randint(0, vocab + 2, (), generator=g)) * (i % 2),
-                             top_p=min(1.0, draw(0.05, 1.3))) for i in range(rows)]
+    logits, params = random_case(seed, rows, vocab, scale=4)
     grid = torch.tensor([0.0, 0.999999] + [(j + 0.5) / 64 for j in range(64)])
     for i, p in enumerate(params):
         cdf = sampling.sampling_probs_ref(logits[i], p).cumsum(0)
