@@ -32,16 +32,21 @@ class IncrementalDetokenizer:
         if self.stopped:
             return True
         self.ids.append(token_id)
+        new = self._pending()
+        if not new or new.endswith("\ufffd"):
+            return False
+        return self._extend(new)
+
+    def _pending(self) -> str:
+        """The text the ids past ``read`` add, decoded after the window's head as context."""
         head = self._decode(self.ids[self.prefix:self.read])
         window = self._decode(self.ids[self.prefix:])
-        if len(window) <= len(head) or window.endswith("\ufffd"):
-            return False
-        return self._extend(window[len(head):], len(self.ids))
+        return window[len(head):] if len(window) > len(head) else ""
 
-    def _extend(self, new: str, read: int) -> bool:
+    def _extend(self, new: str) -> bool:
         start = max(0, len(self.text) - self.hold)  # a stop string may begin in the older tail
         self.text += new
-        self.prefix, self.read = self.read, read
+        self.prefix, self.read = self.read, len(self.ids)
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             self.text, self.stopped = self.text[:min(hits)], True
@@ -50,10 +55,9 @@ class IncrementalDetokenizer:
     def finish(self) -> str:
         """The final text: what a window still held back (an incomplete character) is released."""
         if not self.stopped and self.read < len(self.ids):
-            head = self._decode(self.ids[self.prefix:self.read])
-            window = self._decode(self.ids[self.prefix:])
-            if len(window) > len(head):
-                self._extend(window[len(head):], len(self.ids))
+            new = self._pending()
+            if new:
+                self._extend(new)
         return self.text
 
     @property
