@@ -2,7 +2,8 @@
 
 For each (M, K, N), in priority order under a time budget, it times a list of tile choices with
 the weights rotated past L2 (so HBM figures, as decode sees them), prints the five fastest and
-the rule-based pick beside them, and writes the fastest of each as an entry of the device's
+the rule-based pick beside them (GEMV sizes try both GEMV forms, ``planes`` and the weight
+stream), and writes the fastest of each as an entry of the device's
 table: ``$OUT/tune.json`` and ``codegen/tuned/<device>.json`` in this checkout, so later steps of
 the same GPU session run with it. Commit the table to make it the package's.
 
@@ -36,9 +37,13 @@ if SMOKE:
 # (block_n, block_k, num_warps, num_stages); block_m follows M; each is tried at these splits
 GEMV = [(32, 128, 4, 1), (64, 128, 4, 1), (128, 128, 4, 1), (128, 128, 8, 1), (256, 128, 8, 1), (64, 64, 4, 1),
         (128, 64, 4, 1), (256, 64, 8, 1)]
+# the weight-stream GEMV (``form`` stream / stream_exp): per lane, 16 weight bytes per K step and
+# BLOCK_M x (its bytes) fp32 partial sums, so small tiles where M is 4
+STREAM = [(32, 64, 2, 1), (64, 64, 4, 1), (128, 64, 4, 2), (64, 128, 4, 1), (128, 128, 8, 1), (32, 128, 2, 2),
+          (128, 32, 4, 1), (256, 32, 8, 2)]
 DOT = [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 4)]
 if SMOKE:
-    GEMV, DOT = [(32, 32, 4, 1), (64, 32, 4, 1)], [(32, 32, 4, 2)]
+    GEMV, STREAM, DOT = [(32, 32, 4, 1), (64, 32, 4, 1)], [(32, 32, 2, 1)], [(32, 32, 4, 2)]
 
 
 def block_m(M: int) -> int:
@@ -50,11 +55,14 @@ def candidates(M: int):
     from qcompiler.codegen.triton_linear import GEMV_MAX_M, LinearConfig
     bm = block_m(M)
     splits = (1, 2, 4, 8) if M <= GEMV_MAX_M else (1, 2, 4) if M <= 64 else (1,)
-    for bn, bk, warps, stages in (GEMV if M <= GEMV_MAX_M else DOT):
+    tiles = [(t, "planes") for t in (GEMV if M <= GEMV_MAX_M else DOT)]
+    if M <= GEMV_MAX_M:
+        tiles += [(t, form) for form in ("stream", "stream_exp") for t in STREAM]
+    for (bn, bk, warps, stages), form in tiles:
         if bk > GROUP:
             continue
-        for split in splits:
-            yield LinearConfig(bm, bn, bk, split, warps, stages)
+        for split in splits if form == "planes" else splits[1:]:  # the stream needs its SMs filled
+            yield LinearConfig(bm, bn, bk, split, warps, stages, form)
 
 
 def main() -> int:

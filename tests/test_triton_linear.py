@@ -63,6 +63,37 @@ def test_split_k(kernel_device, block_m, split_k, bits, group):
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("form", ["stream", "stream_exp"])
+@pytest.mark.parametrize("M,block_m,split_k", [(1, 1, 3), (3, 2, 1), (5, 4, 2)])
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 64, False), (4, None, False), (8, 32, False),
+                                                  (8, None, True)])
+def test_stream_gemv(kernel_device, form, M, block_m, split_k, bits, group, symmetric):
+    """The weight-stream GEMV: tiles of rows over M (the last one partial), a split-K whose last
+    split is short, zero points per group and per channel (no whole-row split needed), both ways
+    of turning codes into floats."""
+    K = 192 if group else 200
+    args, ref = _case(M, 40, K, bits, group or K, symmetric, bias=M != 3, dtype=torch.float32, device=kernel_device)
+    cfg = LinearConfig(block_m=block_m, block_n=16, block_k=32, split_k=split_k, num_warps=4, num_stages=1, form=form)
+    out = wq_linear_triton(*args, bits=bits, config=cfg)
+    assert out.shape == (M, 40) and out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 64)])
+def test_stream_gemv_half_activations(kernel_device, bits, group):
+    args, ref = _case(2, 24, 128, bits, group, False, bias=True, dtype=torch.float16, device=kernel_device)
+    cfg = LinearConfig(block_m=2, block_n=8, block_k=64, split_k=1, num_warps=2, num_stages=1, form="stream_exp")
+    out = wq_linear_triton(*args, bits=bits, config=cfg)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.cpu().float(), ref, **TOL[torch.float16])
+
+
+def test_unknown_form_is_refused(kernel_device):
+    args, _ = _case(1, 24, 64, 4, 32, True, bias=False, dtype=torch.float32, device=kernel_device)
+    with pytest.raises(AssertionError, match="form"):
+        wq_linear_triton(*args, bits=4, config=LinearConfig(1, 16, 32, 1, 4, 1, form="fast"))
+
+
 def test_strided_scales_and_batched_input(kernel_device):
     """N-contiguous scales/zeros (the layout the runtime prepares) and a [B, T, K] input."""
     (x, qw, s, z, b), ref = _case(6, 40, 128, 4, 32, False, bias=False, dtype=torch.float32, device=kernel_device)
@@ -113,6 +144,20 @@ def test_bf16_on_gpu(M, bits, group, symmetric):
     out = torch.ops.qc.w4a16_linear(*args) if bits == 4 else torch.ops.qc.w8a16_linear(*args)
     assert out.is_cuda and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["planes", "stream", "stream_exp"])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 128, False), (8, None, True)])
+def test_gemv_forms_bf16_on_gpu(form, M, bits, group, symmetric):
+    """Every GEMV form the tile sweep may pick, compiled for the card, with a split K."""
+    K, N = 1024, 384
+    args, ref = _case(M, N, K, bits, group or K, symmetric, bias=True, dtype=torch.bfloat16, device="cuda")
+    for block_n, block_k, warps in [(64, 128, 4), (128, 64, 8)]:
+        cfg = LinearConfig(4 if M > 1 else 1, block_n, block_k, 4, warps, 1, form)
+        out = wq_linear_triton(*args, bits=bits, config=cfg)
+        torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=5e-2)
 
 
 @pytest.mark.gpu
