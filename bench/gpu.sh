@@ -7,7 +7,8 @@
 #   4. bench/gpu_tune.py (the W4A16 tile sweep: tune.json, log tune.log; its table,
 #      codegen/tuned/<card>.json, serves the steps after it; SKIP_TUNE=1 skips it),
 #   5. bench/gpu_kernels.py (our kernels beside their anchors: kernels.json, kernels.md),
-#   6. bench/gpu_e2e.py (decode on the runtime, 7B shape: e2e.json).
+#   6. bench/gpu_e2e.py (decode on the runtime, 7B shape, eager then compiled by Inductor:
+#      e2e.json; E2E_ARGS overrides its arguments, "" for eager only).
 # No `set -e`: a failing step is logged and the next one runs. Every step runs under `timeout`,
 # shortened when the session's time runs low. Few files come back from $OUT, so the logs are few:
 # tests.log (setup, versions, tests, summary), tune.log, kernels.log, e2e.log.
@@ -142,7 +143,7 @@ if [[ -f bench/gpu_e2e.py ]]; then
   T=$(cap 200 10)
   if ((T >= 30)); then
     : > "$OUT/e2e.log"
-    logged "$OUT/e2e.log" timeout -k 5 "$T" "$PY" bench/gpu_e2e.py ${E2E_ARGS:-}
+    logged "$OUT/e2e.log" timeout -k 5 "$T" "$PY" bench/gpu_e2e.py ${E2E_ARGS---compile}
     RC[e2e]=$?
   else
     say "skipped: only ${T} s left"

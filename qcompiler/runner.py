@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 from torch.export import ExportedProgram
 from torch.export.passes import move_to_device_pass
+from torch.fx import GraphModule
 
 from qcompiler.codegen import cpu_native
 from qcompiler.codegen.cpu import call_directly, float_linears_to_bf16, lower_for_cpu, trace_through
@@ -102,18 +103,25 @@ def prepare(ep: ExportedProgram, manifest: dict, *, path: Optional[Path] = None,
            if isinstance(t, torch.Tensor)):
         ep = move_to_device_pass(ep, device)
     gm = ep.module()
-    if fast and device.type == "cpu":
-        cpu_native.available()  # our CPU kernels, built once here: the lowering and attention ask for them
     if fast:
-        gm = lower_for_cpu(gm) if device.type == "cpu" else lower_for_cuda(gm)
-        if manifest["target"]["name"] in A16_TARGETS:
-            gm = float_linears_to_bf16(gm)
-        gm = hoist_constants(gm)
-        if device.type == "cpu":
-            gm = trace_through(gm) if compile else call_directly(gm)
+        gm = lower(gm, manifest["target"]["name"], device.type, compile)
     if compile:
         gm = torch.compile(gm, dynamic=True)
     return CompiledModel(path, manifest, gm, device)
 
 
-__all__ = ["ArtifactError", "CompiledModel", "load", "prepare"]
+def lower(gm: GraphModule, target_name: str, kind: str, compile: bool) -> GraphModule:
+    """The fast kernels of device ``kind`` ("cpu" or "cuda") for a paged program: graph surgery
+    only, so either lowering can be built (and traced) on the CPU."""
+    if kind == "cpu":
+        cpu_native.available()  # our CPU kernels, built once here: the lowering and attention ask for them
+    gm = lower_for_cpu(gm) if kind == "cpu" else lower_for_cuda(gm)
+    if target_name in A16_TARGETS:
+        gm = float_linears_to_bf16(gm)
+    gm = hoist_constants(gm)
+    if kind == "cpu":
+        gm = trace_through(gm) if compile else call_directly(gm)
+    return gm
+
+
+__all__ = ["ArtifactError", "CompiledModel", "load", "lower", "prepare"]

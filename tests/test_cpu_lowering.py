@@ -10,7 +10,7 @@ from qcompiler.codegen.cuda import lower_for_cuda
 from qcompiler.codegen.fx import call_nodes, get_constant
 from qcompiler.codegen.quant import sqnr_db
 from qcompiler.pipeline import run_pipeline
-from qcompiler.runner import prepare
+from qcompiler.runner import lower, prepare
 from qcompiler.runtime.step_inputs import single_sequence
 from qcompiler.targets import W4A16, W8A16
 from tiny_models import Args, build
@@ -65,6 +65,24 @@ def test_cuda_lowering_merges_siblings_and_keeps_outputs(target):
     args = single_sequence(ids, pos, gm.meta["qc_paged"], torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(lowered(*args), gm(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_program_traces_whole_for_inductor():
+    """What ``torch.compile`` sees on a GPU, traced here on the CPU (the ``qc`` ops run their
+    reference code): the CUDA lowering of a W4A16 program with a float lm_head in bf16 compiles as
+    one graph with dynamic token counts, and computes what the eager lowering computes."""
+    a = Args(vocab=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128)
+    target = W4A16(group_size=32, symmetric=False)
+    gm = run_pipeline(capture(build(a), max_tokens=128), target).gm
+    eager = lower(gm, target.name, "cuda", compile=False)
+    assert call_nodes(eager, qc.w4a16_linear.default) and call_nodes(eager, ops.linear_bf16)
+    compiled = torch.compile(eager, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for T in (1, 9):
+            ids, pos = torch.randint(0, 64, (T,)), torch.arange(T)
+            args = single_sequence(ids, pos, gm.meta["qc_paged"], torch.bfloat16)
+            ref = eager(*args)
+            torch.testing.assert_close(compiled(*args), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "int8pack"])

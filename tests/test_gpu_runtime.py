@@ -1,7 +1,8 @@
 """The runtime on a GPU (skipped without one): the engine's greedy output equals the eager model's
-with the Triton kernels behind every ``qc::`` op, with and without CUDA graphs for decode; a
-W4A16 program lowered for CUDA (merged siblings, N-contiguous scales) computes what the
-canonical program computes on the CPU."""
+with the Triton kernels behind every ``qc::`` op, with and without CUDA graphs for decode, and
+with the program compiled by Inductor under them; a W4A16 program lowered for CUDA (merged
+siblings, N-contiguous scales), eager or compiled, computes what the canonical program computes
+on the CPU."""
 import pytest
 import torch
 
@@ -21,10 +22,12 @@ def source():
     return load_source(str(FIXTURES / "plain_lm.py"))
 
 
-@pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_greedy_equals_eager_on_gpu(source, tmp_path, cuda_graphs):
+@pytest.mark.parametrize("cuda_graphs,compile", [(False, False), (True, False), (True, True)],
+                         ids=["eager", "graphs", "inductor+graphs"])
+def test_greedy_equals_eager_on_gpu(source, tmp_path, cuda_graphs, compile):
     compile_model(source, Float(), tmp_path / "float")
-    llm = LLM(tmp_path / "float", device="cuda", cuda_graphs=cuda_graphs, kv_cache_dtype="float32", max_num_seqs=8)
+    llm = LLM(tmp_path / "float", device="cuda", cuda_graphs=cuda_graphs, compile=compile, kv_cache_dtype="float32",
+              max_num_seqs=8)
     ps = prompts(6, seed=3)
     outs = llm.generate(ps, GREEDY)
     for p, o in zip(ps, outs):
@@ -34,11 +37,12 @@ def test_greedy_equals_eager_on_gpu(source, tmp_path, cuda_graphs):
         assert llm.engine.runner.graphs.graphs, "decode steps should have replayed a CUDA graph"
 
 
-def test_w4a16_on_gpu_matches_canonical_cpu(source, tmp_path):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "inductor"])
+def test_w4a16_on_gpu_matches_canonical_cpu(source, tmp_path, compile):
     compile_model(source, W4A16(group_size=32, symmetric=False), tmp_path / "w4")
     ids = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(20)
     ref = load(tmp_path / "w4", fast=False).flat(ids, pos)
-    out = load(tmp_path / "w4", device="cuda").flat(ids, pos)
+    out = load(tmp_path / "w4", device="cuda", compile=compile).flat(ids, pos)
     assert out.is_cuda
     assert sqnr_db(ref, out.float().cpu()) > 30  # bf16 lm_head and activations vs fp32 reference ops
