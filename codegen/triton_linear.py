@@ -1,23 +1,28 @@
 """Triton kernels for the weight-only linears ``qc::w4a16_linear`` and ``qc::w8a16_linear``
 (registered as their CUDA kernels): dequantization fused into the GEMM.
 
-The kernel reads the artifact's own layout: int4 as uint8 ``[N, K/2]`` (column ``2j`` in the
+The kernels read the artifact's own layout: int4 as uint8 ``[N, K/2]`` (column ``2j`` in the
 low nibble, ``2j + 1`` in the high one), so a weight tile ``[BLOCK_N, BLOCK_K/2]`` is contiguous
-along K and loads as 16-byte vectors without any repacking. The activation tile
-``[BLOCK_M, BLOCK_K]`` loads contiguously too and is split into its even and odd columns in
-registers, which meet the low and high nibble planes. The group's scale multiplies the tile's
-fp32 partial product, and a zero point is one rank-1 correction per group
+along K and loads as 16-byte vectors without any repacking. In ``_wq_linear_kernel`` the
+activation tile ``[BLOCK_M, BLOCK_K]`` loads contiguously too and is split into its even and odd
+columns in registers, which meet the low and high nibble planes; the group's scale multiplies
+the tile's fp32 partial product, and a zero point is one rank-1 correction per group
 (``- rowsum(x_group) * zero * scale``), so the inner loop does no per-weight float math beyond
 the int -> float conversion. Scales and zeros are read through their strides: the runtime
 stores them N-contiguous (``codegen.cuda``), one coalesced row per group.
 
-Two forms of the same loop:
+Three kernels:
 
-* decode sizes (``M <= GEMV_MAX_M``): no tensor cores; the few rows multiply the weight tile in
-  registers and reduce along K (a GEMV), split over K across programs (fp32 atomics) so that
-  the weight stream fills every SM;
-* larger M: ``tl.dot`` on integer-valued 16-bit tiles, larger M tiles, split-K only while the
-  tiles alone leave SMs idle.
+* ``planes`` (``_wq_linear_kernel`` with ``M <= GEMV_MAX_M``): no tensor cores; the few rows
+  multiply the weight tile in registers and reduce along K every tile (a GEMV);
+* the weight stream (``_wq_gemv_stream_kernel``, forms ``stream`` / ``stream_exp``), for the same
+  decode sizes: per-lane fp32 sums across the whole K split, one reduction at the end, and each
+  weight dequantized once for all rows, its offset taken off per code;
+* larger M: ``tl.dot`` on integer-valued 16-bit tiles, larger M tiles (``_wq_linear_kernel``).
+
+Decode sizes split K across programs so that the weight stream fills every SM (larger M only
+while the tiles alone leave SMs idle). The splits add into an fp32 workspace and the last one to
+finish a tile writes it out (``_write_out``): a split call is a single kernel launch.
 
 Tiles come from a table measured on the device (``codegen/tuned/<device>.json``, written by
 ``bench/gpu_tune.py``) when it holds the shape, else from ``pick_config``'s rules.
@@ -41,12 +46,39 @@ TUNED_DIR = Path(__file__).parent / "tuned"
 
 
 @triton.jit
-def _wq_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+def _write_out(acc, offs_m, offs_n, mask_m, mask_n, N, out_ptr, stride_om, stride_on, b_ptr, ws_ptr, lock_ptr, tile,
+               n_split, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """A tile's fp32 sums -> ``out`` in its dtype, bias added. Split over K (``SPLIT``): every
+    split adds its sums into the fp32 workspace ``[M, N]`` and counts itself in the tile's lock;
+    the last one to arrive writes the tile out and leaves the workspace and the lock at zero for
+    the next call. So a split call is one kernel: no zero-filled buffer before it, no cast after."""
+    omask = mask_m[:, None] & mask_n[None, :]
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    if SPLIT:
+        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws, acc, mask=omask, sem="relaxed")
+        tl.debug_barrier()  # every thread's sums are in before the count goes up (a release)
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if arrived == n_split - 1:
+            total = tl.load(ws, mask=omask, other=0.0, cache_modifier=".cg")  # from L2, where the adds landed
+            if HAS_BIAS:
+                total += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(ws, tl.zeros_like(total), mask=omask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _wq_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                       M, N, K, k_per_split,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
                       stride_om, stride_on,
                       BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                       USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_mn = tl.program_id(0)
@@ -110,24 +142,17 @@ def _wq_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
             acc = (acc - xsum[:, None] * z[None, :]) * s[None, :]
         else:
             acc = acc * s[None, :]
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=mask_n & (pid_k == 0), other=0.0).to(tl.float32)
-        acc += bias[None, :]
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    omask = mask_m[:, None] & mask_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=omask, sem="relaxed")
-    else:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    _write_out(acc, offs_m, offs_n, mask_m, mask_n, N, out_ptr, stride_om, stride_on, b_ptr, ws_ptr, lock_ptr,
+               pid_mn, tl.num_programs(1), HAS_BIAS, SPLIT)
 
 
 @triton.jit
-def _wq_gemv_stream_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+def _wq_gemv_stream_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                            M, N, K, k_per_split,
                            stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
                            stride_om, stride_on,
                            BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           ATOMIC: tl.constexpr, EXP_BITS: tl.constexpr,
+                           SPLIT: tl.constexpr, EXP_BITS: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The decode-size GEMV as a weight stream: each lane keeps fp32 partial sums for the bytes it
     loads, ``[BLOCK_M, BLOCK_N, BLOCK_K / codes per byte]``, across the whole K split, and the sums
@@ -191,16 +216,8 @@ def _wq_gemv_stream_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
             x_odd = tl.load(x_rows + (k0 + 2 * offs_j + 1)[None, None, :] * stride_xk, mask=mask_x & in_k, other=0.0)
             part = x_even.to(tl.float32) * w_lo + x_odd.to(tl.float32) * w_hi
         acc += part * s[None, :, None]
-    out_t = tl.sum(acc, axis=2)                                                  # [BLOCK_M, BLOCK_N]
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=mask_n & (pid_k == 0), other=0.0).to(tl.float32)
-        out_t += bias[None, :]
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    omask = mask_m[:, None] & mask_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, out_t, mask=omask, sem="relaxed")
-    else:
-        tl.store(out, out_t.to(out_ptr.dtype.element_ty), mask=omask)
+    _write_out(tl.sum(acc, axis=2), offs_m, offs_n, mask_m, mask_n, N, out_ptr, stride_om, stride_on, b_ptr, ws_ptr,
+               lock_ptr, pid_m * tl.num_programs(0) + pid_n, tl.num_programs(1), HAS_BIAS, SPLIT)
 
 
 FORMS = ("planes", "stream", "stream_exp")  # GEMV forms; the tensor-core form ignores the field
@@ -317,6 +334,28 @@ def _check(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], 
     return N, K, group
 
 
+_WORKSPACES: dict[torch.device, tuple[Tensor, Tensor]] = {}
+_RETIRED: list[tuple[Tensor, Tensor]] = []
+
+
+def split_workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tensor, Tensor]:
+    """The device's split-K workspace: fp32 sums and int32 tile locks, zero between calls (the
+    kernel's last split clears what it used), grown when a call needs more. A buffer it outgrows
+    is kept alive: CUDA graphs captured earlier still write to it. Growth during a capture makes a
+    buffer for that graph alone (zero-filled by the graph itself), leaving the shared one as it is."""
+    cur = _WORKSPACES.get(device)
+    if cur is not None and cur[0].numel() >= numel and cur[1].numel() >= tiles:
+        return cur
+    size = (_pow2_ceil(max(numel, cur[0].numel() if cur else 0)), _pow2_ceil(max(tiles, cur[1].numel() if cur else 0)))
+    new = (torch.zeros(size[0], device=device, dtype=torch.float32), torch.zeros(size[1], device=device, dtype=torch.int32))
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return new
+    if cur is not None:
+        _RETIRED.append(cur)
+    _WORKSPACES[device] = new
+    return new
+
+
 def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
                      bits: int, config: Optional[LinearConfig] = None) -> Tensor:
     """``x [..., K]`` @ dequantized ``qweight`` (int4 uint8 ``[N, K/2]`` or int8 ``[N, K]``; scales and
@@ -335,32 +374,33 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
     if per_channel and zeros is not None and not stream:
         k_per_split = K  # NOTE: the per-channel zero correction needs the whole row's sum in one program
     split = triton.cdiv(K, k_per_split)
-    atomic = split > 1
-    out = torch.zeros(M, N, device=x.device, dtype=torch.float32) if atomic else x.new_empty(M, N)
+    out = x.new_empty(M, N)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    ws, locks = split_workspace(x.device, M * N, tiles) if split > 1 and M else (out, out)
     if M and stream:
         z = zeros if zeros is not None else scales  # any pointer: unread when HAS_ZERO is False
         grid = (triton.cdiv(N, cfg.block_n), split, triton.cdiv(M, cfg.block_m))
         _wq_gemv_stream_kernel[grid](
-            x2, qweight, scales, z, bias if bias is not None else scales, out,
+            x2, qweight, scales, z, bias if bias is not None else scales, out, ws, locks,
             M, N, K, k_per_split,
             x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
             z.stride(0), z.stride(1), out.stride(0), out.stride(1),
-            BITS=bits, GROUP=group, HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
+            BITS=bits, GROUP=group, HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, SPLIT=split > 1,
             EXP_BITS=cfg.form == "stream_exp", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     elif M:
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
         z = zeros if zeros is not None else scales  # any pointer: unread when HAS_ZERO is False
         _wq_linear_kernel[grid](
-            x2, qweight, scales, z, bias if bias is not None else scales, out,
+            x2, qweight, scales, z, bias if bias is not None else scales, out, ws, locks,
             M, N, K, k_per_split,
             x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
             z.stride(0), z.stride(1), out.stride(0), out.stride(1),
             BITS=bits, GROUP=group, PER_CHANNEL=per_channel, HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None,
-            ATOMIC=atomic, USE_DOT=cfg.block_m >= 16, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            SPLIT=split > 1, USE_DOT=cfg.block_m >= 16, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out.to(x.dtype).reshape(*x.shape[:-1], N)
+    return out.reshape(*x.shape[:-1], N)
 
 
 def w4a16_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],

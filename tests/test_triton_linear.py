@@ -88,6 +88,29 @@ def test_stream_gemv_half_activations(kernel_device, bits, group):
     torch.testing.assert_close(out.cpu().float(), ref, **TOL[torch.float16])
 
 
+@pytest.mark.parametrize("form", ["planes", "stream", "dot"])
+def test_split_k_workspace_is_left_clean(kernel_device, form, monkeypatch):
+    """Split-K sums meet in a shared workspace that the last split of each tile clears: calls in a
+    row, of different sizes, each equal their reference, output comes in the input's dtype (no
+    cast after), and workspace and locks are zero between calls; a call that needs more grows it
+    and keeps the old buffers alive (CUDA graphs captured earlier still point at them)."""
+    from qcompiler.codegen import triton_linear as tl_mod
+    monkeypatch.setattr(tl_mod, "_WORKSPACES", {})
+    monkeypatch.setattr(tl_mod, "_RETIRED", [])
+    dev = torch.device(kernel_device)
+    block_m = 16 if form == "dot" else 2
+    kind = "planes" if form == "dot" else form
+    for i, (M, N) in enumerate([(2, 24), (3, 40), (2, 24)]):
+        args, ref = _case(M, N, 128, 4, 32, False, bias=True, dtype=torch.float16, device=kernel_device, seed=i)
+        cfg = LinearConfig(block_m, 16, 32, 4, 4, 1, kind)
+        out = wq_linear_triton(*args, bits=4, config=cfg)
+        assert out.dtype == torch.float16
+        torch.testing.assert_close(out.cpu().float(), ref, **TOL[torch.float16])
+        ws, locks = tl_mod._WORKSPACES[dev]
+        assert ws.numel() >= M * N and not ws.any() and not locks.any()
+    assert len(tl_mod._RETIRED) == 1 and not tl_mod._RETIRED[0][0].any()  # grown once, at the 3 x 40 call
+
+
 def test_unknown_form_is_refused(kernel_device):
     args, _ = _case(1, 24, 64, 4, 32, True, bias=False, dtype=torch.float32, device=kernel_device)
     with pytest.raises(AssertionError, match="form"):
