@@ -2,10 +2,11 @@
 
 For each (M, K, N), in priority order under a time budget, it times a list of tile choices with
 the weights rotated past L2 (so HBM figures, as decode sees them), prints the five fastest and
-the rule-based pick beside them (GEMV sizes try both GEMV forms, ``planes`` and the weight
-stream), and writes the fastest of each as an entry of the device's
+the rule-based pick beside them, and writes the fastest of each as an entry of the device's
 table: ``$OUT/tune.json`` and ``codegen/tuned/<device>.json`` in this checkout, so later steps of
-the same GPU session run with it. Commit the table to make it the package's.
+the same GPU session run with it. Commit the table to make it the package's. Every form of
+``LinearConfig`` competes: at GEMV sizes ``planes`` and the weight stream, at larger M
+``planes`` and the swapped tensor-core form, each with codes converted or taken by their bits.
 
     python bench/gpu_tune.py [--budget 150]
     .venv/bin/python bench/gpu_tune.py --smoke     # CPU, Triton interpreter, tiny shapes: plumbing only
@@ -58,10 +59,12 @@ def candidates(M: int):
     tiles = [(t, "planes") for t in (GEMV if M <= GEMV_MAX_M else DOT)]
     if M <= GEMV_MAX_M:
         tiles += [(t, form) for form in ("stream", "stream_exp") for t in STREAM]
+    else:  # the swapped tensor-core form: weights as the left operand, from registers
+        tiles += [(t, form) for form in ("swap", "swap_exp") for t in DOT]
     for (bn, bk, warps, stages), form in tiles:
         if bk > GROUP:
             continue
-        for split in splits if form == "planes" else splits[1:]:  # the stream needs its SMs filled
+        for split in splits[1:] if form.startswith("stream") else splits:  # the stream needs its SMs filled
             yield LinearConfig(bm, bn, bk, split, warps, stages, form)
 
 

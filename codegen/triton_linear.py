@@ -220,14 +220,85 @@ def _wq_gemv_stream_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, l
                lock_ptr, pid_m * tl.num_programs(0) + pid_n, tl.num_programs(1), HAS_BIAS, SPLIT)
 
 
-FORMS = ("planes", "stream", "stream_exp")  # GEMV forms; the tensor-core form ignores the field
+@triton.jit
+def _wq_dot_swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
+                        M, N, K, k_per_split,
+                        stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
+                        stride_om, stride_on,
+                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SPLIT: tl.constexpr, EXP_MAGIC: tl.constexpr, EXP_BASE: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The tensor-core form with the operands swapped: ``out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N,
+    BLOCK_K] @ x^T``. The weights, dequantized in registers, are the left operand (Hopper's wgmma
+    takes its left operand from registers, the right one from shared memory), so they never make
+    a round trip through shared memory, and the few rows of x are the right operand. The nibble
+    planes are interleaved back into K order (``join`` + ``reshape``), one dot per tile. The
+    weights enter the dot as integer-valued codes; the group's scale multiplies the fp32 partial
+    product, and the codes' offset (``8 + zero`` for int4, ``zero`` for int8, plus ``EXP_BASE``)
+    is one rank-1 correction per tile with x's row sums. ``EXP_MAGIC``: 16-bit activations take
+    int4 codes by their bits (``0x4300 | code`` is ``128 + code`` in bf16, ``0x6400 | code`` is
+    ``1024 + code`` in fp16) instead of an int -> float conversion."""
+    pid_mn = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid_mn // num_n
+    pid_n = pid_mn % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)          # [BLOCK_M, BLOCK_K]
+        if BITS == 4:
+            HALF: tl.constexpr = BLOCK_K // 2
+            offs_b = k0 // 2 + tl.arange(0, HALF)
+            b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :] * stride_wk,
+                        mask=mask_n[:, None] & (offs_b < k_end // 2)[None, :], other=0)  # [BLOCK_N, HALF] uint8
+            if EXP_MAGIC != 0:
+                lo = ((b & 0xF).to(tl.int16) | EXP_MAGIC).to(dt, bitcast=True)
+                hi = ((b >> 4).to(tl.int16) | EXP_MAGIC).to(dt, bitcast=True)
+            else:
+                lo = (b & 0xF).to(dt)
+                hi = (b >> 4).to(dt)
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))                # columns back in K order
+        else:
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=mask_n[:, None] & mask_k[None, :], other=0).to(dt)  # [BLOCK_N, BLOCK_K]
+        part = tl.dot(w, tl.trans(xt), input_precision=DOT_PRECISION)            # [BLOCK_N, BLOCK_M]
+        g = k0 // GROUP
+        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+        acc += part * s[:, None]
+        if HAS_ZERO or BITS == 4 or EXP_BASE != 0:
+            if HAS_ZERO:
+                off = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)
+            else:
+                off = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            if BITS == 4:
+                off += 8.0 + EXP_BASE
+            xs = tl.sum(xt.to(tl.float32), axis=1)                                 # [BLOCK_M]
+            acc -= (off * s)[:, None] * xs[None, :]
+    _write_out(tl.trans(acc), offs_m, offs_n, mask_m, mask_n, N, out_ptr, stride_om, stride_on, b_ptr, ws_ptr,
+               lock_ptr, pid_mn, tl.num_programs(1), HAS_BIAS, SPLIT)
+
+
+FORMS = ("planes", "stream", "stream_exp", "swap", "swap_exp")
+_EXP_BITS16 = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # magic bits, value of code 0
 
 
 class LinearConfig(NamedTuple):
-    """Tiles of one call. ``form`` picks the decode-size GEMV kernel: ``planes`` (``_wq_linear_kernel``,
-    a reduction along K per tile) or the weight stream (``_wq_gemv_stream_kernel``, one reduction per
-    split), its codes turned into floats by conversion (``stream``) or by their bits
-    (``stream_exp``)."""
+    """Tiles of one call. ``form`` picks the kernel: ``planes`` (``_wq_linear_kernel``: for decode
+    sizes a reduction along K per tile, else ``tl.dot`` on the two nibble planes), the weight stream
+    for decode sizes (``_wq_gemv_stream_kernel``, one reduction per split), or the swapped
+    tensor-core form (``_wq_dot_swap_kernel``, ``block_m >= 16``); ``*_exp``: codes turned into
+    floats by their bits instead of by conversion."""
     block_m: int
     block_n: int
     block_k: int
@@ -365,13 +436,15 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
     M = x2.shape[0]
     cfg = config or pick_config(M, N, K, group, bits, x.device)
     assert cfg.form in FORMS, f"form must be one of {FORMS}, got {cfg.form!r}"
-    stream = cfg.form != "planes"
+    stream = cfg.form.startswith("stream")
+    swap = cfg.form.startswith("swap")
+    assert not swap or cfg.block_m >= 16, f"the {cfg.form} form needs block_m >= 16 (tl.dot), got {cfg.block_m}"
     per_channel = scales.shape[1] == 1
     if not per_channel:
         assert group % cfg.block_k == 0, f"BLOCK_K {cfg.block_k} must divide the group size {group}"
     k_tiles = triton.cdiv(K, cfg.block_k)
     k_per_split = triton.cdiv(k_tiles, cfg.split_k) * cfg.block_k
-    if per_channel and zeros is not None and not stream:
+    if per_channel and zeros is not None and not (stream or swap):
         k_per_split = K  # NOTE: the per-channel zero correction needs the whole row's sum in one program
     split = triton.cdiv(K, k_per_split)
     out = x.new_empty(M, N)
@@ -387,6 +460,18 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
             z.stride(0), z.stride(1), out.stride(0), out.stride(1),
             BITS=bits, GROUP=group, HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, SPLIT=split > 1,
             EXP_BITS=cfg.form == "stream_exp", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif M and swap:
+        z = zeros if zeros is not None else scales
+        magic, base = _EXP_BITS16.get(x.dtype, (0, 0.0)) if cfg.form == "swap_exp" and bits == 4 else (0, 0.0)
+        _wq_dot_swap_kernel[(tiles, split)](
+            x2, qweight, scales, z, bias if bias is not None else scales, out, ws, locks,
+            M, N, K, k_per_split,
+            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+            z.stride(0), z.stride(1), out.stride(0), out.stride(1),
+            BITS=bits, GROUP=group, HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, SPLIT=split > 1,
+            EXP_MAGIC=magic, EXP_BASE=base, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     elif M:
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)

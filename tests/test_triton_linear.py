@@ -88,7 +88,22 @@ def test_stream_gemv_half_activations(kernel_device, bits, group):
     torch.testing.assert_close(out.cpu().float(), ref, **TOL[torch.float16])
 
 
-@pytest.mark.parametrize("form", ["planes", "stream", "dot"])
+@pytest.mark.parametrize("form,dtype", [("swap", torch.float32), ("swap_exp", torch.float16)])
+@pytest.mark.parametrize("M,split_k", [(17, 3), (40, 1)])
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, None, False), (8, 32, False), (8, None, True)])
+def test_swapped_tensor_core_form(kernel_device, form, dtype, M, split_k, bits, group, symmetric):
+    """The tensor-core form with the weights as the dot's left operand: M tiles with a partial last
+    one, interleaved nibble planes, the codes' offset as a rank-1 correction per tile (per group
+    and per channel, split or not), int4 codes by their bits in fp16."""
+    K = 192 if group else 96
+    args, ref = _case(M, 40, K, bits, group or K, symmetric, bias=M == 17, dtype=dtype, device=kernel_device)
+    cfg = LinearConfig(block_m=16, block_n=16, block_k=32, split_k=split_k, num_warps=4, num_stages=1, form=form)
+    out = wq_linear_triton(*args, bits=bits, config=cfg)
+    assert out.shape == (M, 40) and out.dtype == dtype
+    torch.testing.assert_close(out.cpu().float(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("form", ["planes", "stream", "dot", "swap"])
 def test_split_k_workspace_is_left_clean(kernel_device, form, monkeypatch):
     """Split-K sums meet in a shared workspace that the last split of each tile clears: calls in a
     row, of different sizes, each equal their reference, output comes in the input's dtype (no
@@ -98,7 +113,7 @@ def test_split_k_workspace_is_left_clean(kernel_device, form, monkeypatch):
     monkeypatch.setattr(tl_mod, "_WORKSPACES", {})
     monkeypatch.setattr(tl_mod, "_RETIRED", [])
     dev = torch.device(kernel_device)
-    block_m = 16 if form == "dot" else 2
+    block_m = 16 if form in ("dot", "swap") else 2
     kind = "planes" if form == "dot" else form
     for i, (M, N) in enumerate([(2, 24), (3, 40), (2, 24)]):
         args, ref = _case(M, N, 128, 4, 32, False, bias=True, dtype=torch.float16, device=kernel_device, seed=i)
@@ -115,6 +130,8 @@ def test_unknown_form_is_refused(kernel_device):
     args, _ = _case(1, 24, 64, 4, 32, True, bias=False, dtype=torch.float32, device=kernel_device)
     with pytest.raises(AssertionError, match="form"):
         wq_linear_triton(*args, bits=4, config=LinearConfig(1, 16, 32, 1, 4, 1, form="fast"))
+    with pytest.raises(AssertionError, match="block_m >= 16"):
+        wq_linear_triton(*args, bits=4, config=LinearConfig(1, 16, 32, 1, 4, 1, form="swap"))
 
 
 def test_strided_scales_and_batched_input(kernel_device):
@@ -150,6 +167,27 @@ def test_tuned_entries_by_nearest_m():
     assert tuned_config({(4, 128, 11008, 4096): [(32, dot)]}, 1, 11008, 4096, 128, 4) is None
 
 
+def test_tuned_table_carries_the_form(tmp_path, monkeypatch):
+    """A table written by ``bench/gpu_tune.py`` names each entry's form; entries from before forms
+    existed read as ``planes``."""
+    import json
+
+    from qcompiler.codegen import triton_linear as tl_mod
+    entry = lambda M, **cfg: {"bits": 4, "group": 128, "N": 4096, "K": 4096, "M": M, "us": 1.0,  # noqa: E731
+                              "config": dict(block_m=M, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=1,
+                                             **cfg)}
+    (tmp_path / "Some_GPU.json").write_text(json.dumps({"entries": [entry(1, form="stream_exp"), entry(32)]}))
+    monkeypatch.setattr(tl_mod, "TUNED_DIR", tmp_path)
+    tl_mod.tuned_table.cache_clear()
+    try:
+        table = tl_mod.tuned_table("Some GPU")
+    finally:
+        tl_mod.tuned_table.cache_clear()
+    assert tuned_config(table, 2, 4096, 4096, 128, 4).form == "stream_exp"
+    assert tuned_config(table, 2, 4096, 4096, 128, 4).block_m == 2
+    assert tuned_config(table, 40, 4096, 4096, 128, 4).form == "planes"
+
+
 def test_bad_operands_are_refused(kernel_device):
     (x, qw, s, z, b), _ = _case(1, 24, 64, 4, 32, True, bias=False, dtype=torch.float32, device=kernel_device)
     with pytest.raises(AssertionError, match="uint8"):
@@ -170,15 +208,16 @@ def test_bf16_on_gpu(M, bits, group, symmetric):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["planes", "stream", "stream_exp"])
-@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("form,M", [("planes", 1), ("planes", 3), ("stream", 1), ("stream", 3), ("stream_exp", 1),
+                                    ("stream_exp", 3), ("planes", 40), ("swap", 16), ("swap", 40), ("swap_exp", 40)])
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 128, False), (8, None, True)])
-def test_gemv_forms_bf16_on_gpu(form, M, bits, group, symmetric):
-    """Every GEMV form the tile sweep may pick, compiled for the card, with a split K."""
+def test_forms_bf16_on_gpu(form, M, bits, group, symmetric):
+    """Every form the tile sweep may pick, compiled for the card, split over K and not."""
     K, N = 1024, 384
     args, ref = _case(M, N, K, bits, group or K, symmetric, bias=True, dtype=torch.bfloat16, device="cuda")
-    for block_n, block_k, warps in [(64, 128, 4), (128, 64, 8)]:
-        cfg = LinearConfig(4 if M > 1 else 1, block_n, block_k, 4, warps, 1, form)
+    block_m = 1 if M == 1 else 4 if M <= 4 else 16 if M <= 16 else 64
+    for block_n, block_k, warps, split in [(64, 128, 4, 4), (128, 64, 8, 1)]:
+        cfg = LinearConfig(block_m, block_n, block_k, split, warps, 1 if M <= 4 else 3, form)
         out = wq_linear_triton(*args, bits=bits, config=cfg)
         torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=5e-2)
 
