@@ -30,6 +30,12 @@ def num_sms(device: torch.device) -> int:
     return DEFAULT_NUM_SMS
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host code: ``triton.cdiv`` is a JIT function, and calling one from Python
+    costs microseconds of argument handling (more than half a GEMM wrapper's host time)."""
+    return -(-a // b)
+
+
 def n_contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t [N, G]`` with the same shape and values, laid out column-major (strides ``(1, N)``)."""
     return t.t().contiguous().t()

@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import act_quant
-from .cuda import num_sms
+from .cuda import cdiv, num_sms
 from .act_quant import FP8_DTYPE, FP8_MAX, INT8_MAX, fp8_linear_ref, quantize_per_token_ref, w8a8_linear_ref
 
 __all__ = ["GemmConfig", "fp8_linear_ref", "fp8_linear_triton", "pick_gemm_config", "quantize_per_token_fp8_triton",
@@ -165,18 +165,18 @@ def pick_gemm_config(M: int, N: int, fp8: bool, fast_accum: bool, device: torch.
     tiles once they fill the SMs), fp8 promoting its accumulator with 4 (it holds two accumulators)."""
     sms = num_sms(device)
     if M <= 16:
-        if triton.cdiv(N, 64) >= sms:
+        if cdiv(N, 64) >= sms:
             return GemmConfig(16, 64, 256, 1, 4, 4)
         return GemmConfig(16, 32, 512, 1, 4, 4)
     if M <= 64:
-        if triton.cdiv(M, 64) * triton.cdiv(N, 64) >= sms:
+        if cdiv(M, 64) * cdiv(N, 64) >= sms:
             return GemmConfig(64, 64, 128, 8, 4, 4)
         return GemmConfig(64, 32, 256, 8, 4, 4)
     if not fp8:
         return GemmConfig(128, 128, 128, 8, 8, 3)
     if not fast_accum:
         return GemmConfig(128, 128, 128, 8, 8, 4)
-    if triton.cdiv(M, 128) * triton.cdiv(N, 256) >= sms:
+    if cdiv(M, 128) * cdiv(N, 256) >= sms:
         return GemmConfig(128, 256, 128, 8, 8, 3)
     return GemmConfig(128, 128, 128, 8, 8, 3)
 
@@ -260,7 +260,7 @@ def scaled_mm_triton(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, bia
         return out
     is_fp8 = a.dtype == FP8_DTYPE
     cfg = config or pick_gemm_config(M, N, is_fp8, fast_accum, a.device)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
     _scaled_mm_kernel[grid](
         a, b, out, a_scale, b_scale, bias if bias is not None else b_scale, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),

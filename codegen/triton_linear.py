@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import ops
-from .cuda import num_sms
+from .cuda import cdiv, num_sms
 
 GEMV_MAX_M = 4  # up to this many rows: the GEMV form (no tensor cores)
 TUNED_DIR = Path(__file__).parent / "tuned"
@@ -372,8 +372,8 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     if not per_channel:
         bk = min(bk, group)
-    k_tiles = triton.cdiv(K, bk)
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    k_tiles = cdiv(K, bk)
+    tiles = cdiv(M, bm) * cdiv(N, bn)
     split = 1
     if M <= 64:
         want = max(1, 4 * num_sms(device) // tiles)
@@ -442,17 +442,17 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
     per_channel = scales.shape[1] == 1
     if not per_channel:
         assert group % cfg.block_k == 0, f"BLOCK_K {cfg.block_k} must divide the group size {group}"
-    k_tiles = triton.cdiv(K, cfg.block_k)
-    k_per_split = triton.cdiv(k_tiles, cfg.split_k) * cfg.block_k
+    k_tiles = cdiv(K, cfg.block_k)
+    k_per_split = cdiv(k_tiles, cfg.split_k) * cfg.block_k
     if per_channel and zeros is not None and not (stream or swap):
         k_per_split = K  # NOTE: the per-channel zero correction needs the whole row's sum in one program
-    split = triton.cdiv(K, k_per_split)
+    split = cdiv(K, k_per_split)
     out = x.new_empty(M, N)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     ws, locks = split_workspace(x.device, M * N, tiles) if split > 1 and M else (out, out)
     if M and stream:
         z = zeros if zeros is not None else scales  # any pointer: unread when HAS_ZERO is False
-        grid = (triton.cdiv(N, cfg.block_n), split, triton.cdiv(M, cfg.block_m))
+        grid = (cdiv(N, cfg.block_n), split, cdiv(M, cfg.block_m))
         _wq_gemv_stream_kernel[grid](
             x2, qweight, scales, z, bias if bias is not None else scales, out, ws, locks,
             M, N, K, k_per_split,
@@ -474,7 +474,7 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     elif M:
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+        grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n), split)
         z = zeros if zeros is not None else scales  # any pointer: unread when HAS_ZERO is False
         _wq_linear_kernel[grid](
             x2, qweight, scales, z, bias if bias is not None else scales, out, ws, locks,
