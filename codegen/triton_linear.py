@@ -11,14 +11,22 @@ the tile's fp32 partial product, and a zero point is one rank-1 correction per g
 the int -> float conversion. Scales and zeros are read through their strides: the runtime
 stores them N-contiguous (``codegen.cuda``), one coalesced row per group.
 
-Three kernels:
+The kernels, by ``LinearConfig.form``:
 
 * ``planes`` (``_wq_linear_kernel`` with ``M <= GEMV_MAX_M``): no tensor cores; the few rows
   multiply the weight tile in registers and reduce along K every tile (a GEMV);
-* the weight stream (``_wq_gemv_stream_kernel``, forms ``stream`` / ``stream_exp``), for the same
-  decode sizes: per-lane fp32 sums across the whole K split, one reduction at the end, and each
-  weight dequantized once for all rows, its offset taken off per code;
-* larger M: ``tl.dot`` on integer-valued 16-bit tiles, larger M tiles (``_wq_linear_kernel``).
+* ``stream`` (``_wq_gemv_stream_kernel``), for the same decode sizes: per-lane fp32 sums across
+  the whole K split, one reduction at the end, each weight dequantized once for all rows by its
+  bits (no int -> float conversion), its offset taken off per code;
+* larger M, ``planes``: ``tl.dot`` on the two nibble planes as integer-valued 16-bit tiles, the
+  weights the right operand (``_wq_linear_kernel``);
+* larger M, ``swap``: ``out^T = W @ x^T`` (``_wq_dot_swap_kernel``), the dequantized weights the
+  left operand, from registers, codes made 16-bit floats by their bits.
+
+``pick_config``'s rules choose ``stream`` and ``swap``: in sm_90 SASS (compiled without a GPU,
+``bench/kernel_sass.py``) their inner loops take 2.7-4.6x fewer issue cycles per weight than
+the ``planes`` forms at M = 1 to 128. ``planes`` was the first form measured on a card, where it
+was bound by that issue rate; the others are not measured yet.
 
 Decode sizes split K across programs so that the weight stream fills every SM (larger M only
 while the tiles alone leave SMs idle). The splits add into an fp32 workspace and the last one to
@@ -152,15 +160,17 @@ def _wq_gemv_stream_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, l
                            stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
                            stride_om, stride_on,
                            BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           SPLIT: tl.constexpr, EXP_BITS: tl.constexpr,
+                           SPLIT: tl.constexpr, X_PAIRS: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The decode-size GEMV as a weight stream: each lane keeps fp32 partial sums for the bytes it
     loads, ``[BLOCK_M, BLOCK_N, BLOCK_K / codes per byte]``, across the whole K split, and the sums
-    cross lanes once, after the loop. A weight is dequantized once for all ``BLOCK_M`` rows, and its
-    offset (``8 + zero`` for int4, ``zero`` for int8) is taken off per code, so no row sums are
-    needed. ``EXP_BITS``: a code becomes a float by its bits (``0x4B000000 | code`` is ``2**23 +
-    code``; one fp32 subtraction takes ``2**23`` off with the offset) instead of an int -> float
-    conversion, which runs at a quarter of the fp32 rate on recent NVIDIA GPUs."""
+    cross lanes once, after the loop. A weight is dequantized once for all ``BLOCK_M`` rows, with
+    no int -> float conversion (a quarter of the fp32 rate on recent NVIDIA GPUs): one AND-OR puts
+    the code into the mantissa of ``2**23`` (``0x4B000000 | code`` is ``2**23 + code``; the high
+    nibble stays 4 bits up, ``2**23 + 16 * code``), and one subtraction (an FMA that also scales the
+    high nibble down) takes off ``2**23`` and the code's offset (``8 + zero`` for int4, ``128 +
+    zero`` for int8 made offset binary), so no row sums are needed. ``X_PAIRS``: bf16 activations
+    load as 32-bit pairs of columns, each half made fp32 by a shift or a mask."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -173,6 +183,8 @@ def _wq_gemv_stream_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, l
     mask_n = offs_n < N
     # 3-D pointers: rows of x [BLOCK_M, 1, BYTES], weight bytes [1, BLOCK_N, BYTES]
     x_rows = x_ptr + offs_m[:, None, None] * stride_xm
+    if X_PAIRS:
+        x_pairs = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m[:, None, None] * (stride_xm // 2)
     w_rows = w_ptr + offs_n[None, :, None] * stride_wn
     mask_x = mask_m[:, None, None]
     mask_w = mask_n[None, :, None]
@@ -193,24 +205,25 @@ def _wq_gemv_stream_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, l
             off += 8.0
         else:
             off += 128.0
-        if EXP_BITS:
-            off += 8388608.0  # 2**23
         off = off[None, :, None]
         if BITS == 4:
-            codes_lo = (b & 0xF).to(tl.int32)
-            codes_hi = (b >> 4).to(tl.int32)
+            # low nibble: 2**23 + code; high nibble left in place: 2**23 + 16 * code, scaled down
+            # by 1/16 in the same FMA that takes 2**19 and the offset off
+            w_lo = ((b & 0xF).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - (off + 8388608.0)
+            w_hi = ((b & 0xF0).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) * 0.0625 - (off + 524288.0)
         else:
-            codes_lo = (b.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32)  # int8 + 128, in [0, 255]
-            codes_hi = codes_lo
-        if EXP_BITS:
-            w_lo = (codes_lo | 0x4B000000).to(tl.float32, bitcast=True) - off
-            w_hi = (codes_hi | 0x4B000000).to(tl.float32, bitcast=True) - off
-        else:
-            w_lo = codes_lo.to(tl.float32) - off
-            w_hi = codes_hi.to(tl.float32) - off
+            codes = (b.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32)  # int8 + 128, in [0, 255]
+            w_lo = (codes | 0x4B000000).to(tl.float32, bitcast=True) - (off + 8388608.0)
+            w_hi = w_lo
         if BITS == 8:
             xk = tl.load(x_rows + (k0 + offs_j)[None, None, :] * stride_xk, mask=mask_x & in_k, other=0.0)
             part = xk.to(tl.float32) * w_lo
+        elif X_PAIRS:
+            # bf16 x read as 32-bit pairs (even column low, odd high), each made fp32 by its bits
+            pair = tl.load(x_pairs + (k0 // 2 + offs_j)[None, None, :], mask=mask_x & in_k, other=0)
+            x_even = (pair << 16).to(tl.float32, bitcast=True)
+            x_odd = (pair & -65536).to(tl.float32, bitcast=True)
+            part = x_even * w_lo + x_odd * w_hi
         else:
             x_even = tl.load(x_rows + (k0 + 2 * offs_j)[None, None, :] * stride_xk, mask=mask_x & in_k, other=0.0)
             x_odd = tl.load(x_rows + (k0 + 2 * offs_j + 1)[None, None, :] * stride_xk, mask=mask_x & in_k, other=0.0)
@@ -289,7 +302,7 @@ def _wq_dot_swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock
                lock_ptr, pid_mn, tl.num_programs(1), HAS_BIAS, SPLIT)
 
 
-FORMS = ("planes", "stream", "stream_exp", "swap", "swap_exp")
+FORMS = ("planes", "stream", "swap")
 _EXP_BITS16 = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # magic bits, value of code 0
 
 
@@ -297,8 +310,8 @@ class LinearConfig(NamedTuple):
     """Tiles of one call. ``form`` picks the kernel: ``planes`` (``_wq_linear_kernel``: for decode
     sizes a reduction along K per tile, else ``tl.dot`` on the two nibble planes), the weight stream
     for decode sizes (``_wq_gemv_stream_kernel``, one reduction per split), or the swapped
-    tensor-core form (``_wq_dot_swap_kernel``, ``block_m >= 16``); ``*_exp``: codes turned into
-    floats by their bits instead of by conversion."""
+    tensor-core form (``_wq_dot_swap_kernel``, ``block_m >= 16``). Entries of tables written
+    before forms existed read as ``planes``."""
     block_m: int
     block_n: int
     block_k: int
@@ -354,22 +367,29 @@ def _tuned(M: int, N: int, K: int, group: int, bits: int, device: torch.device) 
 @functools.lru_cache(maxsize=4096)  # one answer per shape and device: a call pays for a dict lookup only
 def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.device) -> LinearConfig:
     """Tiles for one call. A measured entry for this device and shape wins (``tuned_table``).
-    Otherwise, by rule: decode sizes (``M <= GEMV_MAX_M``) take the GEMV form with wide N tiles
-    and split K until about four programs run per SM; larger M takes ``tl.dot`` tiles that grow
-    with M, split only while the tiles leave SMs idle. BLOCK_K divides the group size (one scale
-    per tile), and a split covers whole groups."""
+    Otherwise, by rule: decode sizes (``M <= GEMV_MAX_M``) take the weight stream with 32 bytes
+    of a weight row per lane and step, and split K until about four programs run per SM; larger
+    M takes the swapped tensor-core form with tiles that grow with M, split only while the tiles
+    leave SMs idle. BLOCK_K divides the group size (one scale per tile), and a split covers whole
+    groups. The tiles are the ones with the fewest issue cycles per weight and no register
+    spills in ``bench/kernel_sass.py``'s sm_90 count."""
     per_channel = group >= K
     tuned = _tuned(M, N, K, group, bits, device)
     if tuned is not None and (per_channel or group % tuned.block_k == 0):
         return tuned
-    if M <= GEMV_MAX_M:
-        bm, bn, bk, warps, stages = _pow2_ceil(M), 128, 128 if bits == 4 else 64, 8, 1
+    form = "stream" if M <= GEMV_MAX_M else "swap"
+    if M <= 2:
+        bm, bn, bk, warps, stages = _pow2_ceil(M), 128, 64, 4, 1
+    elif M <= GEMV_MAX_M:
+        bm, bn, bk, warps, stages = 4, 256, 64, 8, 1
     elif M <= 16:
-        bm, bn, bk, warps, stages = 16, 64, 128 if bits == 4 else 64, 4, 4
+        bm, bn, bk, warps, stages = 16, 64, 128, 4, 3
     elif M <= 64:
-        bm, bn, bk, warps, stages = _pow2_ceil(M), 64, 64, 4, 4
+        bm, bn, bk, warps, stages = _pow2_ceil(M), 128, 64, 8, 3
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    if bits == 8 and M <= GEMV_MAX_M:
+        bk //= 2  # one code per byte: the same 32 bytes per lane
     if not per_channel:
         bk = min(bk, group)
     k_tiles = cdiv(K, bk)
@@ -378,7 +398,7 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
     if M <= 64:
         want = max(1, 4 * num_sms(device) // tiles)
         split = min(_pow2_floor(want), max(1, k_tiles // 4))
-    return LinearConfig(bm, bn, bk, split, warps, stages)
+    return LinearConfig(bm, bn, bk, split, warps, stages, form)
 
 
 def _check(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
@@ -452,6 +472,9 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
     ws, locks = split_workspace(x.device, M * N, tiles) if split > 1 and M else (out, out)
     if M and stream:
         z = zeros if zeros is not None else scales  # any pointer: unread when HAS_ZERO is False
+        # bf16 int4 rows whose column pairs are 32-bit aligned are read as pairs
+        pairs = (bits == 4 and x2.dtype == torch.bfloat16 and x2.stride(1) == 1 and x2.stride(0) % 2 == 0
+                 and x2.data_ptr() % 4 == 0)
         grid = (cdiv(N, cfg.block_n), split, cdiv(M, cfg.block_m))
         _wq_gemv_stream_kernel[grid](
             x2, qweight, scales, z, bias if bias is not None else scales, out, ws, locks,
@@ -459,11 +482,11 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
             x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
             z.stride(0), z.stride(1), out.stride(0), out.stride(1),
             BITS=bits, GROUP=group, HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, SPLIT=split > 1,
-            EXP_BITS=cfg.form == "stream_exp", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            X_PAIRS=pairs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     elif M and swap:
         z = zeros if zeros is not None else scales
-        magic, base = _EXP_BITS16.get(x.dtype, (0, 0.0)) if cfg.form == "swap_exp" and bits == 4 else (0, 0.0)
+        magic, base = _EXP_BITS16.get(x.dtype, (0, 0.0)) if bits == 4 else (0, 0.0)
         _wq_dot_swap_kernel[(tiles, split)](
             x2, qweight, scales, z, bias if bias is not None else scales, out, ws, locks,
             M, N, K, k_per_split,
