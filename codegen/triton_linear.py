@@ -382,10 +382,8 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
         bm, bn, bk, warps, stages = _pow2_ceil(M), 128, 64, 4, 1
     elif M <= GEMV_MAX_M:
         bm, bn, bk, warps, stages = 4, 256, 64, 8, 1
-    elif M <= 16:
-        bm, bn, bk, warps, stages = 16, 64, 128, 4, 3
     elif M <= 64:
-        bm, bn, bk, warps, stages = _pow2_ceil(M), 128, 64, 8, 3
+        bm, bn, bk, warps, stages = max(16, _pow2_ceil(M)), 128, 128, 8, 3
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     if bits == 8 and M <= GEMV_MAX_M:
