@@ -81,6 +81,18 @@ def _write_out(acc, offs_m, offs_n, mask_m, mask_n, N, out_ptr, stride_om, strid
 
 
 @triton.jit
+def _tile(M, N, K, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid ``(M tiles x N tiles, K splits)``: this program's output tile (flat index, row and
+    column offsets and masks) and its K range."""
+    pid_mn = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    offs_m = (pid_mn // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid_mn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = tl.program_id(1) * k_per_split
+    return pid_mn, offs_m, offs_n, offs_m < M, offs_n < N, k_start, tl.minimum(k_start + k_per_split, K)
+
+
+@triton.jit
 def _wq_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                       M, N, K, k_per_split,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
@@ -89,20 +101,10 @@ def _wq_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_p
                       HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                       USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_mn = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid_mn // num_n
-    pid_n = pid_mn % num_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    pid_mn, offs_m, offs_n, mask_m, mask_n, k_start, k_end = _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # per-channel zero point: rowsum of x over this split
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
@@ -252,19 +254,9 @@ def _wq_dot_swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock
     is one rank-1 correction per tile with x's row sums. ``EXP_MAGIC``: 16-bit activations take
     int4 codes by their bits (``0x4300 | code`` is ``128 + code`` in bf16, ``0x6400 | code`` is
     ``1024 + code`` in fp16) instead of an int -> float conversion."""
-    pid_mn = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid_mn // num_n
-    pid_n = pid_mn % num_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    pid_mn, offs_m, offs_n, mask_m, mask_n, k_start, k_end = _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
