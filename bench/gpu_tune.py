@@ -5,7 +5,7 @@ the weights rotated past L2 (so HBM figures, as decode sees them), prints the fi
 the rule-based pick beside them, and writes the fastest of each as an entry of the device's
 table: ``$OUT/tune.json`` and ``codegen/tuned/<device>.json`` in this checkout, so later steps of
 the same GPU session run with it. Commit the table to make it the package's. Every form of
-``LinearConfig`` competes: at GEMV sizes the weight stream and ``planes``, at larger M the
+``LinearConfig`` competes: at GEMV sizes the weight streams and ``planes``, at larger M the
 swapped tensor-core form and ``planes``.
 
     python bench/gpu_tune.py [--budget 150]
@@ -40,8 +40,8 @@ GEMV = [(32, 128, 4, 1), (64, 128, 4, 1), (128, 128, 4, 1), (128, 128, 8, 1), (2
         (128, 64, 4, 1), (256, 64, 8, 1)]
 # the weight-stream GEMV (``form`` stream / stream_exp): per lane, 16 weight bytes per K step and
 # BLOCK_M x (its bytes) fp32 partial sums, so small tiles where M is 4
-STREAM = [(128, 64, 4, 1), (256, 64, 8, 1), (64, 128, 4, 1), (128, 32, 4, 1), (256, 32, 8, 1), (128, 64, 4, 2),
-          (64, 64, 2, 1), (32, 128, 2, 1)]
+STREAM = [(128, 128, 4, 1), (128, 64, 4, 1), (256, 64, 8, 1), (64, 128, 4, 1), (128, 32, 4, 1), (256, 32, 8, 1),
+          (128, 64, 4, 2), (64, 64, 2, 1)]
 DOT = [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 4)]
 if SMOKE:
     GEMV, STREAM, DOT = [(32, 32, 4, 1), (64, 32, 4, 1)], [(32, 32, 2, 1)], [(32, 32, 4, 2)]
@@ -57,13 +57,13 @@ def candidates(M: int):
     bm = block_m(M)
     splits = (1, 2, 4, 8) if M <= GEMV_MAX_M else (1, 2, 4) if M <= 64 else (1,)
     if M <= GEMV_MAX_M:
-        tiles = [(t, "stream") for t in STREAM] + [(t, "planes") for t in GEMV]
+        tiles = [(t, form) for form in ("words", "stream") for t in STREAM] + [(t, "planes") for t in GEMV]
     else:  # the swapped tensor-core form (weights the left operand, from registers) first
         tiles = [(t, "swap") for t in DOT] + [(t, "planes") for t in DOT]
     for (bn, bk, warps, stages), form in tiles:
         if bk > GROUP:
             continue
-        for split in splits[1:] if form == "stream" else splits:  # the stream needs its SMs filled
+        for split in splits[1:] if form in ("stream", "words") else splits:  # a stream needs its SMs filled
             yield LinearConfig(bm, bn, bk, split, warps, stages, form)
 
 

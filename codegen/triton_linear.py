@@ -18,13 +18,15 @@ The kernels, by ``LinearConfig.form``:
 * ``stream`` (``_wq_gemv_stream_kernel``), for the same decode sizes: per-lane fp32 sums across
   the whole K split, one reduction at the end, each weight dequantized once for all rows by its
   bits (no int -> float conversion), its offset taken off per code;
+* ``words`` (``_w4_gemv_words_kernel``), the same for int4 weights and bf16 activations, a 32-bit
+  word of 8 codes at a time: one AND per code, most of them left in place;
 * larger M, ``planes``: ``tl.dot`` on the two nibble planes as integer-valued 16-bit tiles, the
   weights the right operand (``_wq_linear_kernel``);
 * larger M, ``swap``: ``out^T = W @ x^T`` (``_wq_dot_swap_kernel``), the dequantized weights the
   left operand, from registers, codes made 16-bit floats by their bits.
 
-``pick_config``'s rules choose ``stream`` and ``swap``: in sm_90 SASS (compiled without a GPU,
-``bench/kernel_sass.py``) their inner loops take 2.7-4.6x fewer issue cycles per weight than
+``pick_config``'s rules choose ``words``/``stream`` and ``swap``: in sm_90 SASS (compiled without a GPU,
+``bench/kernel_sass.py``) their inner loops take 2.7-5.4x fewer issue cycles per weight than
 the ``planes`` forms at M = 1 to 128. ``planes`` was the first form measured on a card, where it
 was bound by that issue rate; the others are not measured yet.
 
@@ -236,6 +238,67 @@ def _wq_gemv_stream_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, l
 
 
 @triton.jit
+def _w4_gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
+                          M, N, K, k_per_split,
+                          stride_xm, stride_ww, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
+                          GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weight stream for int4 weights and bf16 activations, a 32-bit word (8 codes, K order)
+    at a time. Each half word is put under the exponent bits of ``2**23`` once (the upper one
+    shifted down); then one AND per code keeps those bits and the code, in place (at most 12 bits
+    up), which reads as ``2**23 + code * 2**place``, and one FMA scales it down by its place and
+    takes off ``2**23`` and its offset. x is read as 32-bit column pairs, one per byte of the word.
+    ``stride_ww``: words per row."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    WORDS: tl.constexpr = BLOCK_K // 8
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, WORDS)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_x = mask_m[:, None, None]
+    mask_w = mask_n[None, :, None]
+    w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[None, :, None] * stride_ww
+    x_pairs = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m[:, None, None] * (stride_xm // 2)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        word = k0 // 8 + offs_w
+        in_k = (word < k_end // 8)[None, None, :]
+        w = tl.load(w_rows + word[None, None, :], mask=mask_w & in_k, other=0)      # [1, BLOCK_N, WORDS]
+        # each half word under the exponent bits of 2**23: then one AND per code keeps those bits
+        # and the code alone
+        w_low = (w & 0xFFFF) | 0x4B000000
+        w_up = ((w >> 16) & 0xFFFF) | 0x4B000000
+        g = k0 // GROUP
+        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            off = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)
+        else:
+            off = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        off = (off + 8.0)[None, :, None]  # codes are offset binary: int4 + 8
+        part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+        for j in tl.static_range(4):  # byte j: columns 8 * word + 2j (low nibble) and + 2j + 1 (high)
+            if j < 2:
+                src = w_low
+            else:
+                src = w_up
+            p_lo = 8 * (j % 2)  # the low nibble's place in src; the high one's is 4 bits up
+            f_lo = (src & (0x4B000000 | (0xF << p_lo))).to(tl.float32, bitcast=True)  # 2**23 + code * 2**p_lo
+            f_hi = (src & (0x4B000000 | (0xF0 << p_lo))).to(tl.float32, bitcast=True)
+            q_lo = f_lo * (1.0 / (1 << p_lo)) - (8388608.0 / (1 << p_lo) + off)
+            q_hi = f_hi * (1.0 / (16 << p_lo)) - (8388608.0 / (16 << p_lo) + off)
+            pair = tl.load(x_pairs + (4 * word + j)[None, None, :], mask=mask_x & in_k, other=0)
+            part += (pair << 16).to(tl.float32, bitcast=True) * q_lo + (pair & -65536).to(tl.float32, bitcast=True) * q_hi
+        acc += part * s[None, :, None]
+    _write_out(tl.sum(acc, axis=2), offs_m, offs_n, mask_m, mask_n, N, out_ptr, stride_om, stride_on, b_ptr, ws_ptr,
+               lock_ptr, pid_m * tl.num_programs(0) + pid_n, tl.num_programs(1), HAS_BIAS, SPLIT)
+
+
+@triton.jit
 def _wq_dot_swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                         M, N, K, k_per_split,
                         stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
@@ -294,7 +357,7 @@ def _wq_dot_swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock
                lock_ptr, pid_mn, tl.num_programs(1), HAS_BIAS, SPLIT)
 
 
-FORMS = ("planes", "stream", "swap")
+FORMS = ("planes", "stream", "words", "swap")
 _EXP_BITS16 = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # magic bits, value of code 0
 
 
@@ -359,8 +422,9 @@ def _tuned(M: int, N: int, K: int, group: int, bits: int, device: torch.device) 
 @functools.lru_cache(maxsize=4096)  # one answer per shape and device: a call pays for a dict lookup only
 def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.device) -> LinearConfig:
     """Tiles for one call. A measured entry for this device and shape wins (``tuned_table``).
-    Otherwise, by rule: decode sizes (``M <= GEMV_MAX_M``) take the weight stream with 32 bytes
-    of a weight row per lane and step, and split K until about four programs run per SM; larger
+    Otherwise, by rule: decode sizes (``M <= GEMV_MAX_M``) take the weight stream (``words`` for
+    int4, which falls back to ``stream`` for activations other than bf16), and split K until
+    about four programs run per SM; larger
     M takes the swapped tensor-core form with tiles that grow with M, split only while the tiles
     leave SMs idle. BLOCK_K divides the group size (one scale per tile), and a split covers whole
     groups. The tiles are the ones with the fewest issue cycles per weight and no register
@@ -369,9 +433,9 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
     tuned = _tuned(M, N, K, group, bits, device)
     if tuned is not None and (per_channel or group % tuned.block_k == 0):
         return tuned
-    form = "stream" if M <= GEMV_MAX_M else "swap"
+    form = ("words" if bits == 4 else "stream") if M <= GEMV_MAX_M else "swap"
     if M <= 2:
-        bm, bn, bk, warps, stages = _pow2_ceil(M), 128, 64, 4, 1
+        bm, bn, bk, warps, stages = _pow2_ceil(M), 128, 128 if bits == 4 else 64, 4, 1
     elif M <= GEMV_MAX_M:
         bm, bn, bk, warps, stages = 4, 256, 64, 8, 1
     elif M <= 64:
@@ -437,6 +501,14 @@ def split_workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tenso
     return new
 
 
+def words_ok(x2: Tensor, qweight: Tensor, bits: int) -> bool:
+    """Whether the ``words`` form can read these operands: int4 weights whose rows are whole
+    32-bit words (K a multiple of 8, 4-byte aligned) and bf16 activations in 32-bit pairs."""
+    return (bits == 4 and x2.dtype == torch.bfloat16 and x2.stride(1) == 1 and x2.stride(0) % 2 == 0
+            and x2.data_ptr() % 4 == 0 and qweight.stride(1) == 1 and qweight.stride(0) % 4 == 0
+            and qweight.data_ptr() % 4 == 0 and x2.shape[1] % 8 == 0)
+
+
 def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
                      bits: int, config: Optional[LinearConfig] = None) -> Tensor:
     """``x [..., K]`` @ dequantized ``qweight`` (int4 uint8 ``[N, K/2]`` or int8 ``[N, K]``; scales and
@@ -446,21 +518,35 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
     M = x2.shape[0]
     cfg = config or pick_config(M, N, K, group, bits, x.device)
     assert cfg.form in FORMS, f"form must be one of {FORMS}, got {cfg.form!r}"
-    stream = cfg.form.startswith("stream")
-    swap = cfg.form.startswith("swap")
+    words = cfg.form == "words"
+    if words and not words_ok(x2, qweight, bits):
+        words = False
+        cfg = cfg._replace(form="stream")  # NOTE: the same tiles, read a byte at a time
+    stream = cfg.form == "stream"
+    swap = cfg.form == "swap"
     assert not swap or cfg.block_m >= 16, f"the {cfg.form} form needs block_m >= 16 (tl.dot), got {cfg.block_m}"
     per_channel = scales.shape[1] == 1
     if not per_channel:
         assert group % cfg.block_k == 0, f"BLOCK_K {cfg.block_k} must divide the group size {group}"
     k_tiles = cdiv(K, cfg.block_k)
     k_per_split = cdiv(k_tiles, cfg.split_k) * cfg.block_k
-    if per_channel and zeros is not None and not (stream or swap):
+    if per_channel and zeros is not None and not (stream or swap or words):
         k_per_split = K  # NOTE: the per-channel zero correction needs the whole row's sum in one program
     split = cdiv(K, k_per_split)
     out = x.new_empty(M, N)
     tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     ws, locks = split_workspace(x.device, M * N, tiles) if split > 1 and M else (out, out)
-    if M and stream:
+    if M and words:
+        z = zeros if zeros is not None else scales
+        _w4_gemv_words_kernel[(cdiv(N, cfg.block_n), split, cdiv(M, cfg.block_m))](
+            x2, qweight, scales, z, bias if bias is not None else scales, out, ws, locks,
+            M, N, K, k_per_split,
+            x2.stride(0), qweight.stride(0) // 4, scales.stride(0), scales.stride(1), z.stride(0), z.stride(1),
+            out.stride(0), out.stride(1),
+            GROUP=group, HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, SPLIT=split > 1,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif M and stream:
         z = zeros if zeros is not None else scales  # any pointer: unread when HAS_ZERO is False
         # bf16 int4 rows whose column pairs are 32-bit aligned are read as pairs
         pairs = (bits == 4 and x2.dtype == torch.bfloat16 and x2.stride(1) == 1 and x2.stride(0) % 2 == 0

@@ -91,6 +91,33 @@ def test_stream_gemv_16bit_activations(kernel_device, bits, group, dtype):
     torch.testing.assert_close(out.cpu().float(), ref, **tol)
 
 
+@pytest.mark.parametrize("M,block_m,split_k", [(1, 1, 3), (3, 2, 1), (5, 4, 2)])
+@pytest.mark.parametrize("group,symmetric", [(32, True), (64, False), (None, False)])
+def test_words_gemv(kernel_device, M, block_m, split_k, group, symmetric):
+    """The int4 word stream with bf16 activations (integer work and fp32 math only, which the
+    interpreter does exactly; the output's bf16 rounding sets the tolerance): partial M tiles,
+    short last splits, zero points per group and per channel, K a multiple of 8 but not of the
+    tile."""
+    K = 192 if group else 200
+    args, ref = _case(M, 40, K, 4, group or K, symmetric, bias=M != 3, dtype=torch.bfloat16, device=kernel_device)
+    cfg = LinearConfig(block_m=block_m, block_n=16, block_k=32, split_k=split_k, num_warps=4, num_stages=1, form="words")
+    out = wq_linear_triton(*args, bits=4, config=cfg)
+    assert out.shape == (M, 40) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.cpu().float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_words_form_falls_back_to_the_byte_stream(kernel_device):
+    """Operands the word form cannot read (fp32 activations; K not a multiple of 8) take the byte
+    stream with the same tiles."""
+    from qcompiler.codegen.triton_linear import words_ok
+    cfg = LinearConfig(block_m=2, block_n=16, block_k=32, split_k=2, num_warps=4, num_stages=1, form="words")
+    for dtype, K, group in ((torch.float32, 64, 32), (torch.bfloat16, 68, 68)):  # 68: one group per row
+        (x, qw, s, z, b), ref = _case(2, 24, K, 4, group, False, bias=True, dtype=dtype, device=kernel_device)
+        assert not words_ok(x, qw, 4)
+        out = wq_linear_triton(x, qw, s, z, b, bits=4, config=cfg)
+        torch.testing.assert_close(out.cpu().float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M,split_k", [(17, 3), (40, 1)])
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, None, False), (8, 32, False), (8, None, True)])
@@ -150,14 +177,15 @@ def test_strided_scales_and_batched_input(kernel_device):
 def test_configs_by_size():
     cpu = torch.device("cpu")
     decode = pick_config(1, 11008, 4096, 128, 4, cpu)
-    assert decode.block_m == 1 and decode.split_k > 1 and 128 % decode.block_k == 0 and decode.form == "stream"
+    assert decode.block_m == 1 and decode.split_k > 1 and 128 % decode.block_k == 0 and decode.form == "words"
+    assert pick_config(1, 11008, 4096, 128, 8, cpu).form == "stream"  # int8: a byte per code
     assert pick_config(3, 11008, 4096, 128, 4, cpu).block_m == 4
     mid = pick_config(16, 11008, 4096, 128, 4, cpu)
     assert mid.block_m == 16 and mid.form == "swap"  # tensor cores from here
     prefill = pick_config(512, 11008, 4096, 128, 4, cpu)
     assert prefill.block_m > 16 and prefill.split_k == 1 and prefill.form == "swap"
     assert pick_config(1, 4096, 4096, 32, 4, cpu).block_k == 32  # BLOCK_K divides the group
-    assert pick_config(1, 4096, 4096, 128, 8, cpu).block_k == pick_config(1, 4096, 4096, 128, 4, cpu).block_k // 2
+    assert pick_config(1, 4096, 4096, 128, 8, cpu).block_k == 32  # the int8 stream: 32 bytes of a row per step
 
 
 def test_tuned_entries_by_nearest_m():
@@ -213,8 +241,8 @@ def test_bf16_on_gpu(M, bits, group, symmetric):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form,M", [("planes", 1), ("planes", 3), ("stream", 1), ("stream", 3), ("planes", 40),
-                                    ("swap", 16), ("swap", 40)])
+@pytest.mark.parametrize("form,M", [("planes", 1), ("planes", 3), ("stream", 1), ("stream", 3), ("words", 1),
+                                    ("words", 3), ("planes", 40), ("swap", 16), ("swap", 40)])
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 128, False), (8, None, True)])
 def test_forms_bf16_on_gpu(form, M, bits, group, symmetric):
     """Every form the tile sweep may pick, compiled for the card, split over K and not."""
