@@ -95,6 +95,21 @@ def _tile(M, N, K, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _group_params(s_ptr, z_ptr, offs_n, mask_n, k0, stride_sn, stride_sg, stride_zn, stride_zg,
+                  GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, CODE_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scale and code offset of the group holding column ``k0``, per output row, in fp32: the
+    offset is the zero point (when there is one) plus ``CODE_OFFSET``, what the codes as read
+    carry (8 for offset-binary int4, 128 for int8 made offset binary, 0 for signed codes)."""
+    g = k0 // GROUP
+    s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        off = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)
+    else:
+        off = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    return s, off + CODE_OFFSET
+
+
+@triton.jit
 def _wq_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                       M, N, K, k_per_split,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
@@ -199,16 +214,9 @@ def _wq_gemv_stream_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, l
         offs_b = k0 // PACK + offs_j                                             # byte columns of this tile
         in_k = (offs_b < k_end // PACK)[None, None, :]
         b = tl.load(w_rows + offs_b[None, None, :] * stride_wk, mask=mask_w & in_k, other=0)
-        g = k0 // GROUP
-        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            off = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)
-        else:
-            off = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        if BITS == 4:  # the codes below are offset binary: int4 + 8, int8 + 128
-            off += 8.0
-        else:
-            off += 128.0
+        # the codes below are offset binary: int4 + 8, int8 + 128
+        s, off = _group_params(s_ptr, z_ptr, offs_n, mask_n, k0, stride_sn, stride_sg, stride_zn, stride_zg,
+                               GROUP, HAS_ZERO, 8.0 if BITS == 4 else 128.0, BLOCK_N)
         off = off[None, :, None]
         if BITS == 4:
             # low nibble: 2**23 + code; high nibble left in place: 2**23 + 16 * code, scaled down
@@ -273,13 +281,9 @@ def _w4_gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lo
         # and the code alone
         w_low = (w & 0xFFFF) | 0x4B000000
         w_up = ((w >> 16) & 0xFFFF) | 0x4B000000
-        g = k0 // GROUP
-        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            off = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)
-        else:
-            off = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        off = (off + 8.0)[None, :, None]  # codes are offset binary: int4 + 8
+        s, off = _group_params(s_ptr, z_ptr, offs_n, mask_n, k0, stride_sn, stride_sg, stride_zn, stride_zg,
+                               GROUP, HAS_ZERO, 8.0, BLOCK_N)  # codes are offset binary: int4 + 8
+        off = off[None, :, None]
         part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
         for j in tl.static_range(4):  # byte j: columns 8 * word + 2j (low nibble) and + 2j + 1 (high)
             if j < 2:
@@ -341,16 +345,10 @@ def _wq_dot_swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                         mask=mask_n[:, None] & mask_k[None, :], other=0).to(dt)  # [BLOCK_N, BLOCK_K]
         part = tl.dot(w, tl.trans(xt), input_precision=DOT_PRECISION)            # [BLOCK_N, BLOCK_M]
-        g = k0 // GROUP
-        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+        s, off = _group_params(s_ptr, z_ptr, offs_n, mask_n, k0, stride_sn, stride_sg, stride_zn, stride_zg,
+                               GROUP, HAS_ZERO, 8.0 + EXP_BASE if BITS == 4 else 0.0, BLOCK_N)
         acc += part * s[:, None]
-        if HAS_ZERO or BITS == 4 or EXP_BASE != 0:
-            if HAS_ZERO:
-                off = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)
-            else:
-                off = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            if BITS == 4:
-                off += 8.0 + EXP_BASE
+        if HAS_ZERO or BITS == 4:
             xs = tl.sum(xt.to(tl.float32), axis=1)                                 # [BLOCK_M]
             acc -= (off * s)[:, None] * xs[None, :]
     _write_out(tl.trans(acc), offs_m, offs_n, mask_m, mask_n, N, out_ptr, stride_om, stride_on, b_ptr, ws_ptr,
