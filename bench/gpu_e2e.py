@@ -147,14 +147,11 @@ def main() -> int:
             print(f"[{label}] failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
             traceback.print_exc(limit=6)
     by = {(r["label"], r["batch"]): r["tok_s"] for r in res["rows"]}
-    for mode in ("", " compiled"):
-        for b in batches:
-            w, f = by.get(("w4a16 g128" + mode, b)), by.get(("bf16" + mode, b))
-            if w and f:
-                print(f"batch {b}{mode}: W4A16 / bf16 = {w / f:.2f}x", flush=True)
-        if by.get(("w4a16 g128 compiled", 1)) and by.get(("bf16", 1)) and mode:
-            print(f"batch 1: W4A16 compiled / bf16 eager = {by[('w4a16 g128 compiled', 1)] / by[('bf16', 1)]:.2f}x",
-                  flush=True)
+    pairs = [(f"w4a16 g128{m}", f"bf16{m}") for m in ("", " compiled")] + [("w4a16 g128 compiled", "bf16")]
+    for b in batches:
+        for w, f in pairs:
+            if (w, b) in by and (f, b) in by:
+                print(f"batch {b}: {w} / {f} = {by[(w, b)] / by[(f, b)]:.2f}x", flush=True)
     save()
     return 0
 

@@ -48,12 +48,13 @@ if SMOKE:
 
 
 def block_m(M: int) -> int:
-    from qcompiler.codegen.triton_linear import GEMV_MAX_M, _pow2_ceil
-    return _pow2_ceil(M) if M <= GEMV_MAX_M else min(128, max(16, _pow2_ceil(M)))
+    from qcompiler.codegen.cuda import pow2_ceil
+    from qcompiler.codegen.triton_linear_tiles import GEMV_MAX_M
+    return pow2_ceil(M) if M <= GEMV_MAX_M else min(128, max(16, pow2_ceil(M)))
 
 
 def candidates(M: int):
-    from qcompiler.codegen.triton_linear import GEMV_MAX_M, LinearConfig
+    from qcompiler.codegen.triton_linear_tiles import GEMV_MAX_M, LinearConfig
     bm = block_m(M)
     splits = (1, 2, 4, 8) if M <= GEMV_MAX_M else (1, 2, 4) if M <= 64 else (1,)
     if M <= GEMV_MAX_M:
@@ -80,7 +81,8 @@ def main() -> int:
     from triton.testing import do_bench
 
     from qcompiler.codegen.cuda import n_contiguous
-    from qcompiler.codegen.triton_linear import TUNED_DIR, pick_config, wq_linear_triton
+    from qcompiler.codegen.triton_linear import wq_linear_triton
+    from qcompiler.codegen.triton_linear_tiles import TUNED_DIR, pick_config
 
     t_end = time.monotonic() + args.budget
     dev = torch.device("cpu" if SMOKE else "cuda")

@@ -29,7 +29,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from qcompiler.codegen import triton_linear as T  # noqa: E402
+from qcompiler.codegen import triton_gemv, triton_linear  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -76,13 +76,13 @@ def compile_case(form: str, block_m: int, block_n: int, block_k: int, warps: int
     common = dict(BITS=4, GROUP=GROUP, HAS_ZERO=True, HAS_BIAS=False, SPLIT=True, BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_K=block_k)
     if form == "stream":
-        fn, consts = T._wq_gemv_stream_kernel, dict(common, X_PAIRS=True)
+        fn, consts = triton_gemv._wq_gemv_stream_kernel, dict(common, X_PAIRS=True)
     elif form == "words":
-        fn, consts = T._w4_gemv_words_kernel, {k: v for k, v in common.items() if k != "BITS"}
+        fn, consts = triton_gemv._w4_gemv_words_kernel, {k: v for k, v in common.items() if k != "BITS"}
     elif form == "swap":
-        fn, consts = T._wq_dot_swap_kernel, dict(common, EXP_MAGIC=0x4300, EXP_BASE=128.0, DOT_PRECISION="tf32")
+        fn, consts = triton_linear._wq_dot_swap_kernel, dict(common, EXP_MAGIC=0x4300, EXP_BASE=128.0, DOT_PRECISION="tf32")
     else:
-        fn, consts = T._wq_linear_kernel, dict(common, PER_CHANNEL=False, USE_DOT=block_m >= 16, DOT_PRECISION="tf32")
+        fn, consts = triton_linear._wq_linear_kernel, dict(common, PER_CHANNEL=False, USE_DOT=block_m >= 16, DOT_PRECISION="tf32")
     sig, attrs, consts = _signature(fn, consts)
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=TARGET,
                           options=dict(num_warps=warps, num_stages=stages))

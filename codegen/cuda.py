@@ -36,6 +36,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def pow2_ceil(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
 def n_contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t [N, G]`` with the same shape and values, laid out column-major (strides ``(1, N)``)."""
     return t.t().contiguous().t()

@@ -1,4 +1,4 @@
-"""The Triton weight-only linear kernel (``codegen.triton_linear``) against ``quantized_linear_ref``:
+"""The Triton weight-only linear kernels (``codegen.triton_linear``, ``triton_gemv``) against ``quantized_linear_ref``:
 int4 and int8, groups and per channel, with and without zero points and bias, decode-sized and
 prefill-sized M, N and K off the tile sizes, forced split-K. On the interpreter without a GPU."""
 import pytest
@@ -6,7 +6,9 @@ import torch
 
 from qcompiler.codegen.ops import quantized_linear_ref
 from qcompiler.codegen.quant import quantize_weight
-from qcompiler.codegen.triton_linear import LinearConfig, pick_config, tuned_config, wq_linear_triton
+from qcompiler.codegen import triton_linear_common, triton_linear_tiles
+from qcompiler.codegen.triton_linear import wq_linear_triton, words_ok
+from qcompiler.codegen.triton_linear_tiles import LinearConfig, pick_config, tuned_config
 
 
 def _weight(N, K, bits, group, symmetric, seed=0):
@@ -109,7 +111,6 @@ def test_words_gemv(kernel_device, M, block_m, split_k, group, symmetric):
 def test_words_form_falls_back_to_the_byte_stream(kernel_device):
     """Operands the word form cannot read (fp32 activations; K not a multiple of 8) take the byte
     stream with the same tiles."""
-    from qcompiler.codegen.triton_linear import words_ok
     cfg = LinearConfig(block_m=2, block_n=16, block_k=32, split_k=2, num_warps=4, num_stages=1, form="words")
     for dtype, K, group in ((torch.float32, 64, 32), (torch.bfloat16, 68, 68)):  # 68: one group per row
         (x, qw, s, z, b), ref = _case(2, 24, K, 4, group, False, bias=True, dtype=dtype, device=kernel_device)
@@ -139,9 +140,8 @@ def test_split_k_workspace_is_left_clean(kernel_device, form, monkeypatch):
     row, of different sizes, each equal their reference, output comes in the input's dtype (no
     cast after), and workspace and locks are zero between calls; a call that needs more grows it
     and keeps the old buffers alive (CUDA graphs captured earlier still point at them)."""
-    from qcompiler.codegen import triton_linear as tl_mod
-    monkeypatch.setattr(tl_mod, "_WORKSPACES", {})
-    monkeypatch.setattr(tl_mod, "_RETIRED", [])
+    monkeypatch.setattr(triton_linear_common, "_WORKSPACES", {})
+    monkeypatch.setattr(triton_linear_common, "_RETIRED", [])
     dev = torch.device(kernel_device)
     block_m = 16 if form in ("dot", "swap") else 2
     kind = "planes" if form == "dot" else form
@@ -151,9 +151,9 @@ def test_split_k_workspace_is_left_clean(kernel_device, form, monkeypatch):
         out = wq_linear_triton(*args, bits=4, config=cfg)
         assert out.dtype == torch.float16
         torch.testing.assert_close(out.cpu().float(), ref, **TOL[torch.float16])
-        ws, locks = tl_mod._WORKSPACES[dev]
+        ws, locks = triton_linear_common._WORKSPACES[dev]
         assert ws.numel() >= M * N and not ws.any() and not locks.any()
-    assert len(tl_mod._RETIRED) == 1 and not tl_mod._RETIRED[0][0].any()  # grown once, at the 3 x 40 call
+    assert len(triton_linear_common._RETIRED) == 1 and not triton_linear_common._RETIRED[0][0].any()  # grown once, at the 3 x 40 call
 
 
 def test_unknown_form_is_refused(kernel_device):
@@ -205,17 +205,16 @@ def test_tuned_table_carries_the_form(tmp_path, monkeypatch):
     existed read as ``planes``."""
     import json
 
-    from qcompiler.codegen import triton_linear as tl_mod
     entry = lambda M, **cfg: {"bits": 4, "group": 128, "N": 4096, "K": 4096, "M": M, "us": 1.0,  # noqa: E731
                               "config": dict(block_m=M, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=1,
                                              **cfg)}
     (tmp_path / "Some_GPU.json").write_text(json.dumps({"entries": [entry(1, form="stream"), entry(32)]}))
-    monkeypatch.setattr(tl_mod, "TUNED_DIR", tmp_path)
-    tl_mod.tuned_table.cache_clear()
+    monkeypatch.setattr(triton_linear_tiles, "TUNED_DIR", tmp_path)
+    triton_linear_tiles.tuned_table.cache_clear()
     try:
-        table = tl_mod.tuned_table("Some GPU")
+        table = triton_linear_tiles.tuned_table("Some GPU")
     finally:
-        tl_mod.tuned_table.cache_clear()
+        triton_linear_tiles.tuned_table.cache_clear()
     assert tuned_config(table, 2, 4096, 4096, 128, 4).form == "stream"
     assert tuned_config(table, 2, 4096, 4096, 128, 4).block_m == 2
     assert tuned_config(table, 40, 4096, 4096, 128, 4).form == "planes"

@@ -1,0 +1,103 @@
+"""Tiles for the weight-only GEMM: ``LinearConfig`` (tile sizes, split and kernel form), the
+measured per-card tables (``codegen/tuned/<device>.json``, written by ``bench/gpu_tune.py``), and
+``pick_config``, which prefers a measured entry and otherwise follows rules.
+"""
+import functools
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+
+from .cuda import cdiv, num_sms, pow2_ceil, pow2_floor
+
+GEMV_MAX_M = 4  # up to this many rows: the GEMV form (no tensor cores)
+TUNED_DIR = Path(__file__).parent / "tuned"
+FORMS = ("planes", "stream", "words", "swap")
+
+
+class LinearConfig(NamedTuple):
+    """Tiles of one call. ``form`` picks the kernel: ``planes`` (``_wq_linear_kernel``: for decode
+    sizes a reduction along K per tile, else ``tl.dot`` on the two nibble planes), a weight stream
+    for decode sizes (``stream``: ``_wq_gemv_stream_kernel``; ``words``: ``_w4_gemv_words_kernel``),
+    or the swapped tensor-core form (``swap``: ``_wq_dot_swap_kernel``, ``block_m >= 16``). Entries
+    of tables written before forms existed read as ``planes``."""
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    form: str = "planes"
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table(device_name: str) -> dict:
+    """``{(bits, group, N, K): [(M, LinearConfig), ...] sorted by M}`` from
+    ``codegen/tuned/<device name>.json`` (spaces as underscores); empty when there is none."""
+    path = TUNED_DIR / (device_name.replace(" ", "_") + ".json")
+    if not path.is_file():
+        return {}
+    table: dict = {}
+    for e in json.loads(path.read_text())["entries"]:
+        key = (e["bits"], e["group"], e["N"], e["K"])
+        table.setdefault(key, []).append((e["M"], LinearConfig(**e["config"])))
+    return {k: sorted(v) for k, v in table.items()}
+
+
+def tuned_config(table: dict, M: int, N: int, K: int, group: int, bits: int) -> Optional[LinearConfig]:
+    """The entry of ``table`` (as ``tuned_table`` returns) for this shape measured at the M nearest
+    to ``M`` in the same form (GEMV or tensor cores), or None."""
+    rows = table.get((bits, group, N, K))
+    if not rows:
+        return None
+    same = [(m, c) for m, c in rows if (m <= GEMV_MAX_M) == (M <= GEMV_MAX_M)]
+    if not same:
+        return None
+    cfg = min(same, key=lambda mc: (abs(mc[0] - M), mc[0]))[1]
+    if M <= GEMV_MAX_M:
+        cfg = cfg._replace(block_m=pow2_ceil(M))
+    return cfg
+
+
+def _tuned(M: int, N: int, K: int, group: int, bits: int, device: torch.device) -> Optional[LinearConfig]:
+    if device.type != "cuda" or os.environ.get("QCOMPILER_TUNED", "1") == "0":
+        return None
+    return tuned_config(tuned_table(torch.cuda.get_device_name(device)), M, N, K, group, bits)
+
+
+@functools.lru_cache(maxsize=4096)  # one answer per shape and device: a call pays for a dict lookup only
+def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.device) -> LinearConfig:
+    """Tiles for one call. A measured entry for this device and shape wins (``tuned_table``).
+    Otherwise, by rule: decode sizes (``M <= GEMV_MAX_M``) take the weight stream (``words`` for
+    int4, which falls back to ``stream`` for activations other than bf16), and split K until
+    about four programs run per SM; larger
+    M takes the swapped tensor-core form with tiles that grow with M, split only while the tiles
+    leave SMs idle. BLOCK_K divides the group size (one scale per tile), and a split covers whole
+    groups. The tiles are the ones with the fewest issue cycles per weight and no register
+    spills in ``bench/kernel_sass.py``'s sm_90 count."""
+    per_channel = group >= K
+    tuned = _tuned(M, N, K, group, bits, device)
+    if tuned is not None and (per_channel or group % tuned.block_k == 0):
+        return tuned
+    form = ("words" if bits == 4 else "stream") if M <= GEMV_MAX_M else "swap"
+    if M <= 2:
+        bm, bn, bk, warps, stages = pow2_ceil(M), 128, 128 if bits == 4 else 64, 4, 1
+    elif M <= GEMV_MAX_M:
+        bm, bn, bk, warps, stages = 4, 256, 64, 8, 1
+    elif M <= 64:
+        bm, bn, bk, warps, stages = max(16, pow2_ceil(M)), 128, 128, 8, 3
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    if bits == 8 and M <= GEMV_MAX_M:
+        bk //= 2  # one code per byte: the same 32 bytes per lane
+    if not per_channel:
+        bk = min(bk, group)
+    k_tiles = cdiv(K, bk)
+    tiles = cdiv(M, bm) * cdiv(N, bn)
+    split = 1
+    if M <= 64:
+        want = max(1, 4 * num_sms(device) // tiles)
+        split = min(pow2_floor(want), max(1, k_tiles // 4))
+    return LinearConfig(bm, bn, bk, split, warps, stages, form)
