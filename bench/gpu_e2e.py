@@ -63,10 +63,10 @@ def decode_rate(llm: LLM, prompts: list[list[int]], new_tokens: int, device: str
     eng = llm.engine
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     reqs = [eng.add_request(p, params) for p in prompts]
-    while any(len(r.seq.completion_token_ids) == 0 for r in reqs):
+    while any(r.seq.num_completion_tokens == 0 for r in reqs):
         eng.step()
     sync(device)
-    start = sum(len(r.seq.completion_token_ids) for r in reqs)
+    start = sum(r.seq.num_completion_tokens for r in reqs)
     t0 = time.perf_counter()
     steps = 0
     while not all(r.done for r in reqs):
@@ -74,7 +74,7 @@ def decode_rate(llm: LLM, prompts: list[list[int]], new_tokens: int, device: str
         steps += 1
     sync(device)
     dt = time.perf_counter() - t0
-    made = sum(len(r.seq.completion_token_ids) for r in reqs) - start
+    made = sum(r.seq.num_completion_tokens for r in reqs) - start
     return {"batch": len(prompts), "tok_s": made / dt, "ms_per_step": 1e3 * dt / max(steps, 1), "steps": steps}
 
 

@@ -112,8 +112,13 @@ class BlockManager:
         return copies
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        """``child`` shares every block of ``parent`` (n > 1 sampling of one prompt)."""
+        """``child`` shares every block of ``parent`` (n > 1 sampling of one prompt). The parent's
+        computed full blocks enter the radix cache first, under the node both then lock: a block
+        that sequences share is either there, locked, or the partly filled last one, which
+        copy-on-write splits before either writes it. So an unlocked cached block has no holder
+        but the cache, and ``RadixCache.evictable_blocks`` is what eviction can free."""
         assert not child.block_table
+        self.cache_prefix(parent)
         for b in parent.block_table:
             self.pool.incref(b)
         child.block_table = list(parent.block_table)

@@ -158,7 +158,7 @@ class Engine:
         stop_string = req.detok is not None and req.detok.add(tok)  # the text then ends before it
         if stop_string or tok in p.stop_token_ids or (tok in self.eos and not p.ignore_eos):
             return "stop"
-        if len(seq.completion_token_ids) >= p.max_tokens:
+        if seq.num_completion_tokens >= p.max_tokens:
             return "length"
         if len(seq) >= self.max_model_len:
             return "length"

@@ -3,7 +3,14 @@
 A finished request leaves its full blocks here; a new request whose prompt starts with the
 same tokens reuses them instead of recomputing. Nodes matched by running requests are locked
 (``lock_ref`` counts the requests below); unlocked leaves are evicted least recently used first
-when the pool runs short. The cache holds one reference on every block it owns (``BlockPool``)."""
+when the pool runs short. The cache holds one reference on every block it owns (``BlockPool``).
+
+Neither the scheduler's room check nor eviction walks the tree: the count of evictable blocks
+follows locks as they change, and eviction pops a heap of candidate leaves kept across calls.
+An entry is pushed whenever a node may have become an unlocked leaf or was touched; entries
+that went stale (the node was locked, touched again, gained a child or left the tree) are
+skipped when popped, and the heap is rebuilt from the tree when stale ones outnumber nodes."""
+import heapq
 import itertools
 from typing import NamedTuple, Optional
 
@@ -33,6 +40,28 @@ class RadixCache:
         self.root.lock_ref = 1  # never evicted
         self._clock = itertools.count(1)
         self.num_blocks = 0  # blocks owned by the tree
+        self.num_evictable = 0  # of those, blocks of unlocked nodes: kept as locks change, not counted per call
+        self.num_nodes = 0
+        self._leaves: list = []  # heap of (last_access, push number, node): eviction candidates, some stale
+        self._pushes = itertools.count()
+
+    def _candidate(self, node: Node) -> None:
+        """``node`` may be an unlocked leaf now, or was touched: (re)enters the eviction heap."""
+        if not node.children and node.lock_ref == 0 and node is not self.root:
+            heapq.heappush(self._leaves, (node.last_access, next(self._pushes), node))
+            if len(self._leaves) > 2 * self.num_nodes + 64:
+                self._leaves = [(n.last_access, next(self._pushes), n) for n in self._nodes()
+                                if not n.children and n.lock_ref == 0]
+                heapq.heapify(self._leaves)
+
+    def _lru_leaf(self) -> Optional[Node]:
+        """The least recently used unlocked leaf, or None; drops stale heap entries on the way."""
+        while self._leaves:
+            t, _, n = self._leaves[0]
+            if n.parent is not None and not n.children and n.lock_ref == 0 and n.last_access == t:
+                return n
+            heapq.heappop(self._leaves)
+        return None
 
     def _key(self, tokens, i: int) -> tuple:
         return tuple(tokens[i:i + self.block_size])
@@ -52,6 +81,7 @@ class RadixCache:
             if n < len(child.blocks):
                 child = self._split(child, n)
             child.last_access = now
+            self._candidate(child)
             blocks.extend(child.blocks)
             i += n * bs
             node = child
@@ -65,6 +95,7 @@ class RadixCache:
         node.parent.children[tuple(node.tokens[:bs])] = upper
         node.tokens, node.blocks, node.parent = node.tokens[n * bs:], node.blocks[n:], upper
         upper.children[tuple(node.tokens[:bs])] = node
+        self.num_nodes += 1
         return upper
 
     def insert(self, tokens, blocks: list[int]) -> int:
@@ -83,10 +114,15 @@ class RadixCache:
             for b in rest:
                 self.pool.incref(b)
             self.num_blocks += len(rest)
+            self.num_evictable += len(rest)
+            self.num_nodes += 1
+            self._candidate(child)
         return m.num_tokens
 
     def lock(self, node: Node) -> None:
         while node is not None:
+            if node.lock_ref == 0:
+                self.num_evictable -= len(node.blocks)
             node.lock_ref += 1
             node = node.parent
 
@@ -94,25 +130,33 @@ class RadixCache:
         while node is not None:
             assert node.lock_ref > 0, "unlock without lock"
             node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self.num_evictable += len(node.blocks)
+                self._candidate(node)
             node = node.parent
 
     def evictable_blocks(self) -> int:
-        return sum(len(n.blocks) for n in self._nodes() if n.lock_ref == 0)
+        """Blocks that eviction could free now (those of unlocked nodes); O(1), asked every step."""
+        return self.num_evictable
 
     def evict(self, num_blocks: int) -> int:
         """Frees at least ``num_blocks`` blocks by dropping unlocked leaves, least recently
         used first (a parent left childless becomes a candidate). Returns blocks freed."""
         freed = 0
         while freed < num_blocks:
-            leaves = [n for n in self._nodes() if not n.children and n.lock_ref == 0]
-            if not leaves:
+            leaf = self._lru_leaf()
+            if leaf is None:
                 break
-            leaf = min(leaves, key=lambda n: n.last_access)
-            del leaf.parent.children[tuple(leaf.tokens[:self.block_size])]
+            heapq.heappop(self._leaves)
+            parent, leaf.parent = leaf.parent, None  # out of the tree: its heap entries are stale
+            del parent.children[tuple(leaf.tokens[:self.block_size])]
             for b in leaf.blocks:
                 self.pool.decref(b)
             self.num_blocks -= len(leaf.blocks)
+            self.num_evictable -= len(leaf.blocks)
+            self.num_nodes -= 1
             freed += len(leaf.blocks)
+            self._candidate(parent)
         return freed
 
     def _nodes(self):

@@ -45,14 +45,14 @@ class Scheduler:
         start_preemptions = self.num_preemptions
         # running first: a decode token each, or the next chunk of an unfinished prompt
         for seq in list(self.running):
-            if seq not in self.running or budget == 0:
+            if seq.status is not Status.RUNNING or budget == 0:  # preempted earlier in this loop
                 continue
             while not self.bm.can_append(seq):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
-            if seq not in self.running:
+            if seq.status is not Status.RUNNING:
                 continue
             copies += self.bm.may_append(seq)
             n = min(len(seq) - seq.num_computed_tokens, budget)

@@ -13,7 +13,7 @@ class Status(Enum):
     FINISHED = auto()
 
 
-@dataclass
+@dataclass(eq=False)  # a sequence is itself: identity, not equal tokens (running-list lookups stay O(1) each)
 class Sequence:
     token_ids: list[int]
     num_prompt_tokens: int = -1
@@ -31,6 +31,10 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def completion_token_ids(self) -> list[int]:

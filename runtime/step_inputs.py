@@ -2,6 +2,7 @@
 the number of its tokens already in the KV cache, and the new tokens it computes now."""
 from typing import NamedTuple, Sequence as Seq
 
+import numpy as np
 import torch
 
 
@@ -41,17 +42,31 @@ def single_sequence(input_ids: torch.Tensor, positions: torch.Tensor, paged: dic
 
 def step_inputs(block_tables: Seq[Seq[int]], num_cached: Seq[int], new_tokens: Seq[Seq[int]],
                 block_size: int) -> StepInputs:
-    ids, pos, slots, lens, starts = [], [], [], [], [0]
-    for table, n0, toks in zip(block_tables, num_cached, new_tokens):
-        for j, t in enumerate(toks):
-            p = n0 + j
-            ids.append(t)
-            pos.append(p)
-            slots.append(table[p // block_size] * block_size + p % block_size)
-        lens.append(n0 + len(toks))
-        starts.append(starts[-1] + len(toks))
+    """Lists become tensors through numpy: per element, ``torch.tensor`` of a Python list costs
+    ~5x ``numpy.array``'s, and a decode step of 256 sequences has ~10k block-table entries."""
+    S, bs = len(block_tables), block_size
+    if all(len(t) == 1 for t in new_tokens):  # decode: one token per sequence
+        ids = [t[0] for t in new_tokens]
+        pos = list(num_cached)
+        slots = [table[p // bs] * bs + p % bs for table, p in zip(block_tables, pos)]
+        lens = [p + 1 for p in pos]
+        starts = list(range(S + 1))
+    else:
+        ids, pos, slots, lens, starts = [], [], [], [], [0]
+        for table, n0, toks in zip(block_tables, num_cached, new_tokens):
+            ids += toks
+            pos += range(n0, n0 + len(toks))
+            slots += [table[p // bs] * bs + p % bs for p in range(n0, n0 + len(toks))]
+            lens.append(n0 + len(toks))
+            starts.append(starts[-1] + len(toks))
     width = max(1, max(len(t) for t in block_tables))
-    tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
-    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return StepInputs(as_long(ids), as_long(pos), as_long(slots), as_long(tables), as_long(lens), as_long(starts),
-                      as_long(starts[1:]) - 1)
+    tables = []
+    for table in block_tables:
+        tables += table
+        tables += [0] * (width - len(table))
+    return StepInputs(_long(ids), _long(pos), _long(slots), _long(tables).view(S, width), _long(lens), _long(starts),
+                      _long(starts[1:]) - 1)
+
+
+def _long(values: list) -> torch.Tensor:
+    return torch.from_numpy(np.array(values, dtype=np.int64))

@@ -1,14 +1,17 @@
 """Block manager + radix cache: exact block ids for the simple cases, LRU eviction order, and a
 stateful model check: every block is free xor referenced, ref counts equal their holders, an
 idle pool is total minus cached, and every sequence reads back exactly the tokens it wrote
-(prefix reuse and copy-on-write included), modelled with a fake KV store."""
-from hypothesis import strategies as st
+(prefix reuse and copy-on-write included), modelled with a fake KV store. Last, a step's
+packed inputs against a token-by-token reference."""
+import torch
+from hypothesis import given, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from qcompiler.runtime.block_manager import BlockManager
 from qcompiler.runtime.block_pool import BlockPool
 from qcompiler.runtime.radix_cache import RadixCache
 from qcompiler.runtime.sequence import Sequence
+from qcompiler.runtime.step_inputs import step_inputs
 
 
 def test_allocate_append_deallocate_exact_ids():
@@ -172,6 +175,13 @@ class BlockMachine(RuleBasedStateMachine):
         free = list(pool.free)
         assert len(free) == len(set(free)) and all(pool.ref[b] == 0 for b in free)
         assert sum(1 for r in pool.ref if r == 0) == len(free)
+        nodes = list(self.bm.cache._nodes())
+        # an unlocked cached block has no holder but the cache: eviction frees what it counts
+        assert all(pool.ref[b] == 1 for n in nodes if n.lock_ref == 0 for b in n.blocks)
+        assert self.bm.cache.evictable_blocks() == sum(len(n.blocks) for n in nodes if n.lock_ref == 0)
+        assert self.bm.cache.num_blocks == sum(len(n.blocks) for n in nodes) and self.bm.cache.num_nodes == len(nodes)
+        leaves = [n for n in nodes if not n.children and n.lock_ref == 0]  # eviction takes the least recent
+        assert self.bm.cache._lru_leaf() is (min(leaves, key=lambda n: n.last_access) if leaves else None)
         if not self.running:
             assert pool.num_free == NB - self.bm.num_cached
             assert all(n.lock_ref == 0 for n in self.bm.cache._nodes())
@@ -180,3 +190,36 @@ class BlockMachine(RuleBasedStateMachine):
 TestBlockMachine = BlockMachine.TestCase
 TestBlockMachine.settings = __import__("hypothesis").settings(max_examples=150, stateful_step_count=40,
                                                               deadline=None)
+
+
+def step_inputs_ref(block_tables, num_cached, new_tokens, block_size):
+    """Token by token, each input built as its own list."""
+    ids, pos, slots, lens, starts = [], [], [], [], [0]
+    for table, n0, toks in zip(block_tables, num_cached, new_tokens):
+        for j, t in enumerate(toks):
+            p = n0 + j
+            ids.append(t)
+            pos.append(p)
+            slots.append(table[p // block_size] * block_size + p % block_size)
+        lens.append(n0 + len(toks))
+        starts.append(starts[-1] + len(toks))
+    width = max(1, max(len(t) for t in block_tables))
+    tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
+    return [torch.tensor(x, dtype=torch.long) for x in (ids, pos, slots, tables, lens, starts, [s - 1 for s in starts[1:]])]
+
+
+@given(st.integers(1, 8), st.lists(st.tuples(st.integers(0, 40), st.integers(1, 9), st.integers(0, 3)),
+                                   min_size=1, max_size=6), st.booleans())
+def test_step_inputs_equal_reference(bs, seqs, decode):
+    """Decode steps (one token each) and mixed prefill steps; tables with spare blocks."""
+    tables, cached, new = [], [], []
+    for k, (n0, n_new, spare) in enumerate(seqs):
+        n_new = 1 if decode else n_new
+        nblocks = -(-(n0 + n_new) // bs) + spare
+        tables.append([(7 * k + 3 * j) % 50 for j in range(nblocks)])
+        cached.append(n0)
+        new.append([(n0 + j) % 13 for j in range(n_new)])
+    got = step_inputs(tables, cached, new, bs)
+    for g, r in zip(got, step_inputs_ref(tables, cached, new, bs)):
+        assert g.dtype == torch.long and g.shape == r.shape and torch.equal(g, r)
+    assert got.is_decode == all(len(t) == 1 for t in new)
