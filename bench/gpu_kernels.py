@@ -6,7 +6,7 @@
 Sections, each beside its anchor in the same process on the same data:
   copy       device-to-device copy, the memory ceiling
   w4a16      W4A16 g128 (asymmetric with zeros, and symmetric) vs cuBLAS bf16 ``F.linear`` and tinygemm
-             (``torch._weight_int4pack_mm``, group 128) at M = 1..256; Llama-2-7B and Llama-3-70B shapes
+             (``torch._weight_int4pack_mm``, group 128) at M = 1..1024; Llama-2-7B and Llama-3-70B shapes
   w8a16      W8A16 per-channel vs bf16 at M = 1, 16
   w8a8       W8A8 (per-token activation quantization included) vs the same in plain torch around
              ``torch._int_mm``, and the raw ``torch._int_mm``
@@ -49,7 +49,7 @@ SMOKE = "--smoke" in sys.argv
 DEV = "cpu" if SMOKE else "cuda"
 GROUP = 128 if not SMOKE else 64
 W4_SHAPES = [(4096, 11008), (11008, 4096), (8192, 28672)] if not SMOKE else [(256, 128)]
-W4_MS = [1, 4, 16, 64, 128, 256] if not SMOKE else [1, 16]
+W4_MS = [1, 4, 16, 64, 128, 256, 1024] if not SMOKE else [1, 16, 64]
 W8_MS = [1, 16]
 ACT_SHAPES = [(4096, 11008), (8192, 28672)] if not SMOKE else [(256, 128)]
 ACT_MS = [16, 64, 256] if not SMOKE else [16]

@@ -6,7 +6,7 @@ the rule-based pick beside them, and writes the fastest of each as an entry of t
 table: ``$OUT/tune.json`` and ``codegen/tuned/<device>.json`` in this checkout, so later steps of
 the same GPU session run with it. Commit the table to make it the package's. Every form of
 ``LinearConfig`` competes: at GEMV sizes the weight streams and ``planes``, at larger M the
-swapped tensor-core form and ``planes``.
+swapped tensor-core form and ``planes``, and from M = 64 the dequantized weight with cuBLAS.
 
     python bench/gpu_tune.py [--budget 150]
     .venv/bin/python bench/gpu_tune.py --smoke     # CPU, Triton interpreter, tiny shapes: plumbing only
@@ -31,9 +31,10 @@ E2E = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]
 BENCH = [(4096, 11008), (8192, 28672)]
 PLAN = ([(1, s) for s in E2E + BENCH] + [(32, s) for s in E2E] + [(4, s) for s in BENCH + E2E[3:]]
         + [(16, s) for s in BENCH + E2E[3:]] + [(64, s) for s in BENCH + E2E[3:]]
-        + [(128, s) for s in BENCH + E2E[3:]] + [(256, s) for s in BENCH + E2E[3:]])
+        + [(128, s) for s in BENCH + E2E[3:]] + [(256, s) for s in BENCH + E2E[3:]]
+        + [(1024, s) for s in BENCH + E2E[3:]])
 if SMOKE:
-    PLAN = [(1, (64, 96)), (16, (64, 96))]
+    PLAN = [(1, (64, 96)), (16, (64, 96)), (64, (64, 96))]
 
 # (block_n, block_k, num_warps, num_stages); block_m follows M; each is tried at these splits
 GEMV = [(32, 128, 4, 1), (64, 128, 4, 1), (128, 128, 4, 1), (128, 128, 8, 1), (256, 128, 8, 1), (64, 64, 4, 1),
@@ -43,8 +44,9 @@ GEMV = [(32, 128, 4, 1), (64, 128, 4, 1), (128, 128, 4, 1), (128, 128, 8, 1), (2
 STREAM = [(128, 128, 4, 1), (128, 64, 4, 1), (256, 64, 8, 1), (64, 128, 4, 1), (128, 32, 4, 1), (256, 32, 8, 1),
           (128, 64, 4, 2), (64, 64, 2, 1)]
 DOT = [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 4)]
+DEQUANT = [(64, 128, 4, 1), (32, 128, 4, 1), (128, 64, 8, 1)]
 if SMOKE:
-    GEMV, STREAM, DOT = [(32, 32, 4, 1), (64, 32, 4, 1)], [(32, 32, 2, 1)], [(32, 32, 4, 2)]
+    GEMV, STREAM, DOT, DEQUANT = [(32, 32, 4, 1), (64, 32, 4, 1)], [(32, 32, 2, 1)], [(32, 32, 4, 2)], [(32, 32, 4, 1)]
 
 
 def block_m(M: int) -> int:
@@ -61,10 +63,13 @@ def candidates(M: int):
         tiles = [(t, form) for form in ("words", "stream") for t in STREAM] + [(t, "planes") for t in GEMV]
     else:  # the swapped tensor-core form (weights the left operand, from registers) first
         tiles = [(t, "swap") for t in DOT] + [(t, "planes") for t in DOT]
+        if M >= 64:  # the weight dequantized once, then cuBLAS: (block_n, block_k, warps) of the dequantizing kernel
+            tiles += [(t, "dequant") for t in DEQUANT]
     for (bn, bk, warps, stages), form in tiles:
         if bk > GROUP:
             continue
-        for split in splits[1:] if form in ("stream", "words") else splits:  # a stream needs its SMs filled
+        # a stream needs its SMs filled; the dequantized form does not split
+        for split in splits[1:] if form in ("stream", "words") else (1,) if form == "dequant" else splits:
             yield LinearConfig(bm, bn, bk, split, warps, stages, form)
 
 

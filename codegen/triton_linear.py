@@ -19,9 +19,13 @@ The kernels, by ``LinearConfig.form`` (the decode-size streams live in ``triton_
 * ``stream`` / ``words`` (``triton_gemv``): decode sizes, per-lane sums across the whole K split,
   each weight dequantized once for all rows by the bits of its code;
 * ``swap`` (``_wq_dot_swap_kernel``): larger M, ``out^T = W @ x^T``, the dequantized weights the
-  left operand, from registers, codes made 16-bit floats by their bits.
+  left operand, from registers, codes made 16-bit floats by their bits;
+* ``dequant`` (``_wq_dequant_kernel``, then ``F.linear``): prefill sizes. A fused kernel
+  dequantizes every weight once per M tile, so its cost grows with M; this form writes the
+  weight once in ``x.dtype`` and hands it to the vendor GEMM (cuBLAS), for a fixed cost of
+  ~2.5 bytes per weight on top of the float GEMM, which is the reference's own computation.
 
-``pick_config``'s rules (``triton_linear_tiles``) choose ``words``/``stream`` and ``swap``: in
+``pick_config``'s rules (``triton_linear_tiles``) choose ``words``/``stream``, ``swap`` and ``dequant``: in
 sm_90 SASS (compiled without a GPU, ``bench/kernel_sass.py``) their inner loops take 2.7-5.4x
 fewer issue cycles per weight than the ``planes`` forms at M = 1 to 128. ``planes`` was the
 first form measured on a card, where it was bound by that issue rate; the others are not
@@ -30,6 +34,7 @@ measured yet. Split over K, a call is still one launch (``triton_linear_common._
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -160,6 +165,52 @@ def _wq_dot_swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock
                lock_ptr, pid_mn, tl.num_programs(1), HAS_BIAS, SPLIT)
 
 
+@triton.jit
+def _wq_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
+                       stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg, stride_on,
+                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out [N, K] = (q - zero) * scale`` in ``out``'s dtype, computed in fp32 as
+    ``dequantize_weight_ref`` does; a tile ``[BLOCK_N, BLOCK_K]`` lies within one group."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & (offs_k < K)[None, :]
+    if BITS == 4:
+        HALF: tl.constexpr = BLOCK_K // 2
+        offs_b = k0 // 2 + tl.arange(0, HALF)
+        b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :] * stride_wk,
+                    mask=mask_n[:, None] & (offs_b < K // 2)[None, :], other=0)    # [BLOCK_N, HALF] uint8
+        codes = tl.reshape(tl.join(b & 0xF, b >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
+    else:
+        codes = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=mask,
+                        other=0).to(tl.float32)
+    s, off = _group_params(s_ptr, z_ptr, offs_n, mask_n, k0, stride_sn, stride_sg, stride_zn, stride_zg,
+                           GROUP, HAS_ZERO, 8.0 if BITS == 4 else 0.0, BLOCK_N)
+    w = (codes - off[:, None]) * s[:, None]
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_triton(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, dtype: torch.dtype,
+                      block_n: int = 64, block_k: int = 128, num_warps: int = 4) -> Tensor:
+    """The float weight ``[N, K]`` in ``dtype``: ``dequantize_weight_ref`` on the device.
+    ``block_k`` shrinks to the group size when the groups are smaller."""
+    N = qweight.shape[0]
+    K = qweight.shape[1] * (2 if bits == 4 else 1)
+    group = K // scales.shape[1]
+    if scales.shape[1] > 1:
+        block_k = min(block_k, group)
+        assert group % block_k == 0, f"BLOCK_K {block_k} must divide the group size {group}"
+    out = torch.empty(N, K, device=qweight.device, dtype=dtype)
+    z = zeros if zeros is not None else scales  # any pointer: unread when HAS_ZERO is False
+    _wq_dequant_kernel[(cdiv(N, block_n), cdiv(K, block_k))](
+        qweight, scales, z, out, N, K, qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+        z.stride(0), z.stride(1), out.stride(0), BITS=bits, GROUP=group, HAS_ZERO=zeros is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return out
+
+
 def _check(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
            bits: int) -> tuple[int, int, int]:
     K = x.shape[-1]
@@ -208,6 +259,9 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
     if cfg.form == "words" and not words_ok(x2, qweight, bits):
         cfg = cfg._replace(form="stream")  # NOTE: the same tiles, read a byte at a time
     assert cfg.form != "swap" or cfg.block_m >= 16, f"the swap form needs block_m >= 16 (tl.dot), got {cfg.block_m}"
+    if cfg.form == "dequant":
+        w = dequantize_triton(qweight, scales, zeros, bits, x.dtype, cfg.block_n, cfg.block_k, cfg.num_warps)
+        return F.linear(x2, w, None if bias is None else bias.to(x.dtype)).reshape(*x.shape[:-1], N)
     per_channel = scales.shape[1] == 1
     if not per_channel:
         assert group % cfg.block_k == 0, f"BLOCK_K {cfg.block_k} must divide the group size {group}"

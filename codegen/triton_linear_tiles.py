@@ -14,15 +14,18 @@ from .cuda import cdiv, num_sms, pow2_ceil, pow2_floor
 
 GEMV_MAX_M = 4  # up to this many rows: the GEMV form (no tensor cores)
 TUNED_DIR = Path(__file__).parent / "tuned"
-FORMS = ("planes", "stream", "words", "swap")
+FORMS = ("planes", "stream", "words", "swap", "dequant")
+DEQUANT_MIN_M = 256  # from here the rules dequantize the weight and call the float GEMM
 
 
 class LinearConfig(NamedTuple):
     """Tiles of one call. ``form`` picks the kernel: ``planes`` (``_wq_linear_kernel``: for decode
     sizes a reduction along K per tile, else ``tl.dot`` on the two nibble planes), a weight stream
     for decode sizes (``stream``: ``_wq_gemv_stream_kernel``; ``words``: ``_w4_gemv_words_kernel``),
-    or the swapped tensor-core form (``swap``: ``_wq_dot_swap_kernel``, ``block_m >= 16``). Entries
-    of tables written before forms existed read as ``planes``."""
+    the swapped tensor-core form (``swap``: ``_wq_dot_swap_kernel``, ``block_m >= 16``), or for
+    prefill sizes the weight dequantized in ``x.dtype`` and the float GEMM (``dequant``: the
+    dequantizing kernel takes ``block_n``, ``block_k`` and ``num_warps``). Entries of tables written
+    before forms existed read as ``planes``."""
     block_m: int
     block_n: int
     block_k: int
@@ -72,15 +75,23 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
     """Tiles for one call. A measured entry for this device and shape wins (``tuned_table``).
     Otherwise, by rule: decode sizes (``M <= GEMV_MAX_M``) take the weight stream (``words`` for
     int4, which falls back to ``stream`` for activations other than bf16), and split K until
-    about four programs run per SM; larger
-    M takes the swapped tensor-core form with tiles that grow with M, split only while the tiles
-    leave SMs idle. BLOCK_K divides the group size (one scale per tile), and a split covers whole
-    groups. The tiles are the ones with the fewest issue cycles per weight and no register
-    spills in ``bench/kernel_sass.py``'s sm_90 count."""
+    about four programs run per SM; larger M takes the swapped tensor-core form with tiles that
+    grow with M, split only while the tiles leave SMs idle. BLOCK_K divides the group size (one
+    scale per tile), and a split covers whole groups. The tiles are the ones with the fewest
+    issue cycles per weight and no register spills in ``bench/kernel_sass.py``'s sm_90 count.
+
+    From ``DEQUANT_MIN_M`` rows the weight is dequantized once and the float GEMM runs
+    (``dequant``). The swapped form dequantizes each weight once per 128-row tile, so its cost
+    grows with M; on an H200, 4096 x 11008, ``kernel_sass``'s count puts one pass at ~25 us of
+    issue (~59 us with the calibration of the one form measured there), against ~28 us to write
+    the bf16 weight (2.5 bytes per weight at ~4 TB/s) plus cuBLAS's 35-40 us. At 128 rows the two
+    are about even; from 256 rows the dequantized path should win. A measured table overrides this."""
     per_channel = group >= K
     tuned = _tuned(M, N, K, group, bits, device)
     if tuned is not None and (per_channel or group % tuned.block_k == 0):
         return tuned
+    if M >= DEQUANT_MIN_M:
+        return LinearConfig(128, 64, 128 if per_channel else min(128, group), 1, 4, 1, "dequant")
     form = ("words" if bits == 4 else "stream") if M <= GEMV_MAX_M else "swap"
     if M <= 2:
         bm, bn, bk, warps, stages = pow2_ceil(M), 128, 128 if bits == 4 else 64, 4, 1

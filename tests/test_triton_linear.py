@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from qcompiler.codegen.ops import quantized_linear_ref
-from qcompiler.codegen.quant import quantize_weight
+from qcompiler.codegen.quant import dequantize_weight_ref, quantize_weight
 from qcompiler.codegen import triton_linear_common, triton_linear_tiles
-from qcompiler.codegen.triton_linear import wq_linear_triton, words_ok
+from qcompiler.codegen.triton_linear import dequantize_triton, wq_linear_triton, words_ok
 from qcompiler.codegen.triton_linear_tiles import LinearConfig, pick_config, tuned_config
 
 
@@ -134,6 +134,23 @@ def test_swapped_tensor_core_form(kernel_device, dtype, M, split_k, bits, group,
     torch.testing.assert_close(out.cpu().float(), ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, None, False), (8, 64, False), (8, None, True)])
+def test_dequantized_form(kernel_device, dtype, bits, group, symmetric):
+    """The prefill form: the weight dequantized on the device equals ``dequantize_weight_ref`` bit
+    for bit (the same fp32 arithmetic, one rounding to ``dtype``; N and K off the tiles), and the
+    linear on it equals the reference."""
+    K = 192 if group else 96
+    qw = _weight(40, K, bits, group or K, symmetric)
+    to = lambda t: None if t is None else t.to(kernel_device)  # noqa: E731
+    w = dequantize_triton(to(qw.qweight), to(qw.scales), to(qw.zeros), bits, dtype, block_n=16, block_k=64)
+    assert w.dtype == dtype and torch.equal(w.cpu(), dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, bits).to(dtype))
+    args, ref = _case(33, 40, K, bits, group or K, symmetric, bias=True, dtype=dtype, device=kernel_device)
+    out = wq_linear_triton(*args, bits=bits, config=LinearConfig(128, 16, 32, 1, 4, 1, "dequant"))
+    assert out.shape == (33, 40) and out.dtype == dtype
+    torch.testing.assert_close(out.cpu().float(), ref, **TOL[dtype])
+
+
 @pytest.mark.parametrize("form", ["planes", "stream", "dot", "swap"])
 def test_split_k_workspace_is_left_clean(kernel_device, form, monkeypatch):
     """Split-K sums meet in a shared workspace that the last split of each tile clears: calls in a
@@ -182,8 +199,10 @@ def test_configs_by_size():
     assert pick_config(3, 11008, 4096, 128, 4, cpu).block_m == 4
     mid = pick_config(16, 11008, 4096, 128, 4, cpu)
     assert mid.block_m == 16 and mid.form == "swap"  # tensor cores from here
-    prefill = pick_config(512, 11008, 4096, 128, 4, cpu)
-    assert prefill.block_m > 16 and prefill.split_k == 1 and prefill.form == "swap"
+    large = pick_config(128, 11008, 4096, 128, 4, cpu)
+    assert large.block_m > 16 and large.split_k == 1 and large.form == "swap"
+    prefill = pick_config(512, 11008, 4096, 128, 4, cpu)  # dequantize once, then the float GEMM
+    assert prefill.form == "dequant" and prefill.split_k == 1 and 128 % prefill.block_k == 0
     assert pick_config(1, 4096, 4096, 32, 4, cpu).block_k == 32  # BLOCK_K divides the group
     assert pick_config(1, 4096, 4096, 128, 8, cpu).block_k == 32  # the int8 stream: 32 bytes of a row per step
 
@@ -229,7 +248,7 @@ def test_bad_operands_are_refused(kernel_device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 16, 100])
+@pytest.mark.parametrize("M", [1, 16, 100, 300])  # each rule's form: words/stream, swap, dequant
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 128, False), (4, 64, True), (8, None, True)])
 def test_bf16_on_gpu(M, bits, group, symmetric):
     K, N = 512, 384
@@ -241,7 +260,7 @@ def test_bf16_on_gpu(M, bits, group, symmetric):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("form,M", [("planes", 1), ("planes", 3), ("stream", 1), ("stream", 3), ("words", 1),
-                                    ("words", 3), ("planes", 40), ("swap", 16), ("swap", 40)])
+                                    ("words", 3), ("planes", 40), ("swap", 16), ("swap", 40), ("dequant", 40)])
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 128, False), (8, None, True)])
 def test_forms_bf16_on_gpu(form, M, bits, group, symmetric):
     """Every form the tile sweep may pick, compiled for the card, split over K and not."""
