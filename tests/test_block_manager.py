@@ -223,3 +223,26 @@ def test_step_inputs_equal_reference(bs, seqs, decode):
     for g, r in zip(got, step_inputs_ref(tables, cached, new, bs)):
         assert g.dtype == torch.long and g.shape == r.shape and torch.equal(g, r)
     assert got.is_decode == all(len(t) == 1 for t in new)
+
+
+def test_decode_staging_pads_rows_and_tables():
+    """A CUDA-graph decode step's inputs as the graph of 8 rows reads them, sent as one staged
+    buffer: real rows, then padding rows that write no KV and read one token. A narrower step
+    after a wider one leaves old columns in the wide table, past what its sequences read."""
+    from qcompiler.runtime.cuda_graphs import DecodeBuffers, send_decode, stage_decode
+    host, dev = DecodeBuffers.new(8, 5, "cpu"), DecodeBuffers.new(8, 5, "cpu")
+    tables = torch.zeros(8, 5, dtype=torch.long)
+    for step_tables, cached in [([[4, 9, 1, 3], [7]], [50, 3]), ([[4, 9], [7], [2, 5, 6]], [20, 3, 33])]:
+        host.flat.fill_(99)  # whatever the pinned buffer held
+        inp = step_inputs(step_tables, cached, [[11 + i] for i in range(len(cached))], 16)
+        S, W = inp.block_tables.shape
+        send_decode(host, dev, tables, S, W, stage_decode(inp, host))
+        assert dev.input_ids.tolist() == [11 + i for i in range(S)] + [0] * (8 - S)
+        assert dev.positions.tolist() == cached + [0] * (8 - S)
+        assert dev.slot_mapping.tolist() == inp.slot_mapping.tolist() + [-1] * (8 - S)
+        assert dev.seq_lens.tolist() == [c + 1 for c in cached] + [1] * (8 - S)
+        for row, (t, c) in enumerate(zip(step_tables, cached)):  # the blocks each sequence reads
+            assert tables[row, :-(-(c + 1) // 16)].tolist() == t[:-(-(c + 1) // 16)]
+    assert tables[0].tolist() == [4, 9, 0, 3, 0]  # column 3 from the first step, past the second one's width
+    for v in (dev.input_ids, dev.positions, dev.slot_mapping, dev.seq_lens):
+        assert (v.data_ptr() - dev.flat.data_ptr()) % 128 == 0  # 16-element aligned views of one buffer
