@@ -124,7 +124,6 @@ def _w4_gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lo
         s, off = _group_params(s_ptr, z_ptr, offs_n, mask_n, k0, stride_sn, stride_sg, stride_zn, stride_zg,
                                GROUP, HAS_ZERO, 8.0, BLOCK_N)  # codes are offset binary: int4 + 8
         off = off[None, :, None]
-        part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
         for j in tl.static_range(4):  # byte j: columns 8 * word + 2j (low nibble) and + 2j + 1 (high)
             if j < 2:
                 src = w_low
@@ -136,7 +135,14 @@ def _w4_gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lo
             q_lo = f_lo * (1.0 / (1 << p_lo)) - (8388608.0 / (1 << p_lo) + off)
             q_hi = f_hi * (1.0 / (16 << p_lo)) - (8388608.0 / (16 << p_lo) + off)
             pair = tl.load(x_pairs + (4 * word + j)[None, None, :], mask=mask_x & in_k, other=0)
-            part += (pair << 16).to(tl.float32, bitcast=True) * q_lo + (pair & -65536).to(tl.float32, bitcast=True) * q_hi
+            # one FMA per weight: the sum runs left to right (``part + a * b + c * d`` would add
+            # the two products first, a multiply, an FMA and an add); no zero to start from
+            # (``0 + x`` is not ``x`` for x = -0, so it would cost an add)
+            if j == 0:
+                part = (pair << 16).to(tl.float32, bitcast=True) * q_lo
+            else:
+                part = part + (pair << 16).to(tl.float32, bitcast=True) * q_lo
+            part = part + (pair & -65536).to(tl.float32, bitcast=True) * q_hi
         acc += part * s[None, :, None]
     _write_out(tl.sum(acc, axis=2), offs_m, offs_n, mask_m, mask_n, N, out_ptr, stride_om, stride_on, b_ptr, ws_ptr,
                lock_ptr, tile, tl.num_programs(1), HAS_BIAS, SPLIT)
