@@ -15,7 +15,7 @@ from .cuda import cdiv, num_sms, pow2_ceil, pow2_floor
 GEMV_MAX_M = 4  # up to this many rows: the GEMV form (no tensor cores)
 TUNED_DIR = Path(__file__).parent / "tuned"
 FORMS = ("planes", "stream", "words", "swap", "dequant")
-DEQUANT_MIN_M = 256  # from here the rules dequantize the weight and call the float GEMM
+DEQUANT_MIN_M = 512  # from here the rules dequantize the weight and call the float GEMM
 
 
 class LinearConfig(NamedTuple):
@@ -82,10 +82,11 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
 
     From ``DEQUANT_MIN_M`` rows the weight is dequantized once and the float GEMM runs
     (``dequant``). The swapped form dequantizes each weight once per 128-row tile, so its cost
-    grows with M; on an H200, 4096 x 11008, ``kernel_sass``'s count puts one pass at ~25 us of
-    issue (~59 us with the calibration of the one form measured there), against ~28 us to write
-    the bf16 weight (2.5 bytes per weight at ~4 TB/s) plus cuBLAS's 35-40 us. At 128 rows the two
-    are about even; from 256 rows the dequantized path should win. A measured table overrides this."""
+    grows with M. On an H200, 4096 x 11008: ``kernel_sass``'s count puts one pass at ~10.5 us
+    of issue, and the tensor cores need ~17 us per 128 rows (at 660 TFLOP/s); the dequantized
+    path costs ~28 us to write the bf16 weight (2.5 bytes per weight at ~4 TB/s) plus cuBLAS
+    (35-40 us up to 256 rows, ~80 us at 512). So it should lose below 512 rows and cost ~15%
+    over bf16 from 1024. A measured table (``bench/gpu_tune.py``) overrides this."""
     per_channel = group >= K
     tuned = _tuned(M, N, K, group, bits, device)
     if tuned is not None and (per_channel or group % tuned.block_k == 0):
@@ -97,10 +98,12 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
         bm, bn, bk, warps, stages = pow2_ceil(M), 128, 128 if bits == 4 else 64, 4, 1
     elif M <= GEMV_MAX_M:
         bm, bn, bk, warps, stages = 4, 256, 64, 8, 1
+    elif M <= 32:
+        bm, bn, bk, warps, stages = max(16, pow2_ceil(M)), 64, 128, 4, 3
     elif M <= 64:
-        bm, bn, bk, warps, stages = max(16, pow2_ceil(M)), 128, 128, 8, 3
+        bm, bn, bk, warps, stages = 64, 128, 128, 8, 3
     else:
-        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+        bm, bn, bk, warps, stages = 128, 128, 128, 8, 3
     if bits == 8 and M <= GEMV_MAX_M:
         bk //= 2  # one code per byte: the same 32 bytes per lane
     if not per_channel:
