@@ -59,8 +59,9 @@ def candidates(M: int):
     from qcompiler.codegen.triton_linear_tiles import GEMV_MAX_M, LinearConfig
     bm = block_m(M)
     splits = (1, 2, 4, 8) if M <= GEMV_MAX_M else (1, 2, 4) if M <= 64 else (1,)
-    if M <= GEMV_MAX_M:
-        tiles = [(t, form) for form in ("words", "stream") for t in STREAM] + [(t, "planes") for t in GEMV]
+    if M <= GEMV_MAX_M:  # the streams, planes, and the swapped tensor-core form with rows padded to 16
+        tiles = ([(t, form) for form in ("words", "stream") for t in STREAM] + [(t, "planes") for t in GEMV]
+                 + [(t, "swap") for t in DOT[:3]])
     else:  # the swapped tensor-core form (weights the left operand, from registers) first
         tiles = [(t, "swap") for t in DOT] + [(t, "planes") for t in DOT]
         if M >= 64:  # the weight dequantized once, then cuBLAS: (block_n, block_k, warps) of the dequantizing kernel
@@ -70,7 +71,7 @@ def candidates(M: int):
             continue
         # a stream needs its SMs filled; the dequantized form does not split
         for split in splits[1:] if form in ("stream", "words") else (1,) if form == "dequant" else splits:
-            yield LinearConfig(bm, bn, bk, split, warps, stages, form)
+            yield LinearConfig(max(bm, 16) if form == "swap" else bm, bn, bk, split, warps, stages, form)
 
 
 def main() -> int:

@@ -12,7 +12,8 @@ import torch
 
 from .cuda import cdiv, num_sms, pow2_ceil, pow2_floor
 
-GEMV_MAX_M = 4  # up to this many rows: the GEMV form (no tensor cores)
+GEMV_MAX_M = 4  # up to this many rows: the GEMV forms may run (no tensor cores)
+SWAP_MIN_M = {4: 3, 8: 2}  # by bits: from this many rows the rules take the tensor-core form
 TUNED_DIR = Path(__file__).parent / "tuned"
 FORMS = ("planes", "stream", "words", "swap", "dequant")
 DEQUANT_MIN_M = 512  # from here the rules dequantize the weight and call the float GEMM
@@ -59,7 +60,7 @@ def tuned_config(table: dict, M: int, N: int, K: int, group: int, bits: int) -> 
     if not same:
         return None
     cfg = min(same, key=lambda mc: (abs(mc[0] - M), mc[0]))[1]
-    if M <= GEMV_MAX_M:
+    if M <= GEMV_MAX_M and cfg.block_m < 16:  # a GEMV tile's rows follow M (tensor-core tiles pad to 16)
         cfg = cfg._replace(block_m=pow2_ceil(M))
     return cfg
 
@@ -73,12 +74,17 @@ def _tuned(M: int, N: int, K: int, group: int, bits: int, device: torch.device) 
 @functools.lru_cache(maxsize=4096)  # one answer per shape and device: a call pays for a dict lookup only
 def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.device) -> LinearConfig:
     """Tiles for one call. A measured entry for this device and shape wins (``tuned_table``).
-    Otherwise, by rule: decode sizes (``M <= GEMV_MAX_M``) take the weight stream (``words`` for
-    int4, which falls back to ``stream`` for activations other than bf16), and split K until
-    about four programs run per SM; larger M takes the swapped tensor-core form with tiles that
-    grow with M, split only while the tiles leave SMs idle. BLOCK_K divides the group size (one
-    scale per tile), and a split covers whole groups. The tiles are the ones with the fewest
-    issue cycles per weight and no register spills in ``bench/kernel_sass.py``'s sm_90 count.
+    Otherwise, by rule: below ``SWAP_MIN_M`` rows (1-2 for int4, 1 for int8) the weight stream
+    (``words`` for int4, which falls back to ``stream`` for activations other than bf16), split
+    over K until about four programs run per SM; from there the swapped tensor-core form, its
+    rows padded to 16, with tiles that grow with M, split only while the tiles leave SMs idle.
+    BLOCK_K divides the group size (one scale per tile), and a split covers whole groups. The
+    tiles are the ones with the fewest issue cycles per weight and no register spills in
+    ``bench/kernel_sass.py``'s sm_90 count. There, per 32 int4 weights, the padded tensor-core
+    tile takes 6.25 cycles at any M up to 16, the word stream 5.85 at one row, 7.2 at two and
+    11.6 at four; the int8 byte stream takes 10.7 at one row (8.3 for the tensor-core tile: a
+    tie once scaled by the one measured card's calibration, so the stream keeps that row) and
+    spills from two.
 
     From ``DEQUANT_MIN_M`` rows the weight is dequantized once and the float GEMM runs
     (``dequant``). The swapped form dequantizes each weight once per 128-row tile, so its cost
@@ -93,10 +99,11 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
         return tuned
     if M >= DEQUANT_MIN_M:
         return LinearConfig(128, 64, 128 if per_channel else min(128, group), 1, 4, 1, "dequant")
-    form = ("words" if bits == 4 else "stream") if M <= GEMV_MAX_M else "swap"
-    if M <= 2:
+    gemv = M < SWAP_MIN_M[bits]
+    form = ("words" if bits == 4 else "stream") if gemv else "swap"
+    if gemv and M <= 2:
         bm, bn, bk, warps, stages = pow2_ceil(M), 128, 128 if bits == 4 else 64, 4, 1
-    elif M <= GEMV_MAX_M:
+    elif gemv:
         bm, bn, bk, warps, stages = 4, 256, 64, 8, 1
     elif M <= 32:
         bm, bn, bk, warps, stages = max(16, pow2_ceil(M)), 64, 128, 4, 3
@@ -104,7 +111,7 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
         bm, bn, bk, warps, stages = 64, 128, 128, 8, 3
     else:
         bm, bn, bk, warps, stages = 128, 128, 128, 8, 3
-    if bits == 8 and M <= GEMV_MAX_M:
+    if bits == 8 and gemv:
         bk //= 2  # one code per byte: the same 32 bytes per lane
     if not per_channel:
         bk = min(bk, group)

@@ -196,7 +196,10 @@ def test_configs_by_size():
     decode = pick_config(1, 11008, 4096, 128, 4, cpu)
     assert decode.block_m == 1 and decode.split_k > 1 and 128 % decode.block_k == 0 and decode.form == "words"
     assert pick_config(1, 11008, 4096, 128, 8, cpu).form == "stream"  # int8: a byte per code
-    assert pick_config(3, 11008, 4096, 128, 4, cpu).block_m == 4
+    assert pick_config(2, 11008, 4096, 128, 4, cpu).block_m == 2
+    three = pick_config(3, 11008, 4096, 128, 4, cpu)
+    assert three.form == "swap" and three.block_m == 16  # tensor cores from 3 rows (int4), rows padded
+    assert pick_config(2, 11008, 4096, 128, 8, cpu).form == "swap"  # and from 2 for int8
     mid = pick_config(16, 11008, 4096, 128, 4, cpu)
     assert mid.block_m == 16 and mid.form == "swap"  # tensor cores from here
     large = pick_config(256, 11008, 4096, 128, 4, cpu)
@@ -216,6 +219,8 @@ def test_tuned_entries_by_nearest_m():
     assert tuned_config(table, 3, 11008, 4096, 128, 4) == gemv._replace(block_m=4)  # tile rows follow M
     assert tuned_config(table, 200, 11008, 4096, 128, 4) == dot
     assert tuned_config(table, 1, 4096, 4096, 128, 4) is None  # a shape it does not hold
+    swap4 = LinearConfig(16, 64, 128, 2, 4, 3, "swap")  # a tensor-core tile measured at 4 rows keeps its 16
+    assert tuned_config({(4, 128, 11008, 4096): [(4, swap4)]}, 3, 11008, 4096, 128, 4) == swap4
     assert tuned_config({(4, 128, 11008, 4096): [(32, dot)]}, 1, 11008, 4096, 128, 4) is None
 
 
