@@ -81,7 +81,8 @@ def compile_case(form: str, block_m: int, block_n: int, block_k: int, warps: int
     elif form == "words":
         fn, consts = triton_gemv._w4_gemv_words_kernel, {k: v for k, v in common.items() if k != "BITS"}
     elif form == "swap":
-        fn, consts = triton_linear._wq_dot_swap_kernel, dict(common, EXP_MAGIC=0x4300, EXP_BASE=128.0, DOT_PRECISION="tf32")
+        fn, consts = triton_linear._wq_dot_swap_kernel, dict(common, EXP_MAGIC=0x4300, EXP_BASE=128.0, DOT_PRECISION="tf32",
+                                                             EVEN_K=True)
     else:
         fn, consts = triton_linear._wq_linear_kernel, dict(common, PER_CHANNEL=False, USE_DOT=block_m >= 16, DOT_PRECISION="tf32")
     sig, attrs, consts = _signature(fn, consts)

@@ -119,7 +119,7 @@ def _wq_dot_swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock
                         stride_om, stride_on,
                         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SPLIT: tl.constexpr, EXP_MAGIC: tl.constexpr, EXP_BASE: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The tensor-core form with the operands swapped: ``out^T [BLOCK_N, BLOCK_M] = W [BLOCK_N,
     BLOCK_K] @ x^T``. The weights, dequantized in registers, are the left operand (Hopper's wgmma
@@ -138,16 +138,26 @@ def _wq_dot_swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock
     pid_mn, offs_m, offs_n, mask_m, mask_n, k_start, k_end = _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # EVEN_K (every K tile whole): rows past M and N wrap around instead of being masked, so the
+    # loop's loads take no masks; those rows' sums are never stored
+    rows_x = offs_m % M if EVEN_K else offs_m
+    rows_w = offs_n % N if EVEN_K else offs_n
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)          # [BLOCK_M, BLOCK_K]
+        x_ptrs = x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        if EVEN_K:
+            xt = tl.load(x_ptrs)                                                   # [BLOCK_M, BLOCK_K]
+        else:
+            xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if BITS == 4:
             HALF: tl.constexpr = BLOCK_K // 2
             offs_b = k0 // 2 + tl.arange(0, HALF)
-            b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :] * stride_wk,
-                        mask=mask_n[:, None] & (offs_b < k_end // 2)[None, :], other=0)  # [BLOCK_N, HALF] uint8
+            w_ptrs = w_ptr + rows_w[:, None] * stride_wn + offs_b[None, :] * stride_wk
+            if EVEN_K:
+                b = tl.load(w_ptrs)                                                # [BLOCK_N, HALF] uint8
+            else:
+                b = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_b < k_end // 2)[None, :], other=0)
             if EXP_MAGIC != 0:
                 lo = ((b & 0xF).to(tl.int16) | EXP_MAGIC).to(dt, bitcast=True)
                 hi = ((b >> 4).to(tl.int16) | EXP_MAGIC).to(dt, bitcast=True)
@@ -156,9 +166,12 @@ def _wq_dot_swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock
                 hi = (b >> 4).to(dt)
             w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))                # columns back in K order
         else:
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                        mask=mask_n[:, None] & mask_k[None, :], other=0).to(dt)  # [BLOCK_N, BLOCK_K]
-        s, off = _group_params(s_ptr, z_ptr, offs_n, mask_n, k0, stride_sn, stride_sg, stride_zn, stride_zg,
+            w_ptrs = w_ptr + rows_w[:, None] * stride_wn + offs_k[None, :] * stride_wk
+            if EVEN_K:
+                w = tl.load(w_ptrs).to(dt)                                         # [BLOCK_N, BLOCK_K]
+            else:
+                w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0).to(dt)
+        s, off = _group_params(s_ptr, z_ptr, rows_w, mask_n, k0, stride_sn, stride_sg, stride_zn, stride_zg,
                                GROUP, HAS_ZERO, 8.0 + EXP_BASE if BITS == 4 else 0.0, BLOCK_N)
         # (codes - offset) is exact in dt, so one rounding, that of the scale product: the weight
         # dequantize_weight_ref gives (packed bf16x2 / f16x2 arithmetic on sm_90)
@@ -292,7 +305,7 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
         _wq_gemv_stream_kernel[stream_grid](*args, BITS=bits, X_PAIRS=bits == 4 and bf16_pairs(x2), **meta)
     elif cfg.form == "swap":
         magic, base = _EXP_BITS16.get(x.dtype, (0, 0.0)) if bits == 4 else (0, 0.0)
-        _wq_dot_swap_kernel[(tiles, split)](*args, BITS=bits, EXP_MAGIC=magic, EXP_BASE=base,
+        _wq_dot_swap_kernel[(tiles, split)](*args, BITS=bits, EXP_MAGIC=magic, EXP_BASE=base, EVEN_K=K % cfg.block_k == 0,
                                             DOT_PRECISION=precision, **meta)
     else:
         _wq_linear_kernel[(tiles, split)](*args, BITS=bits, PER_CHANNEL=per_channel, USE_DOT=cfg.block_m >= 16,
