@@ -34,7 +34,8 @@ from qcompiler.codegen import triton_gemv, triton_linear  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # cycles per warp instruction on one SM sub-partition (CUDA C++ guide, throughput table, cc 9.0)
-FP32 = {"FFMA", "FADD", "FMUL", "FSEL", "FMNMX"}
+# fp32, and packed 16-bit pairs (f16x2 / bf16x2: twice the results per instruction, same issue rate)
+FP32 = {"FFMA", "FADD", "FMUL", "FSEL", "FMNMX", "HADD2", "HMUL2", "HFMA2", "HMNMX2"}
 INT = {"LOP3", "SHF", "PRMT", "IMAD", "LEA", "IADD3", "VIADD", "ISETP", "SEL", "IMNMX", "VIMNMX", "SHL", "PLOP3"}
 CYCLES = {"I2F": 8, "F2I": 8, "F2F": 8, "SHFL": 4}
 GROUP = 128

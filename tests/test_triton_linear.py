@@ -196,9 +196,10 @@ def test_configs_by_size():
     decode = pick_config(1, 11008, 4096, 128, 4, cpu)
     assert decode.block_m == 1 and decode.split_k > 1 and 128 % decode.block_k == 0 and decode.form == "words"
     assert pick_config(1, 11008, 4096, 128, 8, cpu).form == "stream"  # int8: a byte per code
-    two = pick_config(2, 11008, 4096, 128, 4, cpu)
-    assert two.form == "swap" and two.block_m == 16  # tensor cores from 2 rows, rows padded to 16
-    assert pick_config(2, 11008, 4096, 128, 8, cpu).form == "swap"
+    assert pick_config(2, 11008, 4096, 128, 4, cpu).block_m == 2
+    three = pick_config(3, 11008, 4096, 128, 4, cpu)
+    assert three.form == "swap" and three.block_m == 16  # tensor cores from 3 rows (int4), rows padded
+    assert pick_config(2, 11008, 4096, 128, 8, cpu).form == "swap"  # and from 2 for int8
     mid = pick_config(16, 11008, 4096, 128, 4, cpu)
     assert mid.block_m == 16 and mid.form == "swap"  # tensor cores from here
     large = pick_config(256, 11008, 4096, 128, 4, cpu)
