@@ -78,7 +78,7 @@ def compile_case(form: str, block_m: int, block_n: int, block_k: int, warps: int
     common = dict(BITS=4, GROUP=GROUP, HAS_ZERO=True, HAS_BIAS=False, SPLIT=True, BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_K=block_k)
     if form == "stream":
-        fn, consts = triton_gemv._wq_gemv_stream_kernel, dict(common, X_PAIRS=True)
+        fn, consts = triton_gemv._wq_gemv_stream_kernel, dict(common, X_PAIRS=True, PER_CHANNEL=False)
     elif form == "words":
         fn, consts = triton_gemv._w4_gemv_words_kernel, {k: v for k, v in common.items() if k != "BITS"}
     elif form == "swap":

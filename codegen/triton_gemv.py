@@ -34,7 +34,7 @@ def _wq_gemv_stream_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, l
                            stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
                            stride_om, stride_on,
                            BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           SPLIT: tl.constexpr, X_PAIRS: tl.constexpr,
+                           SPLIT: tl.constexpr, X_PAIRS: tl.constexpr, PER_CHANNEL: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The decode-size GEMV as a weight stream: each lane keeps fp32 partial sums for the bytes it
     loads, ``[BLOCK_M, BLOCK_N, BLOCK_K / codes per byte]``, across the whole K split, and the sums
@@ -44,7 +44,9 @@ def _wq_gemv_stream_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, l
     nibble stays 4 bits up, ``2**23 + 16 * code``), and one subtraction (an FMA that also scales the
     high nibble down) takes off ``2**23`` and the code's offset (``8 + zero`` for int4, ``128 +
     zero`` for int8 made offset binary), so no row sums are needed. ``X_PAIRS``: bf16 activations
-    load as 32-bit pairs of columns, each half made fp32 by a shift or a mask."""
+    load as 32-bit pairs of columns, each half made fp32 by a shift or a mask. ``PER_CHANNEL``
+    (one scale per row): the sums are scaled once, after the loop, so each weight costs one
+    FMA into them (a grouped scale multiplies each byte's partial sum instead)."""
     tile, offs_m, offs_n, mask_m, mask_n, k_start, k_end = _stream_tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     PACK: tl.constexpr = 8 // BITS                      # codes per byte
     BYTES: tl.constexpr = BLOCK_K // PACK
@@ -57,14 +59,19 @@ def _wq_gemv_stream_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, l
     mask_x = mask_m[:, None, None]
     mask_w = mask_n[None, :, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N, BYTES), dtype=tl.float32)
+    # the codes below are offset binary: int4 + 8, int8 + 128
+    if PER_CHANNEL:  # one group: its scale and offset, once
+        s, off = _group_params(s_ptr, z_ptr, offs_n, mask_n, k_start, stride_sn, stride_sg, stride_zn, stride_zg,
+                               GROUP, HAS_ZERO, 8.0 if BITS == 4 else 128.0, BLOCK_N)
+        off = off[None, :, None]
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_b = k0 // PACK + offs_j                                             # byte columns of this tile
         in_k = (offs_b < k_end // PACK)[None, None, :]
         b = tl.load(w_rows + offs_b[None, None, :] * stride_wk, mask=mask_w & in_k, other=0)
-        # the codes below are offset binary: int4 + 8, int8 + 128
-        s, off = _group_params(s_ptr, z_ptr, offs_n, mask_n, k0, stride_sn, stride_sg, stride_zn, stride_zg,
-                               GROUP, HAS_ZERO, 8.0 if BITS == 4 else 128.0, BLOCK_N)
-        off = off[None, :, None]
+        if not PER_CHANNEL:
+            s, off = _group_params(s_ptr, z_ptr, offs_n, mask_n, k0, stride_sn, stride_sg, stride_zn, stride_zg,
+                                   GROUP, HAS_ZERO, 8.0 if BITS == 4 else 128.0, BLOCK_N)
+            off = off[None, :, None]
         if BITS == 4:
             # low nibble: 2**23 + code; high nibble left in place: 2**23 + 16 * code, scaled down
             # by 1/16 in the same FMA that takes 2**19 and the offset off
@@ -76,18 +83,29 @@ def _wq_gemv_stream_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, l
             w_hi = w_lo
         if BITS == 8:
             xk = tl.load(x_rows + (k0 + offs_j)[None, None, :] * stride_xk, mask=mask_x & in_k, other=0.0)
-            part = xk.to(tl.float32) * w_lo
+            x_lo = xk.to(tl.float32)
         elif X_PAIRS:
             # bf16 x read as 32-bit pairs (even column low, odd high), each made fp32 by its bits
             pair = tl.load(x_pairs + (k0 // 2 + offs_j)[None, None, :], mask=mask_x & in_k, other=0)
-            x_even = (pair << 16).to(tl.float32, bitcast=True)
-            x_odd = (pair & -65536).to(tl.float32, bitcast=True)
-            part = x_even * w_lo + x_odd * w_hi
+            x_lo = (pair << 16).to(tl.float32, bitcast=True)
+            x_hi = (pair & -65536).to(tl.float32, bitcast=True)
         else:
-            x_even = tl.load(x_rows + (k0 + 2 * offs_j)[None, None, :] * stride_xk, mask=mask_x & in_k, other=0.0)
-            x_odd = tl.load(x_rows + (k0 + 2 * offs_j + 1)[None, None, :] * stride_xk, mask=mask_x & in_k, other=0.0)
-            part = x_even.to(tl.float32) * w_lo + x_odd.to(tl.float32) * w_hi
-        acc += part * s[None, :, None]
+            x_lo = tl.load(x_rows + (k0 + 2 * offs_j)[None, None, :] * stride_xk, mask=mask_x & in_k,
+                           other=0.0).to(tl.float32)
+            x_hi = tl.load(x_rows + (k0 + 2 * offs_j + 1)[None, None, :] * stride_xk, mask=mask_x & in_k,
+                           other=0.0).to(tl.float32)
+        # sums run left to right (``a + b * c`` is one FMA; ``a + (b * c + d * e)`` would be three)
+        if PER_CHANNEL:
+            acc = acc + x_lo * w_lo
+            if BITS == 4:
+                acc = acc + x_hi * w_hi
+        else:
+            part = x_lo * w_lo
+            if BITS == 4:
+                part = part + x_hi * w_hi
+            acc = acc + part * s[None, :, None]
+    if PER_CHANNEL:
+        acc = acc * s[None, :, None]
     _write_out(tl.sum(acc, axis=2), offs_m, offs_n, mask_m, mask_n, N, out_ptr, stride_om, stride_on, b_ptr, ws_ptr,
                lock_ptr, tile, tl.num_programs(1), HAS_BIAS, SPLIT)
 

@@ -302,7 +302,8 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
     if cfg.form == "words":
         _w4_gemv_words_kernel[stream_grid](*args, **meta)
     elif cfg.form == "stream":
-        _wq_gemv_stream_kernel[stream_grid](*args, BITS=bits, X_PAIRS=bits == 4 and bf16_pairs(x2), **meta)
+        _wq_gemv_stream_kernel[stream_grid](*args, BITS=bits, X_PAIRS=bits == 4 and bf16_pairs(x2),
+                                            PER_CHANNEL=per_channel, **meta)
     elif cfg.form == "swap":
         magic, base = _EXP_BITS16.get(x.dtype, (0, 0.0)) if bits == 4 else (0, 0.0)
         _wq_dot_swap_kernel[(tiles, split)](*args, BITS=bits, EXP_MAGIC=magic, EXP_BASE=base, EVEN_K=K % cfg.block_k == 0,

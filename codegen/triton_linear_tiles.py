@@ -13,7 +13,7 @@ import torch
 from .cuda import cdiv, num_sms, pow2_ceil, pow2_floor
 
 GEMV_MAX_M = 4  # up to this many rows: the GEMV forms may run (no tensor cores)
-SWAP_MIN_M = {4: 3, 8: 2}  # by bits: from this many rows the rules take the tensor-core form
+SWAP_MIN_M = 3  # from this many rows the rules take the tensor-core form (2 for grouped int8)
 TUNED_DIR = Path(__file__).parent / "tuned"
 FORMS = ("planes", "stream", "words", "swap", "dequant")
 DEQUANT_MIN_M = 512  # from here the rules dequantize the weight and call the float GEMM
@@ -74,7 +74,7 @@ def _tuned(M: int, N: int, K: int, group: int, bits: int, device: torch.device) 
 @functools.lru_cache(maxsize=4096)  # one answer per shape and device: a call pays for a dict lookup only
 def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.device) -> LinearConfig:
     """Tiles for one call. A measured entry for this device and shape wins (``tuned_table``).
-    Otherwise, by rule: below ``SWAP_MIN_M`` rows (1-2 for int4, 1 for int8) the weight stream
+    Otherwise, by rule: below ``SWAP_MIN_M`` rows (one or two; one for grouped int8) the weight stream
     (``words`` for int4, which falls back to ``stream`` for activations other than bf16), split
     over K until about four programs run per SM; from there the swapped tensor-core form, its
     rows padded to 16, with tiles that grow with M, split only while the tiles leave SMs idle.
@@ -82,10 +82,10 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
     tiles are the ones with the fewest issue cycles per weight and no register spills in
     ``bench/kernel_sass.py``'s sm_90 count. There, per 32 int4 weights, the padded tensor-core
     tile takes 6.7 cycles at any M up to 16, the word stream 5.85 at one row, 7.2 at two and
-    11.7 at four; the int8 byte stream takes 10.7 at one row and spills from two (8.6 for the
-    int8 tensor-core tile). Scaled by the one measured card's calibration (0.93 for a GEMV at
-    one row, ~0.8 at two, 0.72 for tensor cores at 16), two int4 rows are a tie, which the
-    stream keeps.
+    11.7 at four; the int8 byte stream per channel 8.0 at one row, 8.2 at two and 17 at four
+    (grouped, it spills from two), against 8.6 for the int8 tensor-core tile. Scaled by the one
+    measured card's calibration (0.93 for a GEMV at one row, ~0.8 at two, 0.72 for tensor
+    cores at 16), the streams keep two rows (for int4 a tie).
 
     From ``DEQUANT_MIN_M`` rows the weight is dequantized once and the float GEMM runs
     (``dequant``). The swapped form dequantizes each weight once per 128-row tile, so its cost
@@ -100,7 +100,7 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
         return tuned
     if M >= DEQUANT_MIN_M:
         return LinearConfig(128, 64, 128 if per_channel else min(128, group), 1, 4, 1, "dequant")
-    gemv = M < SWAP_MIN_M[bits]
+    gemv = M < (SWAP_MIN_M if bits == 4 or per_channel else 2)
     form = ("words" if bits == 4 else "stream") if gemv else "swap"
     if gemv and M <= 2:
         bm, bn, bk, warps, stages = pow2_ceil(M), 128, 128 if bits == 4 else 64, 4, 1

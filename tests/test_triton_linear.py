@@ -199,7 +199,8 @@ def test_configs_by_size():
     assert pick_config(2, 11008, 4096, 128, 4, cpu).block_m == 2
     three = pick_config(3, 11008, 4096, 128, 4, cpu)
     assert three.form == "swap" and three.block_m == 16  # tensor cores from 3 rows (int4), rows padded
-    assert pick_config(2, 11008, 4096, 128, 8, cpu).form == "swap"  # and from 2 for int8
+    assert pick_config(2, 11008, 4096, 4096, 8, cpu).form == "stream"  # int8 per channel: a stream up to 2 rows
+    assert pick_config(2, 11008, 4096, 128, 8, cpu).form == "swap"  # grouped int8: tensor cores from 2
     mid = pick_config(16, 11008, 4096, 128, 4, cpu)
     assert mid.block_m == 16 and mid.form == "swap"  # tensor cores from here
     large = pick_config(256, 11008, 4096, 128, 4, cpu)
