@@ -6,7 +6,7 @@ the rule-based pick beside them, and writes the fastest of each as an entry of t
 table: ``$OUT/tune.json`` and ``codegen/tuned/<device>.json`` in this checkout, so later steps of
 the same GPU session run with it. Commit the table to make it the package's. Every form of
 ``LinearConfig`` competes: at GEMV sizes the weight streams and ``planes``, at larger M the
-swapped tensor-core form and ``planes``, and from M = 64 the dequantized weight with cuBLAS.
+swapped tensor-core form and ``planes``, and from M = 256 the dequantized weight with cuBLAS.
 
     python bench/gpu_tune.py [--budget 150]
     .venv/bin/python bench/gpu_tune.py --smoke     # CPU, Triton interpreter, tiny shapes: plumbing only
@@ -34,7 +34,7 @@ PLAN = ([(1, s) for s in E2E + BENCH] + [(32, s) for s in E2E] + [(4, s) for s i
         + [(128, s) for s in BENCH + E2E[3:]] + [(256, s) for s in BENCH + E2E[3:]]
         + [(1024, s) for s in BENCH + E2E[3:]])
 if SMOKE:
-    PLAN = [(1, (64, 96)), (16, (64, 96)), (64, (64, 96))]
+    PLAN = [(1, (64, 96)), (16, (64, 96)), (256, (64, 96))]
 
 # (block_n, block_k, num_warps, num_stages); block_m follows M; each is tried at these splits
 GEMV = [(32, 128, 4, 1), (64, 128, 4, 1), (128, 128, 4, 1), (128, 128, 8, 1), (256, 128, 8, 1), (64, 64, 4, 1),
@@ -64,7 +64,7 @@ def candidates(M: int):
                  + [(t, "swap") for t in DOT[:3]])
     else:  # the swapped tensor-core form (weights the left operand, from registers) first
         tiles = [(t, "swap") for t in DOT] + [(t, "planes") for t in DOT]
-        if M >= 64:  # the weight dequantized once, then cuBLAS: (block_n, block_k, warps) of the dequantizing kernel
+        if M >= 256:  # the weight dequantized once, then cuBLAS: (block_n, block_k, warps) of the dequantizing kernel
             tiles += [(t, "dequant") for t in DEQUANT]
     for (bn, bk, warps, stages), form in tiles:
         if bk > GROUP:

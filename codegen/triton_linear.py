@@ -23,13 +23,18 @@ The kernels, by ``LinearConfig.form`` (the decode-size streams live in ``triton_
 * ``dequant`` (``_wq_dequant_kernel``, then ``F.linear``): prefill sizes. A fused kernel
   dequantizes every weight once per M tile, so its cost grows with M; this form writes the
   weight once in ``x.dtype`` and hands it to the vendor GEMM (cuBLAS), for a fixed cost of
-  ~2.5 bytes per weight on top of the float GEMM, which is the reference's own computation.
+  ~2.5 bytes per weight on top of the float GEMM (and a temporary ``[N, K]`` weight per call),
+  which is the reference's own computation.
 
 ``pick_config``'s rules (``triton_linear_tiles``) choose ``words``/``stream``, ``swap`` and ``dequant``: in
-sm_90 SASS (compiled without a GPU, ``bench/kernel_sass.py``) their inner loops take 2.7-5.4x
+sm_90 SASS (compiled without a GPU, ``bench/kernel_sass.py``) their inner loops take 4-11x
 fewer issue cycles per weight than the ``planes`` forms at M = 1 to 128. ``planes`` was the
 first form measured on a card, where it was bound by that issue rate; the others are not
 measured yet. Split over K, a call is still one launch (``triton_linear_common._write_out``).
+
+The dequantized weight is ``dequantize_weight_ref``'s exactly when the scales are in x's dtype
+(the usual case: both follow the model's dtype) or, for ``dequant``, in fp32: the reference
+rounds each weight to the scales' dtype before x's, the kernels round once, to x's.
 """
 from typing import Optional
 
@@ -128,11 +133,12 @@ def _wq_dot_swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock
     planes are interleaved back into K order (``join`` + ``reshape``), one dot per tile. The
     weights are dequantized in x's dtype before the dot, ``(codes - offset) * scale`` (the
     offset is ``8 + zero`` for int4, ``zero`` for int8, plus ``EXP_BASE``): the difference is an
-    exact small integer, so the one rounding is the scale product's, and the weight is the one
-    ``dequantize_weight_ref`` makes. The dot then accumulates in place: no per-tile fp32 scaling
-    of a partial product and no rank-1 correction with x's row sums, whose cost per weight grew
-    with BLOCK_M (in the sm_90 count, 18.8 -> 7.8 issue cycles per 32 weights at M = 128, 8.0 ->
-    6.8 at M = 16). ``EXP_MAGIC``: 16-bit activations take int4 codes by their bits (``0x4300 |
+    exact small integer, so the one rounding is the scale product's, and with scales in x's dtype
+    the weight is the one ``dequantize_weight_ref`` makes. The dot then accumulates in place: no
+    per-tile fp32 scaling of a partial product and no rank-1 correction with x's row sums, whose
+    cost per weight grew with BLOCK_M. With ``EVEN_K`` (every K tile whole, always so with groups)
+    the loop's loads take no masks. Both together, in the sm_90 count: 18.8 -> 6.9 issue cycles
+    per 32 weights at M = 128, 8.0 -> 6.7 at M = 16. ``EXP_MAGIC``: 16-bit activations take int4 codes by their bits (``0x4300 |
     code`` is ``128 + code`` in bf16, ``0x6400 | code`` is ``1024 + code`` in fp16) instead of an
     int -> float conversion."""
     pid_mn, offs_m, offs_n, mask_m, mask_n, k_start, k_end = _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
@@ -173,8 +179,8 @@ def _wq_dot_swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock
                 w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0).to(dt)
         s, off = _group_params(s_ptr, z_ptr, rows_w, mask_n, k0, stride_sn, stride_sg, stride_zn, stride_zg,
                                GROUP, HAS_ZERO, 8.0 + EXP_BASE if BITS == 4 else 0.0, BLOCK_N)
-        # (codes - offset) is exact in dt, so one rounding, that of the scale product: the weight
-        # dequantize_weight_ref gives (packed bf16x2 / f16x2 arithmetic on sm_90)
+        # (codes - offset) is exact in dt, so one rounding, that of the scale product (packed
+        # bf16x2 / f16x2 arithmetic on sm_90)
         w = (w - off.to(dt)[:, None]) * s.to(dt)[:, None]
         acc = tl.dot(w, tl.trans(xt), acc, input_precision=DOT_PRECISION)      # [BLOCK_N, BLOCK_M]
     _write_out(tl.trans(acc), offs_m, offs_n, mask_m, mask_n, N, out_ptr, stride_om, stride_on, b_ptr, ws_ptr,
@@ -187,7 +193,8 @@ def _wq_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``out [N, K] = (q - zero) * scale`` in ``out``'s dtype, computed in fp32 as
-    ``dequantize_weight_ref`` does; a tile ``[BLOCK_N, BLOCK_K]`` lies within one group."""
+    ``dequantize_weight_ref`` does and rounded once; a tile ``[BLOCK_N, BLOCK_K]`` lies within
+    one group."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -210,8 +217,9 @@ def _wq_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
 
 def dequantize_triton(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, dtype: torch.dtype,
                       block_n: int = 64, block_k: int = 128, num_warps: int = 4) -> Tensor:
-    """The float weight ``[N, K]`` in ``dtype``: ``dequantize_weight_ref`` on the device.
-    ``block_k`` shrinks to the group size when the groups are smaller."""
+    """The float weight ``[N, K]`` in ``dtype``: ``dequantize_weight_ref(...).to(dtype)`` on the
+    device (bit for bit when the scales are in ``dtype`` or fp32). ``block_k`` shrinks to the
+    group size when the groups are smaller."""
     N = qweight.shape[0]
     K = qweight.shape[1] * (2 if bits == 4 else 1)
     group = K // scales.shape[1]

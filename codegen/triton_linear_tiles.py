@@ -52,7 +52,7 @@ def tuned_table(device_name: str) -> dict:
 
 def tuned_config(table: dict, M: int, N: int, K: int, group: int, bits: int) -> Optional[LinearConfig]:
     """The entry of ``table`` (as ``tuned_table`` returns) for this shape measured at the M nearest
-    to ``M`` in the same form (GEMV or tensor cores), or None."""
+    to ``M`` on the same side of ``GEMV_MAX_M`` (decode sizes, or larger), or None."""
     rows = table.get((bits, group, N, K))
     if not rows:
         return None
@@ -96,16 +96,17 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
     over bf16 from 1024. A measured table (``bench/gpu_tune.py``) overrides this."""
     per_channel = group >= K
     tuned = _tuned(M, N, K, group, bits, device)
-    if tuned is not None and (per_channel or group % tuned.block_k == 0):
+    # a dequant entry answers only near prefill sizes: at decode sizes (in CUDA graphs too) it
+    # would dequantize every weight per step
+    if (tuned is not None and (per_channel or group % tuned.block_k == 0)
+            and (tuned.form != "dequant" or M >= DEQUANT_MIN_M // 2)):
         return tuned
     if M >= DEQUANT_MIN_M:
         return LinearConfig(128, 64, 128 if per_channel else min(128, group), 1, 4, 1, "dequant")
     gemv = M < (SWAP_MIN_M if bits == 4 or per_channel else 2)
     form = ("words" if bits == 4 else "stream") if gemv else "swap"
-    if gemv and M <= 2:
+    if gemv:  # M <= 2
         bm, bn, bk, warps, stages = pow2_ceil(M), 128, 128 if bits == 4 else 64, 4, 1
-    elif gemv:
-        bm, bn, bk, warps, stages = 4, 256, 64, 8, 1
     elif M <= 32:
         bm, bn, bk, warps, stages = max(16, pow2_ceil(M)), 64, 128, 4, 3
     elif M <= 64:

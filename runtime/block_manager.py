@@ -70,8 +70,12 @@ class BlockManager:
     def can_allocate(self, seq: Sequence) -> bool:
         m = self._match(seq)
         cached = len(m.blocks) if m else 0
-        # matched blocks stop being evictable once locked
-        evictable_lost = sum(1 for b in (m.blocks if m else []) if self.pool.ref[b] == 1)
+        # matched blocks stop being evictable once their path is locked: those of its unlocked
+        # nodes (a locked node's blocks are not counted as evictable in the first place)
+        evictable_lost, node = 0, m.node if m else None
+        while node is not None:
+            evictable_lost += len(node.blocks) if node.lock_ref == 0 else 0
+            node = node.parent
         return self.blocks_needed(len(seq)) - cached <= self.num_available() - evictable_lost
 
     def allocate(self, seq: Sequence) -> None:

@@ -77,6 +77,26 @@ def test_lru_eviction_order():
     assert cache.evict(1) == 1 and cache.num_blocks == 0
 
 
+def test_admission_counts_a_locked_cached_prefix_once():
+    """A cached prefix locked by a running sequence that holds copies of its own (it computed the
+    prefix before it was cached) has blocks held by the cache alone; they are not evictable, and
+    admitting a request that shares them must not count them as lost a second time."""
+    bm = BlockManager(6, 2)
+    b, a = Sequence([1, 2, 3, 4, 5]), Sequence([1, 2, 3, 4, 6])
+    for s in (b, a):  # both computed from scratch, before anything was cached
+        bm.allocate(s)
+        s.num_computed_tokens = len(s)
+    bm.cache_prefix(b)
+    bm.cache_prefix(a)  # the prefix is B's blocks; A locks that node and keeps its own copies
+    b_blocks = b.block_table[:2]
+    bm.deallocate(b)
+    assert bm.num_free == 1 and bm.num_available() == 1  # B's last block; the cached prefix is locked by A
+    c = Sequence([1, 2, 3, 4, 7, 8])  # reuses the 2 cached blocks, needs 1 more
+    assert bm.can_allocate(c)
+    bm.allocate(c)
+    assert c.block_table[:2] == b_blocks and c.num_cached_tokens == 4
+
+
 def test_split_edge_on_partial_match():
     pool = BlockPool(8, 2)
     cache = RadixCache(pool)

@@ -124,9 +124,11 @@ def test_words_form_falls_back_to_the_byte_stream(kernel_device):
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, None, False), (8, 32, False), (8, None, True)])
 def test_swapped_tensor_core_form(kernel_device, dtype, M, split_k, bits, group, symmetric):
     """The tensor-core form with the weights as the dot's left operand: M tiles with a partial last
-    one, interleaved nibble planes, the codes' offset as a rank-1 correction per tile (per group
-    and per channel, split or not), int4 codes by their bits in fp16."""
-    K = 192 if group else 96
+    one, interleaved nibble planes, weights dequantized before the dot (per group and per
+    channel, split or not), int4 codes by their bits in fp16; whole K tiles (unmasked loads,
+    rows past M and N wrapping around: grouped) and a partial last tile (masked: per channel,
+    K = 80)."""
+    K = 192 if group else 80
     args, ref = _case(M, 40, K, bits, group or K, symmetric, bias=M == 17, dtype=dtype, device=kernel_device)
     cfg = LinearConfig(block_m=16, block_n=16, block_k=32, split_k=split_k, num_warps=4, num_stages=1, form="swap")
     out = wq_linear_triton(*args, bits=bits, config=cfg)
@@ -223,6 +225,20 @@ def test_tuned_entries_by_nearest_m():
     swap4 = LinearConfig(16, 64, 128, 2, 4, 3, "swap")  # a tensor-core tile measured at 4 rows keeps its 16
     assert tuned_config({(4, 128, 11008, 4096): [(4, swap4)]}, 3, 11008, 4096, 128, 4) == swap4
     assert tuned_config({(4, 128, 11008, 4096): [(32, dot)]}, 1, 11008, 4096, 128, 4) is None
+
+
+def test_tuned_dequant_entries_only_near_prefill(monkeypatch):
+    """A measured dequant entry (the nearest M of a table) is not taken at decode sizes, where it
+    would dequantize every weight per step; the rules answer there instead."""
+    entry = LinearConfig(128, 64, 128, 1, 4, 1, "dequant")
+    monkeypatch.setattr(triton_linear_tiles, "_tuned", lambda *a: entry)
+    pick_config.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        assert pick_config(64, 11008, 4096, 128, 4, cpu).form == "swap"
+        assert pick_config(400, 11008, 4096, 128, 4, cpu) == entry
+    finally:
+        pick_config.cache_clear()
 
 
 def test_tuned_table_carries_the_form(tmp_path, monkeypatch):
