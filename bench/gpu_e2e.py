@@ -6,6 +6,9 @@ greedy output as a correctness check.
 
     python bench/gpu_e2e.py                      # on a CUDA machine; JSON to $OUT/e2e.json
     python bench/gpu_e2e.py --tiny --device cpu  # a 2-layer smoke run of the same code
+
+After each program's timing, ``torch.profiler`` looks at a few batch-1 decode steps (kernels by
+device time, host ops by self time) and prints the tables (``--profile-steps 0``: none).
 """
 import argparse
 import json
@@ -78,6 +81,28 @@ def decode_rate(llm: LLM, prompts: list[list[int]], new_tokens: int, device: str
     return {"batch": len(prompts), "tok_s": made / dt, "ms_per_step": 1e3 * dt / max(steps, 1), "steps": steps}
 
 
+def profile_decode(llm: LLM, prompt: list[int], steps: int, device: str, rows: int = 12) -> str:
+    """Where a batch-1 decode step's time goes: ``torch.profiler`` over ``steps`` decode steps, the
+    kernels by device time and the host ops by self time, per step."""
+    from torch.profiler import ProfilerActivity, profile
+    eng = llm.engine
+    req = eng.add_request(prompt, SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True))
+    while req.seq.num_completion_tokens == 0:  # prefill, outside the profile
+        eng.step()
+    sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        while not req.done:
+            eng.step()
+        sync(device)
+    ev = prof.key_averages()
+    out = []
+    if device.startswith("cuda"):
+        out.append(ev.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
+    out.append(ev.table(sort_by="self_cpu_time_total", row_limit=rows // 2, max_name_column_width=60))
+    return f"({steps} decode steps, batch 1; totals over all steps)\n" + "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -85,6 +110,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the program")
+    ap.add_argument("--profile-steps", type=int, default=8,
+                    help="after timing, profile this many batch-1 decode steps per program (0: none)")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench/gpu_e2e.py needs a CUDA device (or --device cpu --tiny)", file=sys.stderr)
@@ -140,6 +167,12 @@ def main() -> int:
                 res["rows"].append(r)
                 print(f"[{label}] batch {b:3d}: {r['tok_s']:8.1f} tok/s  {r['ms_per_step']:.2f} ms/step", flush=True)
                 save()
+            if args.profile_steps:
+                try:
+                    print(f"[{label}] profile: " + profile_decode(llm, prompts[0], args.profile_steps, args.device),
+                          flush=True)
+                except Exception as e:  # a profile is extra: its failure costs nothing else
+                    print(f"[{label}] profile failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             del llm, cm
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
