@@ -52,7 +52,11 @@ CASES = [("planes", 1, 1, 128, 64, 4, 1), ("stream", 1, 1, 128, 64, 4, 1), ("str
          ("planes", 16, 16, 64, 128, 4, 3), ("swap", 16, 16, 128, 128, 8, 3), ("swap", 16, 16, 64, 128, 4, 3),
          ("planes", 64, 64, 64, 64, 4, 3), ("swap", 64, 64, 128, 128, 8, 3), ("swap", 64, 64, 128, 64, 8, 3),
          ("swap", 32, 32, 64, 128, 4, 3), ("swap", 32, 32, 128, 128, 8, 3),
-         ("planes", 128, 128, 128, 64, 8, 3), ("swap", 128, 128, 128, 64, 8, 3), ("swap", 128, 128, 128, 128, 8, 3)]
+         ("planes", 128, 128, 128, 64, 8, 3), ("swap", 128, 128, 128, 64, 8, 3), ("swap", 128, 128, 128, 128, 8, 3),
+         ("words", 2, 2, 128, 128, 4, 1),
+         # int8 per channel (W8A16): the byte stream at its rule tiles, and the swapped tile
+         ("stream8", 1, 1, 128, 64, 4, 1), ("stream8", 2, 2, 128, 64, 4, 1), ("stream8", 4, 4, 256, 32, 8, 1),
+         ("swap8", 16, 16, 64, 128, 4, 3)]
 
 
 def _signature(fn, consts: dict) -> tuple[dict, dict, dict]:
@@ -77,7 +81,16 @@ def _signature(fn, consts: dict) -> tuple[dict, dict, dict]:
 def compile_case(form: str, block_m: int, block_n: int, block_k: int, warps: int, stages: int):
     common = dict(BITS=4, GROUP=GROUP, HAS_ZERO=True, HAS_BIAS=False, SPLIT=True, BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_K=block_k)
-    if form == "stream":
+    w_ptr = "*u8"
+    if form.endswith("8"):  # int8 codes, one scale per row, no zero points (W8A16's default)
+        common.update(BITS=8, GROUP=4096, HAS_ZERO=False)
+        w_ptr = "*i8"
+    if form == "stream8":
+        fn, consts = triton_gemv._wq_gemv_stream_kernel, dict(common, X_PAIRS=False, PER_CHANNEL=True)
+    elif form == "swap8":
+        fn, consts = triton_linear._wq_dot_swap_kernel, dict(common, EXP_MAGIC=0, EXP_BASE=0.0, DOT_PRECISION="tf32",
+                                                             EVEN_K=True)
+    elif form == "stream":
         fn, consts = triton_gemv._wq_gemv_stream_kernel, dict(common, X_PAIRS=True, PER_CHANNEL=False)
     elif form == "words":
         fn, consts = triton_gemv._w4_gemv_words_kernel, {k: v for k, v in common.items() if k != "BITS"}
@@ -87,6 +100,7 @@ def compile_case(form: str, block_m: int, block_n: int, block_k: int, warps: int
     else:
         fn, consts = triton_linear._wq_linear_kernel, dict(common, PER_CHANNEL=False, USE_DOT=block_m >= 16, DOT_PRECISION="tf32")
     sig, attrs, consts = _signature(fn, consts)
+    sig["w_ptr"] = w_ptr
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=TARGET,
                           options=dict(num_warps=warps, num_stages=stages))
 
