@@ -54,9 +54,12 @@ CASES = [("planes", 1, 1, 128, 64, 4, 1), ("stream", 1, 1, 128, 64, 4, 1), ("str
          ("swap", 32, 32, 64, 128, 4, 3), ("swap", 32, 32, 128, 128, 8, 3),
          ("planes", 128, 128, 128, 64, 8, 3), ("swap", 128, 128, 128, 64, 8, 3), ("swap", 128, 128, 128, 128, 8, 3),
          ("words", 2, 2, 128, 128, 4, 1),
-         # int8 per channel (W8A16): the byte stream at its rule tiles, and the swapped tile
-         ("stream8", 1, 1, 128, 64, 4, 1), ("stream8", 2, 2, 128, 64, 4, 1), ("stream8", 4, 4, 256, 32, 8, 1),
-         ("swap8", 16, 16, 64, 128, 4, 3)]
+         # int8 per channel (W8A16): the byte stream at its rule tiles (BLOCK_K 32) and at BLOCK_K 64, the swapped tile
+         ("stream8", 1, 1, 128, 32, 4, 1), ("stream8", 2, 2, 128, 32, 4, 1), ("stream8", 1, 1, 128, 64, 4, 1),
+         ("stream8", 2, 2, 128, 64, 4, 1), ("stream8", 4, 4, 256, 32, 8, 1),
+         ("swap8", 16, 16, 64, 128, 4, 3),
+         # int8 g128 with zero points: the byte stream at the rule tile, and the swapped tile
+         ("stream8g", 1, 1, 128, 32, 4, 1), ("stream8g", 2, 2, 128, 32, 4, 1), ("swap8g", 16, 16, 64, 128, 4, 3)]
 
 
 def _signature(fn, consts: dict) -> tuple[dict, dict, dict]:
@@ -85,9 +88,12 @@ def compile_case(form: str, block_m: int, block_n: int, block_k: int, warps: int
     if form.endswith("8"):  # int8 codes, one scale per row, no zero points (W8A16's default)
         common.update(BITS=8, GROUP=4096, HAS_ZERO=False)
         w_ptr = "*i8"
-    if form == "stream8":
-        fn, consts = triton_gemv._wq_gemv_stream_kernel, dict(common, X_PAIRS=False, PER_CHANNEL=True)
-    elif form == "swap8":
+    elif form.endswith("8g"):  # int8 codes in groups of 128 with zero points
+        common.update(BITS=8)
+        w_ptr = "*i8"
+    if form in ("stream8", "stream8g"):
+        fn, consts = triton_gemv._wq_gemv_stream_kernel, dict(common, X_PAIRS=False, PER_CHANNEL=form == "stream8")
+    elif form in ("swap8", "swap8g"):
         fn, consts = triton_linear._wq_dot_swap_kernel, dict(common, EXP_MAGIC=0, EXP_BASE=0.0, DOT_PRECISION="tf32",
                                                              EVEN_K=True)
     elif form == "stream":

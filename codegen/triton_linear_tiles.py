@@ -82,10 +82,12 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
     tiles are the ones with the fewest issue cycles per weight and no register spills in
     ``bench/kernel_sass.py``'s sm_90 count. There, per 32 int4 weights, the padded tensor-core
     tile takes 6.7 cycles at any M up to 16, the word stream 5.85 at one row, 7.2 at two and
-    11.7 at four; the int8 byte stream per channel 8.0 at one row, 8.2 at two and 17 at four
-    (grouped, it spills from two), against 8.6 for the int8 tensor-core tile. Scaled by the one
-    measured card's calibration (0.93 for a GEMV at one row, ~0.8 at two, 0.72 for tensor
-    cores at 16), the streams keep two rows (for int4 a tie).
+    11.7 at four. Scaled by the one measured card's calibration (0.93 for a GEMV at one row,
+    ~0.8 at two by interpolation, 0.72 for tensor cores at 16), the int4 stream keeps two rows
+    (a tie there). The int8 byte stream at these tiles (BLOCK_K 32) takes 9.0 at one row and
+    11.6 at two per channel (18.2 at two when grouped), against 8.6 (9.7 grouped) for the int8
+    tensor-core tile: grouped int8 goes to tensor cores from two rows; per channel the stream
+    keeps two rows, which the count alone would give to tensor cores.
 
     From ``DEQUANT_MIN_M`` rows the weight is dequantized once and the float GEMM runs
     (``dequant``). The swapped form dequantizes each weight once per 128-row tile, so its cost

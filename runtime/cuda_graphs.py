@@ -105,12 +105,11 @@ class DecodeGraphs:
         return graph, dev, host, tables, out
 
     def run(self, inp: StepInputs) -> torch.Tensor:
-        S = inp.seq_lens.shape[0]
+        S, W = inp.block_tables.shape
         B = next(b for b in self.sizes if b >= S)
         if B not in self.graphs:
             self.graphs[B] = self._capture(B)
         graph, dev, host, tables, out = self.graphs[B]
-        S, W = inp.block_tables.shape
         self.sent.synchronize()  # the previous step's copy has left the pinned buffer
         n = stage_decode(inp, host)
         send_decode(host, dev, tables, S, W, n)
