@@ -44,6 +44,12 @@ def pow2_ceil(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
+def pow2_divisor(n: int) -> int:
+    """The largest power of two dividing ``n``: a BLOCK_K (a power of two, as ``tl.arange`` wants)
+    that divides a group of any size, 32 for a group of 96."""
+    return n & -n
+
+
 def n_contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t [N, G]`` with the same shape and values, laid out column-major (strides ``(1, N)``)."""
     return t.t().contiguous().t()

@@ -45,7 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import ops
-from .cuda import cdiv
+from .cuda import cdiv, pow2_divisor
 from .triton_gemv import _w4_gemv_words_kernel, _wq_gemv_stream_kernel
 from .triton_linear_common import _group_params, _tile, _write_out, split_workspace
 from .triton_linear_tiles import FORMS, LinearConfig, pick_config
@@ -224,7 +224,7 @@ def dequantize_triton(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], 
     K = qweight.shape[1] * (2 if bits == 4 else 1)
     group = K // scales.shape[1]
     if scales.shape[1] > 1:
-        block_k = min(block_k, group)
+        block_k = min(block_k, pow2_divisor(group))
         assert group % block_k == 0, f"BLOCK_K {block_k} must divide the group size {group}"
     out = torch.empty(N, K, device=qweight.device, dtype=dtype)
     z = zeros if zeros is not None else scales  # any pointer: unread when HAS_ZERO is False
@@ -251,9 +251,7 @@ def _check(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], 
     assert zeros is None or zeros.shape == scales.shape, f"zeros {tuple(zeros.shape)} vs scales {tuple(scales.shape)}"
     assert bias is None or bias.shape == (N,), f"bias must be [{N}], got {tuple(bias.shape)}"
     group = K // scales.shape[1]
-    min_group = 32 if bits == 4 else 16  # tl.dot needs K >= 16 per nibble plane
-    assert scales.shape[1] == 1 or group % min_group == 0, \
-        f"group size {group} must be a multiple of {min_group} (or one group per row)"
+    assert scales.shape[1] == 1 or group % 16 == 0, f"group size {group} must be a multiple of 16 (or one group per row)"
     for t in (qweight, scales, zeros, bias):
         assert t is None or t.device == x.device, f"all operands on {x.device}, got one on {t.device}"
     return N, K, group
@@ -282,7 +280,11 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
     assert cfg.form in FORMS, f"form must be one of {FORMS}, got {cfg.form!r}"
     if cfg.form == "words" and not words_ok(x2, qweight, bits):
         cfg = cfg._replace(form="stream")  # NOTE: the same tiles, read a byte at a time
-    assert cfg.form != "swap" or cfg.block_m >= 16, f"the swap form needs block_m >= 16 (tl.dot), got {cfg.block_m}"
+    assert cfg.form != "swap" or (cfg.block_m >= 16 and cfg.block_k >= 16), \
+        f"the swap form needs block_m and block_k >= 16 (tl.dot), got {cfg.block_m}, {cfg.block_k}"
+    # NOTE: the interpreter takes a dot of any K; the GPU compiler wants K >= 16, per nibble plane
+    assert cfg.form != "planes" or cfg.block_m < 16 or cfg.block_k // (2 if bits == 4 else 1) >= 16, \
+        f"the planes form's tensor-core tiles need block_k >= {32 if bits == 4 else 16}, got {cfg.block_k}"
     if cfg.form == "dequant":
         w = dequantize_triton(qweight, scales, zeros, bits, x.dtype, cfg.block_n, cfg.block_k, cfg.num_warps)
         return F.linear(x2, w, None if bias is None else bias.to(x.dtype)).reshape(*x.shape[:-1], N)

@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .cuda import cdiv, num_sms, pow2_ceil, pow2_floor
+from .cuda import cdiv, num_sms, pow2_ceil, pow2_divisor, pow2_floor
 
 GEMV_MAX_M = 4  # up to this many rows: the GEMV forms may run (no tensor cores)
 SWAP_MIN_M = 3  # from this many rows the rules take the tensor-core form (2 for grouped int8)
@@ -78,7 +78,7 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
     (``words`` for int4, which falls back to ``stream`` for activations other than bf16), split
     over K until about four programs run per SM; from there the swapped tensor-core form, its
     rows padded to 16, with tiles that grow with M, split only while the tiles leave SMs idle.
-    BLOCK_K divides the group size (one scale per tile), and a split covers whole groups. The
+    BLOCK_K is a power of two dividing the group size (one scale per tile), and a split covers whole groups. The
     tiles are the ones with the fewest issue cycles per weight and no register spills in
     ``bench/kernel_sass.py``'s sm_90 count. There, per 32 int4 weights, the padded tensor-core
     tile takes 6.7 cycles at any M up to 16, the word stream 5.85 at one row, 7.2 at two and
@@ -104,7 +104,7 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
             and (tuned.form != "dequant" or M >= DEQUANT_MIN_M // 2)):
         return tuned
     if M >= DEQUANT_MIN_M:
-        return LinearConfig(128, 64, 128 if per_channel else min(128, group), 1, 4, 1, "dequant")
+        return LinearConfig(128, 64, 128 if per_channel else min(128, pow2_divisor(group)), 1, 4, 1, "dequant")
     gemv = M < (SWAP_MIN_M if bits == 4 or per_channel else 2)
     form = ("words" if bits == 4 else "stream") if gemv else "swap"
     if gemv:  # M <= 2
@@ -118,7 +118,7 @@ def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.dev
     if bits == 8 and gemv:
         bk //= 2  # one code per byte: the same 32 bytes per lane
     if not per_channel:
-        bk = min(bk, group)
+        bk = min(bk, pow2_divisor(group))
     k_tiles = cdiv(K, bk)
     tiles = cdiv(M, bm) * cdiv(N, bn)
     split = 1

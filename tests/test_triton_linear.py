@@ -179,7 +179,7 @@ def test_unknown_form_is_refused(kernel_device):
     args, _ = _case(1, 24, 64, 4, 32, True, bias=False, dtype=torch.float32, device=kernel_device)
     with pytest.raises(AssertionError, match="form"):
         wq_linear_triton(*args, bits=4, config=LinearConfig(1, 16, 32, 1, 4, 1, form="fast"))
-    with pytest.raises(AssertionError, match="block_m >= 16"):
+    with pytest.raises(AssertionError, match="block_m and block_k >= 16"):
         wq_linear_triton(*args, bits=4, config=LinearConfig(1, 16, 32, 1, 4, 1, form="swap"))
 
 
@@ -261,12 +261,35 @@ def test_tuned_table_carries_the_form(tmp_path, monkeypatch):
     assert tuned_config(table, 40, 4096, 4096, 128, 4).form == "planes"
 
 
+@pytest.mark.parametrize("bits,group", [(4, 16), (8, 16), (4, 96), (8, 96)])
+def test_rules_take_any_group_size(kernel_device, bits, group):
+    """Groups the compiler can write (int4 in 16s) and ones another tool can (96: not a power of
+    two) run through the rules' tiles at every form's sizes: BLOCK_K is a power of two dividing
+    the group."""
+    K = 192
+    for M in (1, 2, 5, 520):  # words/stream, stream or swap, swap, dequant
+        cfg = pick_config(M, 24, K, group, bits, torch.device(kernel_device))
+        assert group % cfg.block_k == 0 and cfg.block_k & (cfg.block_k - 1) == 0, cfg
+        args, ref = _case(M, 24, K, bits, group, False, bias=True, dtype=torch.float16, device=kernel_device)
+        out = wq_linear_triton(*args, bits=bits)
+        torch.testing.assert_close(out.cpu().float(), ref, **TOL[torch.float16])
+
+
 def test_bad_operands_are_refused(kernel_device):
     (x, qw, s, z, b), _ = _case(1, 24, 64, 4, 32, True, bias=False, dtype=torch.float32, device=kernel_device)
     with pytest.raises(AssertionError, match="uint8"):
         wq_linear_triton(x, qw.view(torch.int8), s, z, b, bits=4)
     with pytest.raises(AssertionError, match="scales"):
         wq_linear_triton(x, qw, s[:, :1].expand(24, 3), z, b, bits=4)
+    (x, qw, s, z, b), _ = _case(1, 24, 64, 4, 8, True, bias=False, dtype=torch.float32, device=kernel_device)
+    with pytest.raises(AssertionError, match="multiple of 16"):
+        wq_linear_triton(x, qw, s, z, b, bits=4)
+    # tensor-core tiles need a dot of K >= 16 per nibble plane on the GPU (the interpreter takes any)
+    (x, qw, s, z, b), _ = _case(16, 24, 64, 4, 16, True, bias=False, dtype=torch.float32, device=kernel_device)
+    for form in ("planes", "swap"):
+        cfg = LinearConfig(16, 16, 16 if form == "planes" else 8, 1, 4, 1, form)
+        with pytest.raises(AssertionError, match="block_k"):
+            wq_linear_triton(x, qw, s, z, b, bits=4, config=cfg)
 
 
 @pytest.mark.gpu
@@ -293,6 +316,26 @@ def test_forms_bf16_on_gpu(form, M, bits, group, symmetric):
         cfg = LinearConfig(block_m, block_n, block_k, split, warps, 1 if M <= 4 else 3, form)
         out = wq_linear_triton(*args, bits=bits, config=cfg)
         torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form,M", [("words", 1), ("stream", 2), ("planes", 3), ("swap", 17), ("dequant", 17)])
+@pytest.mark.parametrize("bits,group,K", [(4, None, 1000), (8, None, 1000), (4, 16, 1008), (8, 16, 1008), (4, 96, 1056)])
+def test_forms_off_tile_shapes_on_gpu(dtype, form, M, bits, group, K):
+    """K and N off every tile (masked loads; the swapped form's rows past N masked, not
+    wrapped), groups of 16 and of 96, fp16 as well as bf16; forced forms, split and not, then the
+    rules' own choice."""
+    N = 392
+    args, ref = _case(M, N, K, bits, group or K, False, bias=True, dtype=dtype, device="cuda")
+    block_k = 64 if group is None else min(64, group & -group)
+    block_m = 16 if M > 4 else 1 << (M - 1).bit_length()
+    for split in (1, 3):
+        cfg = LinearConfig(block_m, 64, block_k, split, 4, 1 if M <= 4 else 3, form)
+        out = wq_linear_triton(*args, bits=bits, config=cfg)
+        torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=5e-2)
+    out = wq_linear_triton(*args, bits=bits)
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=5e-2)
 
 
 @pytest.mark.gpu
