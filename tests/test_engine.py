@@ -151,3 +151,100 @@ def test_kv_cache_dtype(artifact):
     assert len(llm.generate([[1, 2, 3]], GREEDY)[0].token_ids) == 12
     with pytest.raises(ValueError, match="unknown kv_cache_dtype 'int3'"):
         LLM(out, kv_cache_dtype="int3")
+
+
+class _CudaOnCpu:
+    """The part of ``torch.cuda`` that ``runtime.cuda_graphs`` uses, on the CPU: a captured graph
+    is the program's call recorded with its buffers, and a replay runs it again and writes the
+    logits into the tensor the capture returned, as a CUDA graph does. Streams and events are
+    no-ops (the CPU runs in order); pinned buffers are plain ones."""
+
+    class CUDAGraph:
+        def replay(self):
+            self.fn()
+
+    class _Noop:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    Stream = Event = stream = _Noop
+
+    def __init__(self):
+        self.capturing = None
+        self.captures = self.replays = 0
+
+    def graph_pool_handle(self):
+        return None
+
+    def current_stream(self):
+        return self._Noop()
+
+    def graph(self, g, pool=None):
+        cuda = self
+
+        class _Capture:
+            def __enter__(self):
+                cuda.capturing = g
+
+            def __exit__(self, *exc):
+                cuda.capturing = None
+                cuda.captures += 1
+
+        return _Capture()
+
+    def recording(self, program):
+        def run(*args):
+            out = program(*args)
+            if self.capturing is not None:
+                def replay(out=out):
+                    self.replays += 1
+                    out.copy_(program(*args))
+                self.capturing.fn = replay
+            return out
+        return run
+
+
+def test_cuda_graph_decode_logic_on_cpu(artifact, monkeypatch):
+    """``DecodeGraphs`` driven by the engine, with the CUDA graph API stood in for on the CPU: one
+    graph per padded batch size, real rows then padding rows that write no KV, a batch that
+    shrinks as requests of different lengths finish (stale block tables in the padding rows), and
+    the logits of the real rows only. The tokens equal the eager model's greedy continuation."""
+    from qcompiler.runtime import cuda_graphs
+
+    cuda = _CudaOnCpu()
+
+    class _Torch:  # torch, with the stand-in for torch.cuda and without pinned memory
+        def __getattr__(self, name):
+            return cuda if name == "cuda" else getattr(torch, name)
+
+        @staticmethod
+        def zeros(*a, pin_memory=False, **k):
+            return torch.zeros(*a, **k)
+
+    monkeypatch.setattr(cuda_graphs, "torch", _Torch())
+    out, model = artifact
+    llm = LLM(out, kv_cache_dtype="float32", max_num_seqs=8)
+    runner = llm.engine.runner
+    runner.graphs = cuda_graphs.DecodeGraphs(cuda.recording(runner.program), runner.kv_cache, 8,
+                                             runner.kv_cache.shape[2])
+    lengths = (16, 12, 9, 6, 4, 2)  # the first request, in block 0, decodes through every padded step
+    ps = prompts(len(lengths), seed=7)
+    outs = llm.generate(ps, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths])
+    for p, o, n in zip(ps, outs, lengths):
+        assert o.token_ids == greedy_ref(model, p, n), (p, o)
+    eager = LLM(out, kv_cache_dtype="float32", max_num_seqs=8)
+    eager.generate(ps, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths])
+    # padding rows wrote nothing: the cache holds what the same steps run without graphs left
+    torch.testing.assert_close(runner.kv_cache, eager.engine.runner.kv_cache, rtol=1e-5, atol=1e-5)
+    assert sorted(runner.graphs.graphs) == [1, 2, 4, 8]  # 6 and 5 rows pad to 8, 3 to 4
+    assert cuda.captures == 4 and cuda.replays == max(lengths) - 1  # every decode step replayed
+    check_pool(llm)
