@@ -9,6 +9,7 @@ from typing import Optional, Sequence as Seq, Union
 import torch
 
 from qcompiler.runtime.engine import Engine, ModelRunner
+from qcompiler.runtime.memory import kv_cache_bytes, profile_step
 from qcompiler.runtime.sampling import SamplingParams
 
 from .runner import A16_TARGETS, CompiledModel, load
@@ -32,7 +33,12 @@ class GenerationOutput:
 class LLM:
     """Args:
         path: an artifact directory written by ``qcompile`` (or a ``CompiledModel`` already loaded).
-        kv_cache_memory: bytes for the KV cache (sets the number of blocks), unless ``num_blocks``.
+        kv_cache_memory: bytes for the KV cache (sets the number of blocks), unless ``num_blocks``
+            or ``gpu_memory_utilization``.
+        gpu_memory_utilization: on CUDA, the fraction of the GPU's memory this engine may hold, as
+            in vLLM: the KV pool takes what is left of it after the weights, the activations of a
+            profiling step of ``max_num_batched_tokens`` tokens, and memory outside torch's
+            allocator (``runtime.memory``). ``num_blocks``, when given, wins.
         block_size: tokens per KV block.
         prefix_cache: reuse KV blocks of earlier requests' shared prefixes (radix cache).
         max_num_seqs / max_num_batched_tokens: continuous batching limits per step (the token
@@ -49,30 +55,51 @@ class LLM:
     def __init__(self, path: Union[str, CompiledModel], *, kv_cache_memory: int = 256 << 20, num_blocks: Optional[int] = None,
                  block_size: int = 16, prefix_cache: bool = True, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, compile: bool = False, kv_cache_dtype: str = "auto",
-                 device: str = "cpu", cuda_graphs: bool = True):
+                 device: str = "cpu", cuda_graphs: bool = True, gpu_memory_utilization: Optional[float] = None):
+        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(f"block_size, max_num_seqs and max_num_batched_tokens must be >= 1, got "
                              f"{block_size}, {max_num_seqs}, {max_num_batched_tokens}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; available: {', '.join(KV_CACHE_DTYPES)}")
         self.model = path if isinstance(path, CompiledModel) else load(path, compile=compile, device=device)
+        if gpu_memory_utilization is not None and self.model.device.type != "cuda":
+            raise ValueError("gpu_memory_utilization sizes the KV cache on a GPU (device='cuda'); "
+                             "on the CPU give kv_cache_memory (bytes) or num_blocks")
         man = self.model.manifest
         paged = man["program"]["paged"]
         dtype = KV_CACHE_DTYPES[kv_cache_dtype] or (
             torch.bfloat16 if man["target"]["name"] in A16_TARGETS else getattr(torch, man["model"]["dtype"]))
         per_block = paged["num_layers"] * 2 * block_size * paged["num_kv_heads"] * paged["head_dim"] * dtype.itemsize
+        max_len = man["program"]["max_tokens"]
+        if num_blocks is None and gpu_memory_utilization is not None:
+            num_blocks = self._blocks_for_utilization(gpu_memory_utilization, paged, dtype, per_block, block_size,
+                                                      min(max_num_batched_tokens, max_len), max_num_seqs)
         num_blocks = num_blocks or max(1, kv_cache_memory // per_block)
         self.tokenizer = self.model.tokenizer if man.get("tokenizer") else None
         eos = man["model"]["config"].get("eos_token_id")
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.append(self.tokenizer.eos_token_id)
-        max_len = man["program"]["max_tokens"]
         runner = ModelRunner(self.model.program, paged, dtype, num_blocks, block_size, self.model.device,
                              max_num_seqs if cuda_graphs else 0, min(num_blocks, -(-max_len // block_size)))
         self.engine = Engine(runner, num_blocks, block_size,
                              self.tokenizer, tuple(eos), prefix_cache, max_num_seqs, max_num_batched_tokens,
                              man["program"]["max_tokens"])
+
+    def _blocks_for_utilization(self, utilization: float, paged: dict, dtype: torch.dtype, per_block: int,
+                                block_size: int, step_tokens: int, max_num_seqs: int) -> int:
+        prof = profile_step(self.model.program, paged, dtype, self.model.device, step_tokens,
+                            min(max_num_seqs, step_tokens), block_size)
+        budget = kv_cache_bytes(prof, utilization)
+        if budget < per_block:
+            gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+            raise ValueError(f"gpu_memory_utilization={utilization} leaves {gib(max(budget, 0))} for the KV cache, less "
+                             f"than one block ({per_block} bytes): of {gib(prof.total)}, weights and a "
+                             f"{step_tokens}-token step take {gib(prof.peak - prof.step_kv)}, memory outside torch "
+                             f"{gib(prof.others)}; raise it, or lower max_num_batched_tokens")
+        return budget // per_block
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

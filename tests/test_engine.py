@@ -248,3 +248,48 @@ def test_cuda_graph_decode_logic_on_cpu(artifact, monkeypatch):
     assert sorted(runner.graphs.graphs) == [1, 2, 4, 8]  # 6 and 5 rows pad to 8, 3 to 4
     assert cuda.captures == 4 and cuda.replays == max(lengths) - 1  # every decode step replayed
     check_pool(llm)
+
+
+def test_gpu_memory_utilization_is_checked(artifact):
+    out, _ = artifact
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        LLM(out, gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="device='cuda'"):
+        LLM(out, gpu_memory_utilization=0.5)
+
+
+def test_kv_budget_from_a_profiled_step(artifact, monkeypatch):
+    """``runtime.memory`` with torch.cuda's memory queries stood in for on the CPU: the profiling
+    step runs the program on a prompt of the step's token budget with logits for as many rows as
+    a step samples, and the pool gets ``utilization x total`` less memory outside torch and the
+    peak less the profiling step's own KV blocks."""
+    from qcompiler import load
+    from qcompiler.runtime import memory
+
+    GiB = 1 << 30
+    queries = []
+
+    class _Cuda:
+        def __getattr__(self, name):  # synchronize, empty_cache, reset_peak_memory_stats
+            return lambda *a: queries.append(name)
+
+        max_memory_allocated = staticmethod(lambda d: 3 * GiB)
+        mem_get_info = staticmethod(lambda d: (10 * GiB, 16 * GiB))  # (free, total)
+        memory_reserved = staticmethod(lambda d: 5 * GiB)
+
+    class _Torch:
+        def __getattr__(self, name):
+            return _Cuda() if name == "cuda" else getattr(torch, name)
+
+    monkeypatch.setattr(memory, "torch", _Torch())
+    out, _ = artifact
+    m = load(out)
+    paged = m.manifest["program"]["paged"]
+    rows = []
+    program = lambda *args: rows.append(m.program(*args).shape)  # noqa: E731
+    prof = memory.profile_step(program, paged, torch.float32, torch.device("cpu"), 40, 8, 16)
+    assert rows == [(8, VOCAB)]
+    step_kv = paged["num_layers"] * 2 * 48 * paged["num_kv_heads"] * paged["head_dim"] * 4  # 3 blocks of 16
+    assert prof == memory.MemoryProfile(total=16 * GiB, others=GiB, peak=3 * GiB, step_kv=step_kv)
+    assert memory.kv_cache_bytes(prof, 0.5) == 8 * GiB - GiB - (3 * GiB - step_kv)
+    assert {"synchronize", "empty_cache", "reset_peak_memory_stats"} <= set(queries)

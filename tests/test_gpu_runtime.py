@@ -2,7 +2,10 @@
 with the Triton kernels behind every ``qc::`` op, with and without CUDA graphs for decode, and
 with the program compiled by Inductor under them; a W4A16 program lowered for CUDA (merged
 siblings, N-contiguous scales), eager or compiled, computes what the canonical program computes
-on the CPU; quantized decode steps replayed from CUDA graphs equal the same steps run eagerly."""
+on the CPU; quantized decode steps replayed from CUDA graphs equal the same steps run eagerly;
+the KV pool sized from ``gpu_memory_utilization``."""
+import gc
+
 import pytest
 import torch
 
@@ -76,4 +79,23 @@ def test_w4a16_decode_graphs_match_eager_steps(source, tmp_path):
     outs = llm.generate(ps, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths])
     assert [len(o.token_ids) for o in outs] == list(lengths)
     assert {6, 5, 4, 3, 2, 1} <= set(sizes), sizes  # every batch size as requests finish
+    check_pool(llm)
+
+
+def test_kv_pool_from_gpu_memory_utilization(source, tmp_path):
+    """``gpu_memory_utilization`` gives the pool what is left of that fraction of the card after
+    what is in use: asked for 1 GiB beyond the memory in use now, a model of a few MB gets more
+    than half of that GiB (the weights, a profiling step and CUDA's own growth take the rest),
+    never more, and serves from it."""
+    compile_model(source, Float(), tmp_path / "float")
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    slack = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # in use now, free to torch
+    utilization = (total - free + (1 << 30)) / total
+    llm = LLM(tmp_path / "float", device="cuda", gpu_memory_utilization=utilization, kv_cache_dtype="float32")
+    kv = llm.engine.runner.kv_cache
+    assert (1 << 29) < kv.numel() * kv.element_size() <= (1 << 30) + slack
+    outs = llm.generate(prompts(3, seed=2), GREEDY)
+    assert all(o.finish_reason == "length" for o in outs)
     check_pool(llm)
