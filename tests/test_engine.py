@@ -153,6 +153,21 @@ def test_kv_cache_dtype(artifact):
         LLM(out, kv_cache_dtype="int3")
 
 
+class _TorchWith:
+    """``torch`` for a module under test, with ``cuda`` standing in for ``torch.cuda`` and pinned
+    buffers made plain (the CPU build has no pinned allocator)."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*a, pin_memory=False, **k):
+        return torch.zeros(*a, **k)
+
+
 class _CudaOnCpu:
     """The part of ``torch.cuda`` that ``runtime.cuda_graphs`` uses, on the CPU: a captured graph
     is the program's call recorded with its buffers, and a replay runs it again and writes the
@@ -222,15 +237,7 @@ def test_cuda_graph_decode_logic_on_cpu(artifact, monkeypatch):
 
     cuda = _CudaOnCpu()
 
-    class _Torch:  # torch, with the stand-in for torch.cuda and without pinned memory
-        def __getattr__(self, name):
-            return cuda if name == "cuda" else getattr(torch, name)
-
-        @staticmethod
-        def zeros(*a, pin_memory=False, **k):
-            return torch.zeros(*a, **k)
-
-    monkeypatch.setattr(cuda_graphs, "torch", _Torch())
+    monkeypatch.setattr(cuda_graphs, "torch", _TorchWith(cuda))
     out, model = artifact
     llm = LLM(out, kv_cache_dtype="float32", max_num_seqs=8)
     runner = llm.engine.runner
@@ -277,11 +284,7 @@ def test_kv_budget_from_a_profiled_step(artifact, monkeypatch):
         mem_get_info = staticmethod(lambda d: (10 * GiB, 16 * GiB))  # (free, total)
         memory_reserved = staticmethod(lambda d: 5 * GiB)
 
-    class _Torch:
-        def __getattr__(self, name):
-            return _Cuda() if name == "cuda" else getattr(torch, name)
-
-    monkeypatch.setattr(memory, "torch", _Torch())
+    monkeypatch.setattr(memory, "torch", _TorchWith(_Cuda()))
     out, _ = artifact
     m = load(out)
     paged = m.manifest["program"]["paged"]
