@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from qcompiler import LLM, SamplingParams
 from qcompiler.capture import capture, export_paged
 from qcompiler.pipeline import run_pipeline
-from qcompiler.runner import prepare
+from qcompiler.loader import prepare
 from qcompiler.targets import W4A16, Float
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

@@ -380,7 +380,7 @@ def torch_w8a8(x, q, ws):
 
 def sec_w8a8(ctx):
     import torch
-    from qcompiler.codegen.triton_act_quant import w8a8_linear_triton as ours
+    from qcompiler.codegen.triton_scaled_mm import w8a8_linear_triton as ours
     bf = getattr(torch, ACT_DTYPE)
     ctx.header("W8A8 int8 (ours, Triton, per-token activation quantization included) vs plain torch quantization + "
                "`torch._int_mm`, and the raw `torch._int_mm` (int8 operands given; needs M > 16: M = 32 there)",
@@ -460,7 +460,7 @@ def torch_fp8(x, q, ws, mode: str, one):
 
 def sec_fp8(ctx):
     import torch
-    from qcompiler.codegen.triton_act_quant import fp8_linear_triton as ours
+    from qcompiler.codegen.triton_scaled_mm import fp8_linear_triton as ours
     bf, fp8 = getattr(torch, ACT_DTYPE), torch.float8_e4m3fn
     one = torch.tensor(1.0, device=DEV)
     mode = scaled_mm_mode(*ACT_SHAPES[0])

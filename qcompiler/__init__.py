@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 from qcompiler.runtime.sampling import SamplingParams  # noqa: E402
 
 from .llm import LLM, GenerationOutput  # noqa: E402
-from .runner import CompiledModel, load  # noqa: E402
+from .loader import CompiledModel, load  # noqa: E402
 from .targets import W4A16, W8A16, Float, make_target  # noqa: E402
 
 __all__ = ["CompiledModel", "Float", "GenerationOutput", "LLM", "SamplingParams", "W4A16", "W8A16", "__version__",

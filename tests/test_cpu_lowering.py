@@ -10,7 +10,7 @@ from qcompiler.codegen.cuda import lower_for_cuda
 from qcompiler.codegen.fx import call_nodes, get_constant
 from qcompiler.codegen.quant import sqnr_db
 from qcompiler.pipeline import run_pipeline
-from qcompiler.runner import lower, prepare
+from qcompiler.loader import lower, prepare
 from qcompiler.runtime.step_inputs import single_sequence
 from qcompiler.targets import W4A16, W8A16
 from tiny_models import Args, build

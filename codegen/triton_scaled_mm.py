@@ -156,13 +156,13 @@ QUANT_MAX_BLOCK = 8192  # rows up to this long are read once, from registers
 
 
 def pick_gemm_config(M: int, N: int, fp8: bool, fast_accum: bool, device: torch.device) -> GemmConfig:
-    """Tiles by M, measured on an H200 (K = 4096, CUDA graphs, weights not in L2).
+    """Tiles by M (the rules and their measurements: ``bench/RESULTS.md``).
 
     Decode (M <= 16) reads the weight once, memory-bound: 16-row tiles, and long K tiles (many
     bytes in flight) with N tiles narrow enough to give every SM a program. Up to 64 rows, 64-row
     tiles, again narrow when there are few. Prefill: 128 x 128 tiles, 8 warps, grouped ordering
-    for L2 reuse; int8 and fast-accumulating fp8 run best with 3 stages (fp8 also with 256-wide
-    tiles once they fill the SMs), fp8 promoting its accumulator with 4 (it holds two accumulators)."""
+    for L2 reuse; fp8 that promotes its accumulator takes 4 stages (it holds two accumulators),
+    the others 3, fast-accumulating fp8 256-wide tiles once they fill the SMs."""
     sms = num_sms(device)
     if M <= 16:
         if cdiv(N, 64) >= sms:
@@ -235,9 +235,8 @@ def scaled_mm_triton(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, bia
         bias: ``[N]`` or None, added in fp32.
         config: tiles; ``pick_gemm_config`` when None.
         fast_accum: fp8 on Hopper only: leave the sums in the tensor cores' own accumulator, which
-            keeps fewer bits than fp32 (errors ~4e-3 of the row's largest output at K = 4096, against
-            ~2e-4 when promoted to fp32 once per K tile, the default), for up to 1.5x the speed at
-            prefill sizes (``torch._scaled_mm``'s ``use_fast_accum``).
+            keeps fewer bits than fp32, instead of promoting them to fp32 once per K tile (the
+            default); faster at prefill sizes, less exact (``torch._scaled_mm``'s ``use_fast_accum``).
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"a must be [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")

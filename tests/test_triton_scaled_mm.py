@@ -1,4 +1,4 @@
-"""Triton kernels of the activation-quantizing ops (codegen.triton_act_quant) against their references
+"""Triton kernels of the activation-quantizing ops (codegen.triton_scaled_mm) against their references
 (codegen.act_quant): int8 and fp8 codes and W8A8 outputs bit for bit, FP8 outputs to how their sums round
 (``FP8_ROW_REL``). They run on the GPU when there is one, else in the Triton interpreter (no bf16 there: it computes
 bf16 wrongly), always on small odd shapes: K not a multiple of any tile, partial M and N tiles.
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qcompiler.codegen import act_quant
-from qcompiler.codegen import triton_act_quant as taq
+from qcompiler.codegen import triton_scaled_mm as tsm
 from qcompiler.codegen.act_quant import quantize_weight_fp8
 from qcompiler.codegen.quant import quantize_weight
 
@@ -71,7 +71,7 @@ FP8_ROW_REL = {"cuda": 5e-4, "cpu": 1e-5}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_quantize_per_token_equals_ref(shape, dtype, kernel_device):
     x = _rows_of_many_ranges(math.prod(shape[:-1]), shape[-1]).reshape(shape).to(dtype)
-    q, s = taq.quantize_per_token_triton(x.to(kernel_device))
+    q, s = tsm.quantize_per_token_triton(x.to(kernel_device))
     assert q.dtype == torch.int8 and q.shape == shape and s.dtype == torch.float32 and s.shape == (*shape[:-1], 1)
     q_ref, s_ref = act_quant.quantize_per_token_ref(x)
     assert torch.equal(s.cpu(), s_ref)
@@ -84,7 +84,7 @@ def test_quantize_per_token_rounds_half_to_even(kernel_device):
     row0 = torch.tensor([127.0, *ties] + [0.25] * 26)  # absmax 127: scale exactly 1, codes = round(x)
     row1 = torch.tensor([-254.0, 1.0, 3.0, 5.0, -7.0] + [0.0] * 35)  # scale exactly 2: ties again
     x = torch.stack([row0, row1])  # [2, 40]
-    q, s = taq.quantize_per_token_triton(x.to(kernel_device))
+    q, s = tsm.quantize_per_token_triton(x.to(kernel_device))
     assert s.cpu().flatten().tolist() == [1.0, 2.0]
     assert q.cpu()[0, :14].tolist() == [127, 0, 2, 2, 4, 0, -2, -2, 126, -126, 126, 0, 0, 3]
     assert q.cpu()[1, :5].tolist() == [-127, 0, 2, 2, -4]
@@ -94,7 +94,7 @@ def test_quantize_per_token_rounds_half_to_even(kernel_device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_quantize_fp8_equals_ref(dtype, kernel_device):
     x = _rows_of_many_ranges(17, 72, seed=3).to(dtype)
-    q, s = taq.quantize_per_token_fp8_triton(x.to(kernel_device))
+    q, s = tsm.quantize_per_token_fp8_triton(x.to(kernel_device))
     q_ref, s_ref = _fp8_codes_ref(x)
     assert q.dtype == FP8 and q.shape == x.shape and torch.equal(s.cpu(), s_ref)
     assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8))  # the bits: -0 stays -0
@@ -108,7 +108,7 @@ def test_quantize_fp8_rounds_half_to_even(kernel_device):
             -0.5 * sub, -0.25 * sub, 0.0]
     want = [448.0, 1.0, 1.25, -1.0, 256.0, 448.0, -448.0, 0.0, 2 * sub, 2.0 ** -6, -0.0, -0.0, 0.0]
     x = torch.tensor(vals + [0.25] * 27)  # [40]
-    q, s = taq.quantize_per_token_fp8_triton(x.to(kernel_device))
+    q, s = tsm.quantize_per_token_fp8_triton(x.to(kernel_device))
     got = q.cpu().float()[:13]
     assert s.item() == 1.0
     assert got.tolist() == want and torch.equal(got.signbit(), torch.tensor(want).signbit())
@@ -130,8 +130,8 @@ def test_scaled_mm_many_tiles(qdtype, per_row, kernel_device):
         a, b = a.to(torch.int8), b.to(torch.int8)
     sa = _x(M, 1, seed=5).abs() if per_row else torch.tensor([0.5])
     sb, bias = _x(N, 1, seed=6).abs(), _x(N, seed=7)
-    cfg = taq.GemmConfig(block_m=16, block_n=16, block_k=64, group_m=2, num_warps=4, num_stages=2)
-    y = taq.scaled_mm_triton(*_to(kernel_device, a, b, sa, sb, bias), torch.float32, config=cfg)
+    cfg = tsm.GemmConfig(block_m=16, block_n=16, block_k=64, group_m=2, num_warps=4, num_stages=2)
+    y = tsm.scaled_mm_triton(*_to(kernel_device, a, b, sa, sb, bias), torch.float32, config=cfg)
     acc = a.double() @ b.double().T  # exact for both: 8-bit products, K * 2^14 < 2^53
     y_ref = (acc.float() * sa * sb.T + bias) if qdtype == torch.int8 else (acc * sa.double() * sb.T.double() + bias)
     if qdtype == torch.int8:
@@ -150,7 +150,7 @@ def test_w8a8_equals_ref(M, K, N, static, with_bias, dtype, kernel_device):
     qw, sw = _int8_weight(N, K)
     bias = _x(N, seed=2).to(dtype) if with_bias else None
     input_scale = (x.float().abs().amax() / 127 * 0.8).reshape(1) if static else None  # 0.8: some codes clip
-    y = taq.w8a8_linear_triton(*_to(kernel_device, x, qw, sw, bias, input_scale))
+    y = tsm.w8a8_linear_triton(*_to(kernel_device, x, qw, sw, bias, input_scale))
     assert y.shape == (M, N) and y.dtype == dtype
     assert torch.equal(y.cpu(), act_quant.w8a8_linear_ref(x, qw, sw, bias, input_scale))
 
@@ -161,14 +161,14 @@ def test_w8a8_long_rows(static, kernel_device):
     x = _rows_of_many_ranges(2, 8300)
     qw, sw = _int8_weight(24, 8300)
     input_scale = (x.abs().amax() / 127 * 0.8).reshape(()) if static else None
-    y = taq.w8a8_linear_triton(*_to(kernel_device, x, qw, sw, None, input_scale))
+    y = tsm.w8a8_linear_triton(*_to(kernel_device, x, qw, sw, None, input_scale))
     assert torch.equal(y.cpu(), act_quant.w8a8_linear_ref(x, qw, sw, None, input_scale))
 
 
 def test_w8a8_strided_batched_input(kernel_device):
     x = _x(2, 3, 2 * 72)[..., ::2]  # [2, 3, 72], K stride 2
     qw, sw = _int8_weight(40, 72)
-    y = taq.w8a8_linear_triton(*_to(kernel_device, x, qw, sw), None, None)
+    y = tsm.w8a8_linear_triton(*_to(kernel_device, x, qw, sw), None, None)
     assert y.shape == (2, 3, 40) and torch.equal(y.cpu(), act_quant.w8a8_linear_ref(x, qw, sw, None, None))
 
 
@@ -180,7 +180,7 @@ def test_fp8_linear_close_to_ref(M, K, N, with_bias, dtype, kernel_device):
     x = _rows_of_many_ranges(M, K, seed=8).to(dtype)
     qw, sw = quantize_weight_fp8(_x(N, K, seed=1))
     bias = _x(N, seed=2).to(dtype) if with_bias else None
-    y = taq.fp8_linear_triton(*_to(kernel_device, x, qw, sw, bias))
+    y = tsm.fp8_linear_triton(*_to(kernel_device, x, qw, sw, bias))
     assert y.shape == (M, N) and y.dtype == dtype
     _assert_fp8_close(y, act_quant.fp8_linear_ref(x, qw, sw, bias), FP8_ROW_REL[kernel_device])
 
@@ -190,7 +190,7 @@ def test_fp8_linear_fast_accum(kernel_device):
     row's largest output at K = 4096); the interpreter has no such accumulator."""
     x = _rows_of_many_ranges(130, 72, seed=8)
     qw, sw = quantize_weight_fp8(_x(40, 72, seed=1))
-    y = taq.fp8_linear_triton(*_to(kernel_device, x, qw, sw), None, fast_accum=True)
+    y = tsm.fp8_linear_triton(*_to(kernel_device, x, qw, sw), None, fast_accum=True)
     _assert_fp8_close(y, act_quant.fp8_linear_ref(x, qw, sw, None), 1e-2 if kernel_device == "cuda" else 1e-5)
 
 
@@ -199,17 +199,17 @@ def test_fp8_linear_fast_accum(kernel_device):
 def test_bad_inputs_raise():
     x, (qw, sw) = _x(3, 40), _int8_weight(24, 40)
     with pytest.raises(ValueError, match="qweight must be torch.int8"):
-        taq.w8a8_linear_triton(x, qw[:, :32], sw, None, None)
+        tsm.w8a8_linear_triton(x, qw[:, :32], sw, None, None)
     with pytest.raises(ValueError, match="qweight must be torch.float8_e4m3fn"):
-        taq.fp8_linear_triton(x, qw, sw, None)
+        tsm.fp8_linear_triton(x, qw, sw, None)
     with pytest.raises(ValueError, match="bias must be"):
-        taq.w8a8_linear_triton(x, qw, sw, torch.zeros(23), None)
+        tsm.w8a8_linear_triton(x, qw, sw, torch.zeros(23), None)
     with pytest.raises(ValueError, match="input_scale must be a scalar"):
-        taq.w8a8_linear_triton(x, qw, sw, None, torch.ones(3))
+        tsm.w8a8_linear_triton(x, qw, sw, None, torch.ones(3))
     with pytest.raises(ValueError, match="x must be float32"):
-        taq.quantize_per_token_triton(x.to(torch.int32))
+        tsm.quantize_per_token_triton(x.to(torch.int32))
     with pytest.raises(ValueError, match="K contiguous"):
-        taq.scaled_mm_triton(qw, qw.T.contiguous().T, torch.ones(24, 1), sw, None, torch.float32)
+        tsm.scaled_mm_triton(qw, qw.T.contiguous().T, torch.ones(24, 1), sw, None, torch.float32)
 
 
 def test_registered_as_cuda_kernels():
@@ -239,11 +239,11 @@ def test_fp8_bf16_on_cuda(M):
     x = _rows_of_many_ranges(M, K, seed=8).bfloat16()
     qw, sw = quantize_weight_fp8(_x(N, K, seed=1))
     bias = _x(N, seed=2).bfloat16()
-    q, s = taq.quantize_per_token_fp8_triton(x.cuda())
+    q, s = tsm.quantize_per_token_fp8_triton(x.cuda())
     assert torch.equal(q.cpu().view(torch.uint8), _fp8_codes_ref(x)[0].view(torch.uint8))
     ref = act_quant.fp8_linear_ref(x, qw, sw, bias)
     _assert_fp8_close(qc.fp8_linear(*_to("cuda", x, qw, sw, bias)), ref, FP8_ROW_REL["cuda"])
-    _assert_fp8_close(taq.fp8_linear_triton(*_to("cuda", x, qw, sw, bias), fast_accum=True), ref, 1e-2)
+    _assert_fp8_close(tsm.fp8_linear_triton(*_to("cuda", x, qw, sw, bias), fast_accum=True), ref, 1e-2)
 
 
 @pytest.mark.gpu
