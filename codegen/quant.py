@@ -1,4 +1,4 @@
-"""Integer weight quantization math shared by the compiler passes and the op references.
+"""The canonical quantized weight layout and the affine rounding every op reference shares.
 
 Canonical, kernel-neutral layouts (what an artifact stores):
   * int4: ``qweight`` uint8 ``[N, K // 2]``, two values per byte, column ``2j`` in the low
@@ -31,11 +31,11 @@ def compute_qparams(w: Tensor, bits: int, group_size: int, symmetric: bool) -> t
     choice as llm-compressor; values at +absmax clip to qmax). Asymmetric: the range is
     widened to include 0 so that 0 stays exact, ``scale = (max - min) / (qmax - qmin)``
     and ``zero = qmin - round(min / scale)``."""
-    lo, hi = _group_range(w, group_size)
-    return _range_qparams(lo, hi, bits, symmetric)
+    lo, hi = group_range(w, group_size)
+    return range_qparams(lo, hi, bits, symmetric)
 
 
-def _group_range(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+def group_range(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     """Per-group ``(min, max)`` of ``w [N, K]``, widened to include 0: two ``[N, K // group_size]``."""
     N, K = w.shape
     assert K % group_size == 0, f"group_size {group_size} does not divide K={K}"
@@ -43,7 +43,7 @@ def _group_range(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     return wg.amin(-1).clamp(max=0.0), wg.amax(-1).clamp(min=0.0)
 
 
-def _range_qparams(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Optional[Tensor]]:
+def range_qparams(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Optional[Tensor]]:
     qmin, qmax = qrange(bits)
     eps = torch.finfo(torch.float32).tiny
     if symmetric:
@@ -51,63 +51,6 @@ def _range_qparams(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> tuple[
     scale = ((hi - lo) / (qmax - qmin)).clamp_min(eps)
     zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
     return scale, zero.to(torch.int8)
-
-
-def clip_ratios(w: Tensor, bits: int, group_size: int, symmetric: bool, hessian: Optional[Tensor] = None, *,
-                grid: int = 20, max_shrink: float = 0.5) -> Tensor:
-    """Per group of ``w [N, K]``, the ratio ``p`` (``1, 1 − 1/grid, …, ≥ 1 − max_shrink``) whose clipped
-    range ``[p·min, p·max]`` rounds the group with the smallest error: ``[N, K // group_size]``.
-
-    The error is the group's output error ``δ H_gg δᵀ`` (``δ = Q(w) − w`` over the group's input
-    channels, ``H_gg`` the diagonal block of the input Hessian ``XᵀX``: AWQ's clipping search,
-    scored on every calibration token at once) or, without ``hessian``, ``‖δ‖²`` (weight MSE).
-    A range that spans a few outliers clips nothing but spends levels on them; a tighter one
-    clips them and resolves everything else finer. Ties keep the wider range (``p = 1`` first)."""
-    N, K = w.shape
-    G = group_size
-    lo, hi = _group_range(w, G)
-    wg = w.detach().float().reshape(N, K // G, G)
-    blocks = None
-    if hessian is not None:
-        assert hessian.shape == (K, K), f"hessian must be [{K}, {K}], got {tuple(hessian.shape)}"
-        idx = torch.arange(K).reshape(K // G, G)
-        blocks = hessian.float()[idx.unsqueeze(-1), idx.unsqueeze(-2)]          # [K // G, G, G]
-    best_err = best_p = None
-    for i in range(int(max_shrink * grid) + 1):
-        p = 1.0 - i / grid
-        scale, zero = _range_qparams(lo * p, hi * p, bits, symmetric)
-        q = quantize(w, scale, zero, bits, G).float().reshape(N, K // G, G)
-        d = (q - (0.0 if zero is None else zero.float().unsqueeze(-1))) * scale.unsqueeze(-1) - wg
-        if blocks is None:
-            err = d.square().sum(-1)                                            # [N, K // G]
-        else:
-            err = (torch.einsum("ngi,gij->ngj", d, blocks) * d).sum(-1)
-        if best_err is None:
-            best_err, best_p = err, torch.ones_like(err)
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_p = torch.where(better, p, best_p)
-    return best_p
-
-
-def search_qparams(w: Tensor, bits: int, group_size: int, symmetric: bool, hessian: Optional[Tensor] = None,
-                   **search) -> tuple[Tensor, Optional[Tensor]]:
-    """``compute_qparams`` of the clipped ranges ``clip_ratios`` picks: never worse than min-max
-    (``p = 1``) by the error it measures."""
-    p = clip_ratios(w, bits, group_size, symmetric, hessian, **search)
-    lo, hi = _group_range(w, group_size)
-    return _range_qparams(lo * p, hi * p, bits, symmetric)
-
-
-def clip_weight(w: Tensor, group_size: int, ratios: Tensor) -> Tensor:
-    """``w`` clamped per group to ``[p·min, p·max]`` (``ratios`` from ``clip_ratios``): its min-max
-    qparams are then the clipped ones, also after its rows are rescaled (a scale folded into them)."""
-    N, K = w.shape
-    lo, hi = _group_range(w, group_size)
-    wg = w.reshape(N, K // group_size, group_size)
-    out = torch.minimum(torch.maximum(wg.float(), (lo * ratios).unsqueeze(-1)), (hi * ratios).unsqueeze(-1))
-    return out.reshape(N, K).to(w.dtype)
 
 
 def quantize(w: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: int) -> Tensor:
@@ -136,13 +79,13 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 
 def quantize_weight(w: Tensor, bits: int, group_size: Optional[int], symmetric: bool,
-                    clip: bool = False) -> QuantizedWeight:
+                    qparams: Optional[tuple[Tensor, Optional[Tensor]]] = None) -> QuantizedWeight:
     """Round-to-nearest quantization of a linear weight ``[N, K]`` into the canonical layout.
-    ``group_size=None`` means one group per output channel (per-channel); ``clip``: each group's
-    range is the one ``search_qparams`` picks by weight error, not its min-max."""
+    ``group_size=None`` means one group per output channel (per-channel); ``qparams``: the groups'
+    ``(scales, zeros)`` when the caller chose them (a range search), else ``compute_qparams``'s."""
     assert bits in (4, 8), f"bits must be 4 or 8, got {bits}"
     G = group_size or w.shape[1]
-    scales, zeros = (search_qparams if clip else compute_qparams)(w, bits, G, symmetric)
+    scales, zeros = qparams if qparams is not None else compute_qparams(w, bits, G, symmetric)
     q = quantize(w, scales, zeros, bits, G)
     qweight = pack_int4(q) if bits == 4 else q
     return QuantizedWeight(qweight, scales.to(w.dtype), zeros)

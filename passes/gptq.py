@@ -2,7 +2,7 @@
 
 The calibration samples run through the program (``passes.calibrate.propagate``); at each group
 of linears reading one input, the Hessian ``XᵀX`` of that input over every calibration token
-is formed once and shared by the group, each weight is quantized by ``codegen.gptq``, and its
+is formed once and shared by the group, each weight is quantized by ``quantization.gptq_quantize``, and its
 dequantized value replaces it at once, so the layers after it are calibrated on quantized
 outputs. The codes go to ``gm.meta["qc_codes"]``, which ``quantize_weights`` stores as they are.
 Memory: one Hessian ``[K, K]`` and one layer's activations per sample at a time."""
@@ -13,12 +13,11 @@ from torch.fx import GraphModule
 
 from qcompiler.codegen.act_quant import quantize_weight_fp8
 from qcompiler.codegen.fx import get_constant, set_constant
-from qcompiler.codegen.gptq import gptq_quantize
 from qcompiler.codegen.quant import dequantize_weight_ref, sqnr_db
 
 from .calibrate import input_rows, linear_groups, propagate
+from .quantization import fake_quantize, gptq_quantize
 from .quantize_weights import quantizable
-from .smooth import fake_quantize
 
 MSE_ROWS = 4096  # calibration tokens the per-layer output error is measured on
 
@@ -32,12 +31,11 @@ def output_mse(x, w, w_hat) -> float:
 def gptq(gm: GraphModule, samples: list[torch.Tensor], *, bits: int, group_size: Optional[int], symmetric: bool,
          act_order: bool = False, clip: bool = False, fp8: bool = False, include_lm_head: bool = False,
          damp: float = 0.01, progress: bool = False) -> GraphModule:
-    """``clip``: group ranges clipped by ``quant.clip_ratios`` on this Hessian. NOTE: on SmolLM2 this
-    beats min-max ranges on every scheme (g64 sym 30.5 -> 26.3 PPL), while keeping, per weight, the
-    one of the two with the lower GPTQ loss scored worse (27.5): the damped calibration loss is
-    a poor judge between them. ``fp8``: float8 e4m3 per-channel codes (``bits=8,
-    group_size=None, symmetric=True``) for ``quantize_fp8``; otherwise integer codes for
-    ``quantize_weights`` / ``quantize_w8a8``."""
+    """``clip``: every group's range is the one ``quantization.clip_ratios`` picks on this Hessian.
+    NOTE: the clipped ranges are taken as they are, never compared per weight with min-max by the
+    GPTQ loss: the damped calibration loss is a poor judge between the two. ``fp8``: float8 e4m3
+    per-channel codes (``bits=8, group_size=None, symmetric=True``) for ``quantize_fp8``; otherwise
+    integer codes for ``quantize_weights`` / ``quantize_w8a8``."""
     codes = gm.meta.setdefault("qc_codes", {})
     groups = linear_groups(gm, quantizable(gm, bits, group_size, include_lm_head))
 

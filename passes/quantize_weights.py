@@ -16,6 +16,8 @@ from tqdm import tqdm
 from qcompiler.codegen.fx import finish, get_constant, insert_call, insert_constant
 from qcompiler.codegen.quant import dequantize_weight_ref, quantize_weight, sqnr_db
 
+from .quantization import search_qparams
+
 log = logging.getLogger("qcompiler")
 aten = torch.ops.aten
 
@@ -72,7 +74,7 @@ def quantizable(gm: GraphModule, bits: int, group_size: Optional[int], include_l
 def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], symmetric: bool,
                      include_lm_head: bool = False, clip: bool = False, progress: bool = False,
                      lm_head_only: bool = False) -> GraphModule:
-    """RTN (``clip``: with the ranges ``quant.search_qparams`` picks by weight error), unless a
+    """RTN (``clip``: with the ranges ``quantization.search_qparams`` picks by weight error), unless a
     calibration pass left codes in ``gm.meta["qc_codes"]`` (weight name -> (``QuantizedWeight``,
     the original weight's record)): then those codes are used as they are. ``lm_head_only``: the
     output projections alone (a scheme of their own, run before the one for every other linear)."""
@@ -99,7 +101,8 @@ def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], s
             if fqn in codes:
                 qw, record = codes.pop(fqn)
             else:
-                qw = quantize_weight(w, bits, group_size, symmetric, clip)
+                qw = quantize_weight(w, bits, group_size, symmetric,
+                                     search_qparams(w, bits, G, symmetric) if clip else None)
                 deq = dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, bits)
                 record = {"weight_sqnr_db": round(sqnr_db(w, deq), 2)}
             prefix = constants_prefix(fqn)

@@ -6,9 +6,9 @@ it: ``passes.calibrate.smoothing_site``), so the float program computes the same
 They differ in how ``s`` is chosen:
   * SmoothQuant (W8A8): ``s_j = max|X_j|^α / max|W_j|^(1−α)``, activation outliers moved into
     the weights so that per-token int8 activations lose less;
-  * AWQ (weight-only): a grid search over the exponent of the activation magnitude (and the
-    weights', "duo scaling"), keeping the ``s`` whose quantized weights give the smallest
-    output error on calibration tokens; RTN follows in ``quantize_weights``.
+  * AWQ (weight-only): a grid search (``quantization.awq_scales``) over the exponent of the
+    activation magnitude (and the weights', "duo scaling"), keeping the ``s`` whose quantized
+    weights give the smallest output error on calibration tokens; RTN follows in ``quantize_weights``.
 Groups without a site are left alone (logged once, recorded in ``gm.meta["qc_layers"]``)."""
 import logging
 from typing import Optional
@@ -18,9 +18,9 @@ from torch import Tensor
 from torch.fx import GraphModule
 
 from qcompiler.codegen.fx import get_constant, set_constant
-from qcompiler.codegen.quant import clip_ratios, clip_weight, compute_qparams, quantize
 
 from .calibrate import fold_scales, input_rows, linear_groups, propagate, smoothing_site
+from .quantization import awq_scales, clip_ratios, clip_weight
 from .quantize_weights import layer_name, output_linears, quantizable
 
 log = logging.getLogger("qcompiler")
@@ -61,44 +61,6 @@ def smoothquant(gm: GraphModule, samples: list[Tensor], *, alpha: float, include
 
     propagate(gm, samples, groups, hook, desc="smoothquant", progress=progress)
     return gm
-
-
-def fake_quantize(w: Tensor, bits: int, group_size: Optional[int], symmetric: bool) -> Tensor:
-    """``dequantize(quantize(w))`` by RTN, in fp32: what the scale search scores."""
-    N, K = w.shape
-    G = group_size or K
-    scale, zero = compute_qparams(w, bits, G, symmetric)
-    q = quantize(w, scale, zero, bits, G).float().reshape(N, K // G, G)
-    z = 0.0 if zero is None else zero.float().unsqueeze(-1)
-    return ((q - z) * scale.unsqueeze(-1)).reshape(N, K)
-
-
-def _weight_mean(w: Tensor, group_size: Optional[int]) -> Tensor:
-    """AWQ's per-input-channel weight magnitude: |w| relative to its group's max, averaged over rows."""
-    N, K = w.shape
-    G = group_size or K
-    wg = w.abs().reshape(N, K // G, G)
-    return (wg / (wg.amax(-1, keepdim=True) + 1e-6)).reshape(N, K).mean(0)
-
-
-def awq_scales(x: Tensor, w: Tensor, bits: int, group_size: Optional[int], symmetric: bool,
-               n_grid: int = 20, duo_scaling: bool = True, rows: int = 2048) -> tuple[Tensor, float, float]:
-    """The per-channel scale minimizing ``‖x Q(W·s)/s ᵀ − x Wᵀ‖²`` over the grid
-    ``s = mean|x|^r / mean|W|^(1−r)``, ``r = 0, 1/n_grid, …``; returns (s, r, its error)."""
-    x_mean = x.abs().mean(0)
-    w_mean = _weight_mean(w, group_size)
-    sub = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:rows]]
-    ref = sub @ w.t()
-    best = (torch.ones_like(x_mean), 0.0, float("inf"))
-    for i in range(n_grid):
-        r = i / n_grid
-        s = x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4) if duo_scaling else x_mean.pow(r)
-        s = s.clamp_min(1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        err = float((sub @ (fake_quantize(w * s, bits, group_size, symmetric) / s).t() - ref).pow(2).mean())
-        if err < best[2]:
-            best = (s, r, err)
-    return best
 
 
 def awq(gm: GraphModule, samples: list[Tensor], *, bits: int, group_size: Optional[int], symmetric: bool,

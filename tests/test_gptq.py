@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from qcompiler.codegen.act_quant import quantize_weight_fp8
-from qcompiler.codegen.gptq import gptq_quantize
 from qcompiler.codegen.quant import compute_qparams, dequantize_weight_ref, quantize, quantize_weight, unpack_int4
+from qcompiler.passes.quantization import gptq_quantize
 
 N, K, T = 64, 320, 2048  # K = 2.5 blocks of 128: the last block is partial
 

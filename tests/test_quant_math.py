@@ -4,8 +4,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qcompiler.codegen.quant import (clip_ratios, clip_weight, compute_qparams, dequantize_weight_ref, pack_int4,
-                                     quantize, quantize_weight, search_qparams, sqnr_db, unpack_int4)
+from qcompiler.codegen.quant import (compute_qparams, dequantize_weight_ref, pack_int4, quantize, quantize_weight,
+                                     sqnr_db, unpack_int4)
+from qcompiler.passes.quantization import clip_ratios, clip_weight, search_qparams
 from reference import fake_quant_ref
 
 

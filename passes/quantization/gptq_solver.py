@@ -1,12 +1,12 @@
 """GPTQ: Hessian-aware rounding of a linear weight into the canonical quantized layout.
 
-Round-to-nearest (``quant.quantize_weight``) rounds every weight on its own and so minimizes
+Round-to-nearest (``codegen.quant.quantize_weight``) rounds every weight on its own and so minimizes
 ``‖Wq − W‖²``. GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for
 Generative Pre-trained Transformers") minimizes the layer's output error ``‖X Wqᵀ − X Wᵀ‖²``
 over calibration inputs ``X`` instead: it quantizes one input column at a time and moves each
 column's rounding error onto the columns not yet quantized, through the inverse of the input
 Hessian ``H = XᵀX``. The result is an ordinary ``QuantizedWeight`` whose scales and zero points
-follow the ``quant.compute_qparams`` rule, so the artifact format and every kernel read it
+follow the ``codegen.quant.compute_qparams`` rule, so the artifact format and every kernel read it
 unchanged; only the integer codes differ from RTN's.
 """
 import math
@@ -15,8 +15,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .act_quant import FP8_DTYPE, FP8_MAX, absmax_scale
-from .quant import QuantizedWeight, compute_qparams, pack_int4, qrange, search_qparams
+from qcompiler.codegen.act_quant import FP8_DTYPE, FP8_MAX, absmax_scale
+from qcompiler.codegen.quant import QuantizedWeight, compute_qparams, pack_int4, qrange
+
+from .rounding import search_qparams
 
 _SUB_BLOCK = 16  # columns whose errors are applied one by one (see the NOTE in gptq_quantize)
 
@@ -81,10 +83,10 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: Optional[in
     * ``act_order`` processes columns by decreasing ``diag(H)`` with static groups: every
       group's qparams are computed up front from the original ``W`` in natural column order,
       so the layout stays the canonical ``scales [N, K // G]`` (no ``g_idx``).
-    * ``clip``: each group's range is the one ``quant.search_qparams`` picks with this Hessian
+    * ``clip``: each group's range is the one ``rounding.search_qparams`` picks with this Hessian
       (its output error), not the group's min-max.
     * ``fp8``: the grid is float8 e4m3 with one scale per output channel (``absmax / 448``, as
-      ``act_quant.quantize_weight_fp8``); the result's ``qweight`` is float8_e4m3fn ``[N, K]``,
+      ``codegen.act_quant.quantize_weight_fp8``); the result's ``qweight`` is float8_e4m3fn ``[N, K]``,
       its ``scales`` float32 ``[N, 1]`` (``bits``, ``group_size`` and ``symmetric`` must be 8, None, True).
     * Columns are updated lazily in blocks of ``block_size`` (whole groups for dynamic groups).
     """
