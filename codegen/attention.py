@@ -67,7 +67,7 @@ def gather_kv(kv_cache: Tensor, layer: int, block_table: Tensor, seq_len: int) -
 
 def _compute_dtype(query: Tensor, kv_cache: Tensor) -> torch.dtype:
     """Attention runs in the narrower of the two (a 16-bit cache is not widened for fp32 queries),
-    except bf16 on a CPU without bf16 hardware: fp32 there, ~2x faster than emulated bf16."""
+    except bf16 on a CPU without bf16 hardware: fp32 there (emulated bf16 is slower)."""
     emulated = kv_cache.dtype == torch.bfloat16 and query.device.type == "cpu" and not cpu_native.BF16_NATIVE
     return kv_cache.dtype if kv_cache.dtype.itemsize < query.dtype.itemsize and not emulated else query.dtype
 
@@ -95,7 +95,7 @@ def decode_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: 
                      scale: float, lens: Optional[list[int]] = None) -> Tensor:
     """One query per sequence. On a CPU with our kernels (fp32 or bf16 query and cache):
     ``qc_cpu::paged_decode`` reads K and V in place through the block tables, in fp32. Otherwise
-    every sequence's blocks are gathered at once (``index_select``: ~2x advanced indexing), one
+    every sequence's blocks are gathered at once (``index_select``), one
     SDPA for the step, keys past a sequence's length masked. With ``lens`` (the lengths, on the
     host) keys stop at the longest and equal lengths need no mask; without, keys span the block
     table's width and are always masked: no host sync, so Dynamo can trace it and Inductor

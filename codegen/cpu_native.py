@@ -37,7 +37,7 @@ def _cpu_has_avx512() -> bool:
     return {"avx512f", "avx512bw"} <= _cpu_flags()
 
 
-# bf16 GEMMs in hardware (AVX512-BF16 or AMX); without, oneDNN emulates them ~4x slower than fp32.
+# bf16 GEMMs in hardware (AVX512-BF16 or AMX); without, oneDNN emulates them, slower than fp32.
 # Read once here: the CPU paths check it while Dynamo traces them.
 BF16_NATIVE = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 

@@ -88,7 +88,7 @@ def _dequantize(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: 
 
 def _dense(x2: Tensor, qweight, scales, zeros, bits) -> Tensor:
     """Dequantize, then one GEMM: in bf16 where the CPU multiplies bf16 natively (AVX512-BF16 or
-    AMX), else in fp32 (oneDNN's emulated bf16 GEMM runs ~4x slower than MKL's fp32 one there)."""
+    AMX), else in fp32 (oneDNN's emulated bf16 GEMM is slower than MKL's fp32 one there)."""
     dtype = torch.bfloat16 if cpu_native.BF16_NATIVE else torch.float32
     return F.linear(x2.to(dtype), _dequantize(qweight, scales, zeros, bits, dtype))
 
@@ -158,7 +158,7 @@ def wq_linear_native_impl(x: Tensor, packed: Tensor, block_scales: Tensor, block
 
 
 # NOTE: the plain functions stay importable: an eager program calls them directly
-# (``codegen.cpu.call_directly``), skipping ~30 µs of custom-op dispatch per call.
+# (``codegen.cpu.call_directly``), skipping custom-op dispatch.
 w4a16_linear_cpu = torch.library.custom_op("qc::w4a16_linear_cpu", w4a16_linear_cpu_impl, mutates_args=())
 w8a16_linear_cpu = torch.library.custom_op("qc::w8a16_linear_cpu", w8a16_linear_cpu_impl, mutates_args=())
 wq_linear_native = torch.library.custom_op("qc::wq_linear_native", wq_linear_native_impl, mutates_args=())

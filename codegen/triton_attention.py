@@ -270,8 +270,8 @@ def reshape_and_cache_triton(kv_cache: Tensor, layer: int, key: Tensor, value: T
 
 def _decode_config(head_bytes: int) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the decode kernel for ``head_bytes`` per token and KV head
-    (the padded head_dim times the compute dtype's size). Measured on an H200 (bf16, batch 32 x 2048):
-    head_dim 128 runs best with 128-token tiles, 2 stages; 64 with 64-token tiles, 3 stages."""
+    (the padded head_dim times the compute dtype's size): for 16-bit heads of 64 and 128, the
+    tiles that ran best on a card (``bench/RESULTS.md``); wider heads take tiles that do not spill."""
     if head_bytes <= 128:
         return 64, 4, 3
     if head_bytes <= 256:
@@ -281,9 +281,7 @@ def _decode_config(head_bytes: int) -> tuple[int, int, int]:
 
 def _prefill_config(head_bytes: int, mean_q_len: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel: query tiles no taller than
-    the mean query length (a batch of decodes and one prompt wastes little on the decodes). On an
-    H200 (4 prompts x 1024, 32/8 heads of 128, bf16): 237 TFLOP/s, ~60% of SDPA's flash kernel;
-    128-row tiles with 8 warps, or 128-token KV tiles, ran slower."""
+    the mean query length (a batch of decodes and one prompt wastes little on the decodes)."""
     return min(64, _pow2(mean_q_len)), (64 if head_bytes <= 256 else 32), 4, 2
 
 
@@ -293,9 +291,8 @@ def decode_split_plan(num_seqs: int, num_kv_heads: int, max_ctx: int, block_n: i
     sequences hold at most ``max_ctx`` tokens. Split only when ``num_seqs * num_kv_heads`` programs
     leave SMs short of work (fewer than one per SM at ``head_bytes`` 256, two at 128: smaller
     heads need more programs in flight), then up to ``_SPLIT_TARGET_PER_SM`` programs per SM, never
-    below ``_MIN_TILES_PER_SPLIT`` tiles a split. On an H200 (bf16, 32 x 2048 tokens, 8 KV heads),
-    256 unsplit programs beat 768 split ones at head_dim 128 (95% vs 88% of SDPA) and lose at 64
-    (63% vs 87%). ``num_splits`` forces the count (clamped to the tiles)."""
+    below ``_MIN_TILES_PER_SPLIT`` tiles a split. ``num_splits`` forces the count (clamped to the
+    tiles)."""
     tiles = max(1, -(-max_ctx // block_n))
     programs = max(1, num_seqs * num_kv_heads)
     if num_splits is None and programs >= num_sms * max(1, 256 // head_bytes):

@@ -26,11 +26,9 @@ The kernels, by ``LinearConfig.form`` (the decode-size streams live in ``triton_
   ~2.5 bytes per weight on top of the float GEMM (and a temporary ``[N, K]`` weight per call),
   which is the reference's own computation.
 
-``pick_config``'s rules (``triton_linear_tiles``) choose ``words``/``stream``, ``swap`` and ``dequant``: in
-sm_90 SASS (compiled without a GPU, ``bench/kernel_sass.py``) their inner loops take 4-11x
-fewer issue cycles per weight than the ``planes`` forms at M = 1 to 128. ``planes`` was the
-first form measured on a card, where it was bound by that issue rate; the others are not
-measured yet. Split over K, a call is still one launch (``triton_linear_common._write_out``).
+``pick_config``'s rules (``triton_linear_tiles``) choose ``words``/``stream``, ``swap`` and
+``dequant``; ``planes`` runs where a tuned table or a ``config`` names it. Split over K, a call
+is one launch (``triton_linear_common._write_out``).
 
 The dequantized weight is ``dequantize_weight_ref``'s exactly when the scales are in x's dtype
 (the usual case: both follow the model's dtype) or, for ``dequant``, in fp32: the reference
@@ -136,11 +134,10 @@ def _wq_dot_swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock
     exact small integer, so the one rounding is the scale product's, and with scales in x's dtype
     the weight is the one ``dequantize_weight_ref`` makes. The dot then accumulates in place: no
     per-tile fp32 scaling of a partial product and no rank-1 correction with x's row sums, whose
-    cost per weight grew with BLOCK_M. With ``EVEN_K`` (every K tile whole, always so with groups)
-    the loop's loads take no masks. Both together, in the sm_90 count: 18.8 -> 6.9 issue cycles
-    per 32 weights at M = 128, 8.0 -> 6.7 at M = 16. ``EXP_MAGIC``: 16-bit activations take int4 codes by their bits (``0x4300 |
-    code`` is ``128 + code`` in bf16, ``0x6400 | code`` is ``1024 + code`` in fp16) instead of an
-    int -> float conversion."""
+    cost per weight would grow with BLOCK_M. With ``EVEN_K`` (every K tile whole, always so with
+    groups) the loop's loads take no masks. ``EXP_MAGIC``: 16-bit activations take int4 codes by
+    their bits (``0x4300 | code`` is ``128 + code`` in bf16, ``0x6400 | code`` is ``1024 + code``
+    in fp16) instead of an int -> float conversion."""
     pid_mn, offs_m, offs_n, mask_m, mask_n, k_start, k_end = _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)

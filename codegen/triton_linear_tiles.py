@@ -73,29 +73,22 @@ def _tuned(M: int, N: int, K: int, group: int, bits: int, device: torch.device) 
 
 @functools.lru_cache(maxsize=4096)  # one answer per shape and device: a call pays for a dict lookup only
 def pick_config(M: int, N: int, K: int, group: int, bits: int, device: torch.device) -> LinearConfig:
-    """Tiles for one call. A measured entry for this device and shape wins (``tuned_table``).
-    Otherwise, by rule: below ``SWAP_MIN_M`` rows (one or two; one for grouped int8) the weight stream
-    (``words`` for int4, which falls back to ``stream`` for activations other than bf16), split
-    over K until about four programs run per SM; from there the swapped tensor-core form, its
-    rows padded to 16, with tiles that grow with M, split only while the tiles leave SMs idle.
-    BLOCK_K is a power of two dividing the group size (one scale per tile), and a split covers whole groups. The
-    tiles are the ones with the fewest issue cycles per weight and no register spills in
-    ``bench/kernel_sass.py``'s sm_90 count. There, per 32 int4 weights, the padded tensor-core
-    tile takes 6.7 cycles at any M up to 16, the word stream 5.85 at one row, 7.2 at two and
-    11.7 at four. Scaled by the one measured card's calibration (0.93 for a GEMV at one row,
-    ~0.8 at two by interpolation, 0.72 for tensor cores at 16), the int4 stream keeps two rows
-    (a tie there). The int8 byte stream at these tiles (BLOCK_K 32) takes 9.0 at one row and
-    11.6 at two per channel (18.2 at two when grouped), against 8.6 (9.7 grouped) for the int8
-    tensor-core tile: grouped int8 goes to tensor cores from two rows; per channel the stream
-    keeps two rows, which the count alone would give to tensor cores.
+    """Tiles for one call. A measured entry for this device and shape wins (``tuned_table``),
+    except a ``dequant`` entry below ``DEQUANT_MIN_M // 2`` rows: at decode sizes (in CUDA graphs
+    too) it would dequantize every weight per step. Otherwise, by rule:
 
-    From ``DEQUANT_MIN_M`` rows the weight is dequantized once and the float GEMM runs
-    (``dequant``). The swapped form dequantizes each weight once per 128-row tile, so its cost
-    grows with M. On an H200, 4096 x 11008: ``kernel_sass``'s count puts one pass at ~10.5 us
-    of issue, and the tensor cores need ~17 us per 128 rows (at 660 TFLOP/s); the dequantized
-    path costs ~28 us to write the bf16 weight (2.5 bytes per weight at ~4 TB/s) plus cuBLAS
-    (35-40 us up to 256 rows, ~80 us at 512). So it should lose below 512 rows and cost ~15%
-    over bf16 from 1024. A measured table (``bench/gpu_tune.py``) overrides this."""
+    * from ``DEQUANT_MIN_M`` rows, ``dequant``: the weight dequantized once, then the float GEMM;
+    * below ``SWAP_MIN_M`` rows (below 2 for grouped int8), the weight stream: ``words`` for int4
+      (it falls back to ``stream`` for activations other than bf16), ``stream`` for int8;
+    * otherwise ``swap``, the tensor-core form with rows padded to 16 and tiles growing with M.
+
+    A tuned entry is taken only if its BLOCK_K divides the group. The rules' configs keep these:
+    BLOCK_K is a power of two dividing the group size unless the scale is per channel (a K tile
+    never straddles two groups); K is split only up to M = 64, each split at least four K tiles
+    long, and the programs (tiles times splits) stay within ``max(tiles, 4 * num_sms)``. The
+    rules' tiles are the ones with the fewest issue cycles per weight and no register spills
+    in ``bench/kernel_sass.py``'s sm_90 count (``bench/RESULTS.md``); a table written by
+    ``bench/gpu_tune.py`` overrides them."""
     per_channel = group >= K
     tuned = _tuned(M, N, K, group, bits, device)
     # a dequant entry answers only near prefill sizes: at decode sizes (in CUDA graphs too) it

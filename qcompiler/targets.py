@@ -57,11 +57,10 @@ class WeightOnly(Target):
     method: str = "rtn"
     quantize_lm_head: bool = False
     # GPTQ: columns by decreasing Hessian diagonal, static groups. None: on for gptq (as in
-    # llm-compressor; SmolLM2 g64 sym 30.5 with it, 32.2 without), off otherwise
+    # llm-compressor), off otherwise
     act_order: Optional[bool] = None
     # Each group's range clipped where that lowers its error (quant.clip_ratios): the output error on
     # calibration data for gptq/awq, the weight error for rtn. None: on for gptq and awq, off for rtn
-    # (SmolLM2 g64: GPTQ sym 30.5 -> 26.3, asym 26.8 -> 26.0; AWQ sym 29.8 -> 28.8)
     clip: Optional[bool] = None
     # 8: the output projection in int8 per output channel (symmetric, RTN) while the rest follow the
     # scheme: half the bytes of a 16-bit lm_head per decoded token, as llama.cpp's Q8_0 output.

@@ -42,8 +42,9 @@ def single_sequence(input_ids: torch.Tensor, positions: torch.Tensor, paged: dic
 
 def step_inputs(block_tables: Seq[Seq[int]], num_cached: Seq[int], new_tokens: Seq[Seq[int]],
                 block_size: int) -> StepInputs:
-    """Lists become tensors through numpy: per element, ``torch.tensor`` of a Python list costs
-    ~5x ``numpy.array``'s, and a decode step of 256 sequences has ~10k block-table entries."""
+    """One step's inputs from the scheduled sequences. Lists become tensors through numpy, which
+    converts a Python list faster than ``torch.tensor`` (a step's block tables can hold ~10k
+    entries)."""
     S, bs = len(block_tables), block_size
     if all(len(t) == 1 for t in new_tokens):  # decode: one token per sequence
         ids = [t[0] for t in new_tokens]
