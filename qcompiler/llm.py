@@ -12,7 +12,8 @@ from qcompiler.runtime.engine import Engine, ModelRunner
 from qcompiler.runtime.memory import kv_cache_bytes, profile_step
 from qcompiler.runtime.sampling import SamplingParams
 
-from .loader import A16_TARGETS, CompiledModel, load
+from .loader import CompiledModel, load
+from .lowering import A16_TARGETS
 
 Prompt = Union[str, list[int]]
 KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

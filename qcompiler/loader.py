@@ -5,28 +5,24 @@ from typing import Optional
 import torch
 from torch.export import ExportedProgram
 from torch.export.passes import move_to_device_pass
-from torch.fx import GraphModule
 
-from qcompiler.codegen import cpu_native
-from qcompiler.codegen.cpu import call_directly, float_linears_to_bf16, lower_for_cpu, trace_through
-from qcompiler.codegen.cuda import lower_for_cuda
-from qcompiler.codegen.fx import hoist_constants
 from qcompiler.runtime.step_inputs import single_sequence
 
 from .artifact import ArtifactError, load_program, read_manifest
-
-
-A16_TARGETS = ("w4a16", "w8a16")  # weight-only targets: 16-bit activations everywhere when fast
+from .lowering import lower
 
 
 class CompiledModel:
     """The artifact's program, called like the source model: ``m(input_ids=[1, T], position_ids=[1, T])
     -> logits [1, T, V]`` (or flat ``[T]`` -> ``[T, V]``). Rows of a ``[B, T]`` batch are
     independent sequences, each computed from scratch with a KV cache of its own; the serving
-    engine calls ``program`` itself with a shared paged cache."""
+    engine calls ``program`` itself with a shared paged cache. ``lowerings``: what ran at load,
+    in order (``qcompiler.lowering``), one ``{"name", "params", "seconds"}`` each."""
 
-    def __init__(self, path: Optional[Path], manifest: dict, gm: torch.nn.Module, device: torch.device):
+    def __init__(self, path: Optional[Path], manifest: dict, gm: torch.nn.Module, device: torch.device,
+                 lowerings: Optional[list[dict]] = None):
         self.path, self.manifest, self.program, self.device = path, manifest, gm, device
+        self.lowerings = lowerings or []
         self._tokenizer = None
 
     @property
@@ -79,7 +75,8 @@ def load(path: str | Path, *, fast: bool = True, compile: bool = False, verify: 
         fast: swap canonical ops for the fast kernels (CPU: torch's packed kernels, weights
             repacked once, here; CUDA: sibling linears merged, scales laid out for the Triton
             GEMM); a weight-only (``*a16``) artifact also runs its float linears, lm_head
-            included, with bf16 weights and activations.
+            included, with bf16 weights and activations. The lowerings that ran are recorded in
+            the model's ``lowerings``.
         compile: run the program through ``torch.compile`` (Inductor).
         verify: check every file's size and SHA-256 against the manifest first.
         device: where the program and its weights live ("cpu", "cuda", "cuda:1", ...).
@@ -102,26 +99,12 @@ def prepare(ep: ExportedProgram, manifest: dict, *, path: Optional[Path] = None,
     if any(t.device != device for t in (*ep.state_dict.values(), *ep.constants.values())
            if isinstance(t, torch.Tensor)):
         ep = move_to_device_pass(ep, device)
-    gm = ep.module()
+    gm, records = ep.module(), []
     if fast:
-        gm = lower(gm, manifest["target"]["name"], device.type, compile)
+        gm, records = lower(gm, manifest["target"]["name"], device.type, compile)
     if compile:
         gm = torch.compile(gm, dynamic=True)
-    return CompiledModel(path, manifest, gm, device)
+    return CompiledModel(path, manifest, gm, device, records)
 
 
-def lower(gm: GraphModule, target_name: str, kind: str, compile: bool) -> GraphModule:
-    """The fast kernels of device ``kind`` ("cpu" or "cuda") for a paged program: graph surgery
-    only, so either lowering can be built (and traced) on the CPU."""
-    if kind == "cpu":
-        cpu_native.available()  # our CPU kernels, built once here: the lowering and attention ask for them
-    gm = lower_for_cpu(gm) if kind == "cpu" else lower_for_cuda(gm)
-    if target_name in A16_TARGETS:
-        gm = float_linears_to_bf16(gm)
-    gm = hoist_constants(gm)
-    if kind == "cpu":
-        gm = trace_through(gm) if compile else call_directly(gm)
-    return gm
-
-
-__all__ = ["ArtifactError", "CompiledModel", "load", "lower", "prepare"]
+__all__ = ["ArtifactError", "CompiledModel", "load", "prepare"]

@@ -8,12 +8,15 @@ import torch
 
 import qcompiler
 from qcompiler.artifact import MANIFEST, PROGRAM, WEIGHTS, ArtifactError
-from qcompiler.codegen import cpu_native
+from qcompiler.codegen import cpu_native, ops
+from qcompiler.codegen.cpu import DIRECT
 from qcompiler.compiler import compile_model
 from qcompiler.models import load_source
 from qcompiler.targets import W4A16, W8A16, Float
 from reference import fake_quant_model, fake_quant_ref
 from tests_paths import FIXTURES
+
+qc, aten = torch.ops.qc, torch.ops.aten
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,24 @@ def test_manifest_records_scheme_layers_and_files(artifact):
     # the program file holds no weights: they are in weights.safetensors only
     stored = torch.export.load(out / PROGRAM).state_dict
     assert stored and all(t.untyped_storage().nbytes() <= t.element_size() for t in stored.values())
+
+
+def test_load_records_the_lowerings_that_ran(artifact):
+    """A CPU load records every lowering it ran, in order, with its seconds, and the program shows
+    each one's effect; ``fast=False`` runs none; under ``torch.compile`` the last one traces through."""
+    out = artifact[0]
+    m = qcompiler.load(out)
+    assert [r["name"] for r in m.lowerings] == ["build_cpu_kernels", "lower_for_cpu", "float_linears_to_bf16",
+                                                "hoist_constants", "call_directly"]
+    assert all(set(r) == {"name", "params", "seconds"} and isinstance(r["seconds"], float) and r["seconds"] >= 0
+               for r in m.lowerings)
+    nodes = list(m.program.graph.nodes)
+    targets = {n.target for n in nodes if n.op == "call_function"}
+    assert qc.w4a16_linear.default not in targets and aten.linear.default not in targets
+    assert ops.linear_bf16 in targets and targets & set(DIRECT.values())
+    assert all(n.target.startswith("_c") for n in nodes if n.op == "get_attr")
+    assert qcompiler.load(out, fast=False).lowerings == []
+    assert [r["name"] for r in qcompiler.load(out, compile=True).lowerings][-1] == "trace_through"
 
 
 def _damaged(artifact, tmp_path):

@@ -9,8 +9,9 @@ from qcompiler.codegen.cpu import lower_for_cpu
 from qcompiler.codegen.cuda import lower_for_cuda
 from qcompiler.codegen.fx import call_nodes, get_constant
 from qcompiler.codegen.quant import sqnr_db
+from qcompiler.loader import prepare
+from qcompiler.lowering import lower
 from qcompiler.pipeline import run_pipeline
-from qcompiler.loader import lower, prepare
 from qcompiler.runtime.step_inputs import single_sequence
 from qcompiler.targets import W4A16, W8A16
 from tiny_models import Args, build
@@ -74,7 +75,7 @@ def test_cuda_program_traces_whole_for_inductor():
     a = Args(vocab=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128)
     target = W4A16(group_size=32, symmetric=False)
     gm = run_pipeline(capture(build(a), max_tokens=128), target).gm
-    eager = lower(gm, target.name, "cuda", compile=False)
+    eager = lower(gm, target.name, "cuda", compile=False).gm
     assert call_nodes(eager, qc.w4a16_linear.default) and call_nodes(eager, ops.linear_bf16)
     compiled = torch.compile(eager, dynamic=True, fullgraph=True)
     with torch.no_grad():
