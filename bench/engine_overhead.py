@@ -1,18 +1,23 @@
 """Host time per decode step of the engine: scheduling, block bookkeeping, step inputs, greedy
-pick and finish checks, with a program that does no work (it returns zero logits). On a GPU
-this time adds to every step the card runs; an H200 runs a Llama-2-7B W4A16 decode step
-in ~0.8 ms at the weight-bandwidth roofline, so it is the budget this must stay well under.
+pick and finish checks, with a program that does no work (it returns zero logits). On a GPU this
+time adds to every decode step the card runs.
 
 Two pools: ``free`` (the pool has room to spare) and ``full`` (the radix cache holds enough
-finished prompts that the free list is empty, the steady state of a long-running server:
-every block a decode step needs comes from eviction). ``--against REV`` loads another git
-revision's ``runtime/`` beside this checkout's and alternates the two in rounds.
+finished prompts that the free list is empty, the steady state of a long-running server: every
+block a decode step needs comes from eviction).
 
-    python bench/engine_overhead.py --against HEAD~1
+    .venv/bin/python bench/engine_overhead.py [--rounds 3] [--against REV]
+
+Each build is measured in a worker process of its own that imports ``qcompiler`` as installed:
+this checkout's through the environment running the script (``make install``). ``--against REV``
+adds another git revision: a ``git worktree add --detach`` of REV in a temporary directory,
+installed with ``pip install --no-deps --target`` into that directory and put first on the
+worker's ``PYTHONPATH`` (its native kernels build under their own ``QCOMPILER_CACHE``). The
+workers alternate within each round; the worktree is removed at exit.
 """
 import argparse
-import importlib.util
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,27 +31,21 @@ PAGED = dict(num_layers=1, num_kv_heads=1, head_dim=8)
 BLOCK = 16
 
 
-def load_runtime(root: str, name: str):
-    """``root/runtime`` as the package ``qcompiler.<name>``: beside ``qcompiler.runtime``, it
-    shares this checkout's ``qcompiler.codegen`` (the sampler's native code)."""
-    name = f"qcompiler.{name}"
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "runtime", "__init__.py"),
-                                                  submodule_search_locations=[os.path.join(root, "runtime")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def revision(rev: str, into: str) -> str:
-    """``rev``'s ``runtime/`` extracted under ``into``."""
+def install_revision(rev: str, into: str) -> dict:
+    """``rev`` checked out as a worktree under ``into`` and installed there; the environment of a
+    worker that imports it."""
     top = subprocess.check_output(["git", "rev-parse", "--show-toplevel"], text=True).strip()
-    files = subprocess.check_output(["git", "-C", top, "ls-tree", "--name-only", rev, "runtime/"], text=True).split()
-    os.makedirs(os.path.join(into, "runtime"), exist_ok=True)
-    for f in files:
-        with open(os.path.join(into, f), "wb") as out:
-            out.write(subprocess.check_output(["git", "-C", top, "show", f"{rev}:{f}"]))
-    return into
+    src, site = os.path.join(into, "src"), os.path.join(into, "site")
+    subprocess.check_call(["git", "-C", top, "worktree", "add", "--quiet", "--detach", src, rev])
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--target", site, src])
+    return dict(os.environ, PYTHONPATH=site, QCOMPILER_CACHE=os.path.join(into, "cache"))
+
+
+def remove_revision(into: str) -> None:
+    top = subprocess.check_output(["git", "rev-parse", "--show-toplevel"], text=True).strip()
+    subprocess.call(["git", "-C", top, "worktree", "remove", "--force", os.path.join(into, "src")])
+    shutil.rmtree(into, ignore_errors=True)
 
 
 def no_work(ids, pos, kv, slots, tables, lens, starts, rows):
@@ -87,6 +86,35 @@ def decode_ms(rt, batch: int, prompt: int, new: int, pool: str) -> float:
     return 1e3 * (time.perf_counter() - t0) / steps
 
 
+class Worker:
+    """A process measuring one build: it reads ``pool batch`` lines and answers ms per step."""
+
+    def __init__(self, args, env=None):
+        cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--prompt", str(args.prompt),
+               "--new", str(args.new), "--threads", str(args.threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.origin = self.proc.stdout.readline().strip()  # where its qcompiler comes from
+
+    def decode_ms(self, pool: str, batch: int) -> float:
+        self.proc.stdin.write(f"{pool} {batch}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"worker exited with {self.proc.wait()}"
+        return float(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def serve(args) -> None:
+    from qcompiler import runtime as rt
+    print(os.path.dirname(rt.__file__), flush=True)
+    for line in sys.stdin:
+        pool, batch = line.split()
+        print(decode_ms(rt, int(batch), args.prompt, args.new, pool), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", help="a git revision to measure beside this checkout")
@@ -95,23 +123,36 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # a worker (see Worker)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    runtimes = {"this": importlib.import_module("qcompiler.runtime")}
-    if args.against:
-        runtimes[args.against] = load_runtime(revision(args.against, tempfile.mkdtemp()), "runtime_base")
-    print(f"threads {args.threads}, prompt {args.prompt} (half shared), {args.new} new tokens, block {BLOCK}, "
-          f"medians of {args.rounds} rounds (min-max), ms per decode step")
-    for pool in ("free", "full"):
-        for batch in map(int, args.batches.split(",")):
-            times = {k: [] for k in runtimes}
-            for _ in range(args.rounds):  # candidates alternate within each round
-                for k, rt in runtimes.items():
-                    times[k].append(decode_ms(rt, batch, args.prompt, args.new, pool))
-            cells = [f"{k} {statistics.median(v):7.3f} ({min(v):.3f}-{max(v):.3f})" for k, v in times.items()]
-            if args.against:
-                cells.append(f"{statistics.median(times[args.against]) / statistics.median(times['this']):5.1f}x")
-            print(f"pool {pool:4} batch {batch:3}: " + "  ".join(cells), flush=True)
+    if args.serve:
+        return serve(args)
+    tmp = tempfile.mkdtemp() if args.against else None
+    workers = {}
+    try:
+        workers["this"] = Worker(args)
+        if args.against:
+            workers[args.against] = Worker(args, install_revision(args.against, tmp))
+        for k, w in workers.items():
+            print(f"{k}: qcompiler.runtime from {w.origin}")
+        print(f"threads {args.threads}, prompt {args.prompt} (half shared), {args.new} new tokens, block {BLOCK}, "
+              f"medians of {args.rounds} rounds (min-max), ms per decode step")
+        for pool in ("free", "full"):
+            for batch in map(int, args.batches.split(",")):
+                times = {k: [] for k in workers}
+                for _ in range(args.rounds):  # the builds alternate within each round
+                    for k, w in workers.items():
+                        times[k].append(w.decode_ms(pool, batch))
+                cells = [f"{k} {statistics.median(v):7.3f} ({min(v):.3f}-{max(v):.3f})" for k, v in times.items()]
+                if args.against:
+                    cells.append(f"{statistics.median(times[args.against]) / statistics.median(times['this']):5.1f}x")
+                print(f"pool {pool:4} batch {batch:3}: " + "  ".join(cells), flush=True)
+    finally:
+        for w in workers.values():
+            w.close()
+        if tmp:
+            remove_revision(tmp)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One session on a lent GPU, offline, in under 9 minutes:
-#   1. make the package importable (editable pip install without network; else a path finder),
+#   1. install the package (editable pip install without network or dependencies),
 #   2. versions and the card,
 #   3. the Triton kernel tests and the runtime's GPU tests (tests/test_triton_*.py,
 #      tests/test_gpu_runtime.py; on CUDA the gpu-marked tests run too; GPU_TESTS overrides),
@@ -49,52 +49,20 @@ TESTS_RESERVE=${TESTS_RESERVE:-$(($(share tune 120) + $(share kernels 90) + $(sh
 TUNE_RESERVE=${TUNE_RESERVE:-$(($(share kernels 90) + $(share e2e 110)))}
 KERNELS_RESERVE=${KERNELS_RESERVE:-$(share e2e 150)}
 
-# --- 1. import path -------------------------------------------------------------------------
+# --- 1. install -----------------------------------------------------------------------------
 importable() { (cd /tmp && timeout 60 "$PY" -c "import qcompiler.codegen, qcompiler.runtime, qcompiler.passes, qcompiler; print('qcompiler from', qcompiler.__file__)"); }
 
-path_finder() {  # pyproject's package-dir mapping as a sitecustomize on PYTHONPATH (no site-packages write)
-  local d=${TMPDIR:-/tmp}/qc_path_finder
-  mkdir -p "$d"
-  cat > "$d/sitecustomize.py" <<EOF
-# written by bench/gpu.sh: qcompiler.{passes,codegen,runtime} -> the checkout's passes/, codegen/, runtime/
-import importlib.util, os, sys
-_ROOT = "$ROOT"
-_MAP = {"qcompiler": "qcompiler", "qcompiler.passes": "passes", "qcompiler.codegen": "codegen", "qcompiler.runtime": "runtime"}
-
-
-class _QcompilerFinder:
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        if name not in _MAP:
-            return None
-        d = os.path.join(_ROOT, _MAP[name])
-        return importlib.util.spec_from_file_location(name, os.path.join(d, "__init__.py"), submodule_search_locations=[d])
-
-
-sys.meta_path.insert(0, _QcompilerFinder)
-# run the sitecustomize this one shadows, if any
-_here = os.path.dirname(os.path.abspath(__file__))
-for _p in sys.path:
-    _f = os.path.join(_p or ".", "sitecustomize.py")
-    if os.path.abspath(_p or ".") != _here and os.path.isfile(_f):
-        exec(compile(open(_f).read(), _f, "exec"), {"__name__": "sitecustomize", "__file__": _f})
-        break
-EOF
-  export PYTHONPATH="$d${PYTHONPATH:+:$PYTHONPATH}"
-  say "PYTHONPATH=$PYTHONPATH (path finder for qcompiler's packages)"
-}
-
 step "install qcompiler (editable, offline, no dependencies)"
-logged "$LOG" timeout -k 5 90 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
+# editable, so the sweep's table (codegen/tuned/<card>.json) lands in this checkout and serves the
+# later steps; PIP_BREAK_SYSTEM_PACKAGES lets pip write to a system Python marked as externally
+# managed (older pips ignore it); --user where site-packages is not writable
+PIP=("$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .)
+logged "$LOG" env PIP_BREAK_SYSTEM_PACKAGES=1 timeout -k 5 120 "${PIP[@]}" \
+  || logged "$LOG" env PIP_BREAK_SYSTEM_PACKAGES=1 timeout -k 5 120 "${PIP[@]}" --user
 RC[install]=$?
-if logged "$LOG" importable; then
-  RC[import]=0
-else
-  say "qcompiler is not importable after pip (rc ${RC[install]}): falling back to a path finder"
-  path_finder
-  logged "$LOG" importable
-  RC[import]=$?
-fi
+logged "$LOG" importable
+RC[import]=$?
+((RC[import] == 0)) || say "qcompiler is not importable after pip (rc ${RC[install]}): the steps below will fail"
 
 # --- 2. versions ----------------------------------------------------------------------------
 step "card and versions"

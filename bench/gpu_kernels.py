@@ -16,13 +16,14 @@ Sections, each beside its anchor in the same process on the same data:
 Every kernel is checked once per shape against a float reference, so a wrong kernel cannot post a
 fast number unnoticed.
 
-Method as ``../shared/bench/anchors_gpu.py``: triton ``do_bench`` (warmup 10 ms, rep 40 ms, median;
-it also clears L2 before each call), weights rotated through enough copies to exceed the L2 (each
-candidate its own), so the figures are HBM figures. Groups of sections run in child processes
+Method: triton ``do_bench`` (warmup 10 ms, rep 40 ms, median; it also clears L2 before each
+call), weights rotated through enough copies to exceed the L2 (each candidate its own), so the
+figures are HBM figures. Groups of sections run in child processes
 under a shared time budget (deadlines, unused time rolls over): a kernel that faults poisons only
 its own process's CUDA context. Rows print as they come; ``$OUT/kernels.json`` and
 ``$OUT/kernels.md`` (a table for RESULTS.md) are rewritten after each group. ``$OUT`` defaults to
-``bench/out``.
+``bench/out``. qcompiler is imported as installed (``pip install --no-deps -e .``; ``bench/gpu.sh``
+installs it first).
 """
 import argparse
 import datetime
@@ -60,37 +61,6 @@ ATTN_CASES = ([(32, 1, 4096), (32, 32, 2048), (32, 64, 1024), (8, 32, 2048)] if 
 CHECK_M = 16
 # NOTE: the Triton interpreter on CPU mishandles bf16 (garbage out): the smoke run uses fp16 instead
 ACT_DTYPE = "bfloat16" if not SMOKE else "float16"
-
-
-# --- importing the package from the checkout ----------------------------------------------
-
-class _CheckoutFinder:
-    """pyproject's package-dir mapping (qcompiler.codegen -> codegen/, ...), for a checkout that
-    was not pip-installed."""
-    MAP = {"qcompiler": ROOT / "qcompiler", "qcompiler.passes": ROOT / "passes",
-           "qcompiler.codegen": ROOT / "codegen", "qcompiler.runtime": ROOT / "runtime"}
-
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        import importlib.util
-        d = cls.MAP.get(name)
-        if d is None:
-            return None
-        return importlib.util.spec_from_file_location(name, d / "__init__.py", submodule_search_locations=[str(d)])
-
-
-def ensure_importable() -> None:
-    try:
-        import qcompiler.codegen  # noqa: F401
-        return
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("qcompiler"):
-            raise
-    for m in [m for m in sys.modules if m == "qcompiler" or m.startswith("qcompiler.")]:
-        del sys.modules[m]
-    sys.meta_path.insert(0, _CheckoutFinder)
-    import qcompiler.codegen  # noqa: F401
-    print(f"(qcompiler imported from the checkout {ROOT}: not pip-installed)", flush=True)
 
 
 # --- child process: one group of sections --------------------------------------------------
@@ -590,8 +560,6 @@ def child(group: str, rows_path: str, deadline: float, only) -> int:
         ctx.deadline = time.time() + left * share / sum(sh for _, sh in plan[i:])
         t0 = time.time()
         try:
-            if section != "copy":
-                ensure_importable()
             SECTIONS[section](ctx)
             status = "ok" if not ctx.skipped else "partial: time budget spent"
         except Exception as e:

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))  # the bundled model file, imported as a module
 
-from examples import smollm2  # noqa: E402
+import smollm2  # noqa: E402
 from qcompiler.data import britannica_text  # noqa: E402
 from qcompiler.codegen import cpu_native  # noqa: E402
 from qcompiler.runtime.sampling import SamplingParams, sample_batch, sampling_probs_ref  # noqa: E402

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))  # the bundled model file, imported as a module
 
-from examples import smollm2  # noqa: E402
+import smollm2  # noqa: E402
 from qcompiler import LLM, SamplingParams  # noqa: E402
 from qcompiler.compiler import compile_model  # noqa: E402
 from qcompiler.data import britannica_text  # noqa: E402
