@@ -5,13 +5,16 @@ so a read past a sequence's tokens shows), decode (split and unsplit), prompts, 
 cached tokens and mixed batches, GQA ratios 1, 3, 8, block sizes 1, 4, 5, 16. Without CUDA the
 kernels run in the Triton interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1);
 the bf16, opcheck and CUDA-graph tests need a GPU."""
+import itertools
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qcompiler.codegen.attention import paged_attention_ref, reshape_and_cache_impl
-from qcompiler.codegen.triton_attention import decode_split_plan, paged_attention_triton, reshape_and_cache_triton
+from qcompiler.codegen.triton_attention import (_MIN_TILES_PER_SPLIT, _SPLIT_TARGET_PER_SM, decode_split_plan,
+                                               paged_attention_triton, reshape_and_cache_triton)
 
 # NOTE: the Triton 3.6 interpreter takes a loop bound's 1-element array as an index, which NumPy deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
@@ -96,15 +99,26 @@ def test_decode_equals_ref(kernel_device, rep, bs, D, q_dtype, cache_dtype, seq_
 
 
 def test_decode_split_plan():
-    assert decode_split_plan(32, 32, 2048, 128, 132) == (1, 2048)  # 1024 programs fill 132 SMs
-    assert decode_split_plan(32, 4, 2048, 128, 132) == (4, 512)  # 128 leave SMs idle: 4 splits of 4 tiles
-    assert decode_split_plan(4, 8, 8192, 128, 132) == (16, 512)  # 32 programs: 16 splits of 4 tiles
-    assert decode_split_plan(1, 8, 2048, 128, 132) == (4, 512)  # capped at 4 tiles a split
-    assert decode_split_plan(2, 8, 2000, 64, 132) == (8, 256)  # 32 tiles as 8 splits of 4
-    assert decode_split_plan(4, 2, 100, 64, 132) == (1, 128)  # short: never split
-    assert decode_split_plan(32, 8, 2048, 64, 132, head_bytes=128) == (3, 704)  # head_dim 64: 256 are too few
-    assert decode_split_plan(2, 2, 97, 16, 132, num_splits=4) == (4, 32)  # forced: 7 tiles as 2+2+2+1
-    assert decode_split_plan(2, 2, 20, 16, 132, num_splits=4) == (2, 16)  # forced, clamped to the tiles
+    """Splits cover the longest context in whole KV tiles, none of them empty. A step whose
+    programs (sequences x KV heads) fill the SMs (one per SM at 256 bytes a head, two at 128) is
+    not split; one that leaves them idle is, when its context has room for two splits. A split
+    walks at least ``_MIN_TILES_PER_SPLIT`` tiles, and splitting never asks for much more than
+    ``_SPLIT_TARGET_PER_SM`` programs per SM. A forced count is kept, clamped to the tiles."""
+    sms = 132
+    cases = itertools.product([1, 2, 4, 32, 64], [1, 2, 8, 32], [1, 20, 97, 100, 2000, 2048, 8192], [16, 64, 128],
+                              [128, 256, 512])
+    for S, Hkv, ctx, block_n, head_bytes in cases:  # sequences, KV heads, longest context, KV tile, bytes a head
+        n, size = decode_split_plan(S, Hkv, ctx, block_n, sms, head_bytes=head_bytes)
+        tiles, programs = -(-ctx // block_n), S * Hkv
+        assert size % block_n == 0 and n * size >= ctx > (n - 1) * size, (S, Hkv, ctx, block_n, n, size)
+        full = programs >= sms * max(1, 256 // head_bytes)
+        assert n == 1 or (not full and size // block_n >= _MIN_TILES_PER_SPLIT), (S, Hkv, ctx, block_n, n, size)
+        if not full and tiles >= 2 * _MIN_TILES_PER_SPLIT:
+            assert n > 1, (S, Hkv, ctx, block_n, head_bytes)
+        assert programs * n < _SPLIT_TARGET_PER_SM * sms + programs, (S, Hkv, ctx, block_n, n)
+    assert decode_split_plan(2, 2, 97, 16, sms, num_splits=4)[0] == 4  # 7 tiles as 2+2+2+1
+    assert decode_split_plan(2, 2, 20, 16, sms, num_splits=4) == (2, 16)  # 2 tiles: clamped
+    assert decode_split_plan(64, 32, 2048, 128, sms, num_splits=8)[0] == 8  # forced past the heuristic
 
 
 # --- paged_attention: prompts, chunks, mixed ------------------------------------------------

@@ -8,7 +8,8 @@ from qcompiler.codegen.ops import quantized_linear_ref
 from qcompiler.codegen.quant import dequantize_weight_ref, quantize_weight
 from qcompiler.codegen import triton_linear_common, triton_linear_tiles
 from qcompiler.codegen.triton_linear import dequantize_triton, wq_linear_triton, words_ok
-from qcompiler.codegen.triton_linear_tiles import LinearConfig, pick_config, tuned_config
+from qcompiler.codegen.triton_linear_tiles import (DEQUANT_MIN_M, FORMS, GEMV_MAX_M, LinearConfig, pick_config,
+                                                   tuned_config)
 
 
 def _weight(N, K, bits, group, symmetric, seed=0):
@@ -193,24 +194,53 @@ def test_strided_scales_and_batched_input(kernel_device):
     torch.testing.assert_close(out.reshape(6, 40).cpu(), ref, **TOL[torch.float32])
 
 
-def test_configs_by_size():
+RULE_MS = [1, 2, 3, 4, 5, 16, 17, 32, 33, 64, 65, 128, 256, 511, 512, 1024, 4096]
+RULE_SHAPES = [(11008, 4096), (4096, 11008), (28672, 8192), (24, 192), (4096, 64)]  # (N, K)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 16), (4, 32), (4, 96), (4, 128), (4, None), (8, 32), (8, 128), (8, None)])
+def test_rule_configs_keep_their_bounds(bits, group):
+    """Whatever tiles the rules pick, at any M and shape: BLOCK_K is a power of two dividing the
+    group (one scale per K tile); a GEMV form takes all rows in one tile and only at decode sizes;
+    the tensor-core form pads rows to 16; the weight is dequantized once only at prefill sizes;
+    K is split only for few rows, into splits of at least four K tiles, never more programs than
+    the SMs want; and along M the forms go GEMV -> tensor cores -> dequant, never back."""
     cpu = torch.device("cpu")
-    decode = pick_config(1, 11008, 4096, 128, 4, cpu)
-    assert decode.block_m == 1 and decode.split_k > 1 and 128 % decode.block_k == 0 and decode.form == "words"
-    assert pick_config(1, 11008, 4096, 128, 8, cpu).form == "stream"  # int8: a byte per code
-    assert pick_config(2, 11008, 4096, 128, 4, cpu).block_m == 2
-    three = pick_config(3, 11008, 4096, 128, 4, cpu)
-    assert three.form == "swap" and three.block_m == 16  # tensor cores from 3 rows (int4), rows padded
-    assert pick_config(2, 11008, 4096, 4096, 8, cpu).form == "stream"  # int8 per channel: a stream up to 2 rows
-    assert pick_config(2, 11008, 4096, 128, 8, cpu).form == "swap"  # grouped int8: tensor cores from 2
-    mid = pick_config(16, 11008, 4096, 128, 4, cpu)
-    assert mid.block_m == 16 and mid.form == "swap"  # tensor cores from here
-    large = pick_config(256, 11008, 4096, 128, 4, cpu)
-    assert large.block_m > 16 and large.split_k == 1 and large.form == "swap"
-    prefill = pick_config(512, 11008, 4096, 128, 4, cpu)  # dequantize once, then the float GEMM
-    assert prefill.form == "dequant" and prefill.split_k == 1 and 128 % prefill.block_k == 0
-    assert pick_config(1, 4096, 4096, 32, 4, cpu).block_k == 32  # BLOCK_K divides the group
-    assert pick_config(1, 4096, 4096, 128, 8, cpu).block_k == 32  # the int8 stream: 32 bytes of a row per step
+    sms = triton_linear_tiles.num_sms(cpu)
+    for N, K in RULE_SHAPES:
+        g = group or K
+        if g > K or K % g:
+            continue
+        order = []
+        for M in RULE_MS:
+            cfg = pick_config(M, N, K, g, bits, cpu)
+            assert cfg.form in FORMS and cfg.form != "planes", cfg
+            assert cfg.block_k & (cfg.block_k - 1) == 0 and (group is None or g % cfg.block_k == 0), (M, N, K, cfg)
+            if cfg.form in ("words", "stream"):
+                assert M <= GEMV_MAX_M and cfg.block_m >= M, (M, cfg)
+                assert cfg.form == "stream" or bits == 4, cfg  # a word of 8 codes is int4's
+            if cfg.form == "swap":
+                assert 16 <= cfg.block_m and cfg.block_m & (cfg.block_m - 1) == 0, (M, cfg)
+            assert (cfg.form == "dequant") == (M >= DEQUANT_MIN_M), (M, cfg)
+            tiles = -(-M // cfg.block_m) * -(-N // cfg.block_n)
+            if cfg.split_k > 1:
+                assert M <= 64 and -(-K // cfg.block_k) >= 4 * cfg.split_k, (M, N, K, cfg)
+                assert tiles * cfg.split_k <= max(tiles, 4 * sms), (M, N, K, cfg)
+            order.append({"words": 0, "stream": 0, "swap": 1, "dequant": 2}[cfg.form])
+        assert order == sorted(order) and order[0] == 0, (N, K, order)
+
+
+def test_rules_split_k_where_the_output_tiles_leave_sms_idle():
+    """At decode sizes a long K is split until the SMs have work (a decode GEMV of 11008 outputs
+    has fewer output tiles than SMs); prefill sizes and short K are never split."""
+    cpu = torch.device("cpu")
+    sms = triton_linear_tiles.num_sms(cpu)
+    for bits in (4, 8):
+        cfg = pick_config(1, 11008, 4096, 128, bits, cpu)
+        tiles = -(-11008 // cfg.block_n)
+        assert tiles < sms and tiles * cfg.split_k >= sms, cfg
+        assert pick_config(1, 11008, 64, 32, bits, cpu).split_k == 1  # two K tiles: nothing to split
+        assert pick_config(256, 11008, 4096, 128, bits, cpu).split_k == 1
 
 
 def test_tuned_entries_by_nearest_m():
