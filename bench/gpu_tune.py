@@ -58,8 +58,8 @@ def candidates(M: int):
     from qcompiler.codegen.triton_linear_tiles import GEMV_MAX_M, LinearConfig
     bm = block_m(M)
     splits = (1, 2, 4, 8) if M <= GEMV_MAX_M else (1, 2, 4) if M <= 64 else (1,)
-    # ``planes`` (4-11x more issue cycles per weight in the sm_90 count) stays in as a reference,
-    # two tiles at tensor-core sizes: each tile is a compile, and the budget is minutes
+    # ``planes`` (more issue cycles per weight in the sm_90 count) stays in as a reference, two
+    # tiles at tensor-core sizes: each tile is a compile, and the budget is minutes
     if M <= GEMV_MAX_M:  # the streams, and the swapped tensor-core form with rows padded to 16
         tiles = [(t, form) for form in ("words", "stream") for t in STREAM] + [(t, "swap") for t in DOT[:3]]
     else:  # the swapped tensor-core form (weights the left operand, from registers) first

@@ -2,8 +2,7 @@
 (bundled with the triton wheel) turn each form and tile into sm_90a SASS here on the CPU, and the
 inner loop's instructions are counted. No timing: a static estimate of the issue work per weight.
 
-Where a kernel is bound by instruction issue (as the first W4A16 kernels measured on an H200
-were: 4 decode rows cost 2.5x one), that count predicts its time. The model: per SM
+Where a kernel is bound by instruction issue, that count predicts its time. The model: per SM
 sub-partition, a warp instruction holds its pipe for 32 / (results per clock) cycles, with the
 CUDA guide's figures for compute capability 9.0 (fp32 add/mul/fma 128 per SM and clock: 1 cycle;
 32-bit integer add/logic/shift 64: 2; conversions 16: 8; shuffles 32: 4). Memory, tensor-core
