@@ -45,8 +45,9 @@ from torch import Tensor
 from . import ops
 from .cuda import cdiv, pow2_divisor
 from .triton_gemv import _w4_gemv_words_kernel, _wq_gemv_stream_kernel
-from .triton_linear_common import _group_params, _tile, _write_out, split_workspace
+from .triton_linear_common import _group_params, _tile, _write_out
 from .triton_linear_tiles import FORMS, LinearConfig, pick_config
+from .workspace import split_workspace
 
 _EXP_BITS16 = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # magic bits, value of code 0
 

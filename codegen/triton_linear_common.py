@@ -1,17 +1,14 @@
 """The pieces every weight-only GEMM kernel (``triton_linear``, ``triton_gemv``) shares: a tile's
-place in its grid, a group's scale and code offset, and the split-K epilogue with its workspace.
+place in its grid, a group's scale and code offset, and the split-K epilogue.
 
-Split over K, the programs of one output tile add their fp32 sums into a per-device workspace and
-count themselves in the tile's lock; the last one to arrive writes the tile in the output dtype
-and clears what it used. A split call is then a single launch (no zero-filled buffer before it,
-no cast after it), and the workspace is zero between calls.
+Split over K, the programs of one output tile add their fp32 sums into a workspace (owned by
+whoever runs the program: ``codegen.workspace``) and count themselves in the tile's lock; the last
+one to arrive writes the tile in the output dtype and clears what it used. So the workspace is
+zero between calls, and a split call in a held workspace is a single launch (no zero-filled
+buffer before it, no cast after it).
 """
-import torch
 import triton
 import triton.language as tl
-from torch import Tensor
-
-from .cuda import pow2_ceil
 
 
 @triton.jit
@@ -66,27 +63,3 @@ def _group_params(s_ptr, z_ptr, offs_n, mask_n, k0, stride_sn, stride_sg, stride
     else:
         off = tl.zeros((BLOCK_N,), dtype=tl.float32)
     return s, off + CODE_OFFSET
-
-
-_WORKSPACES: dict[torch.device, tuple[Tensor, Tensor]] = {}
-_RETIRED: list[tuple[Tensor, Tensor]] = []
-
-
-def split_workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tensor, Tensor]:
-    """The device's split-K workspace: fp32 sums and int32 tile locks, zero between calls (the
-    kernel's last split clears what it used), grown when a call needs more. A buffer it outgrows
-    is kept alive: CUDA graphs captured earlier still write to it. Growth during a capture makes a
-    buffer for that graph alone (zero-filled by the graph itself), leaving the shared one as it is."""
-    cur = _WORKSPACES.get(device)
-    if cur is not None and cur[0].numel() >= numel and cur[1].numel() >= tiles:
-        return cur
-    size = (pow2_ceil(max(numel, cur[0].numel() if cur else 0)), pow2_ceil(max(tiles, cur[1].numel() if cur else 0)))
-    new = (torch.zeros(size[0], device=device, dtype=torch.float32), torch.zeros(size[1], device=device, dtype=torch.int32))
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return new
-    if cur is not None:
-        _RETIRED.append(cur)
-    _WORKSPACES[device] = new
-    return new
-
-

@@ -8,6 +8,7 @@ from typing import Optional, Sequence as Seq, Union
 
 import torch
 
+from qcompiler.codegen.workspace import SplitKWorkspace
 from qcompiler.runtime.engine import Engine, ModelRunner
 from qcompiler.runtime.memory import kv_cache_bytes, profile_step
 from qcompiler.runtime.sampling import SamplingParams
@@ -74,9 +75,12 @@ class LLM:
             torch.bfloat16 if man["target"]["name"] in A16_TARGETS else getattr(torch, man["model"]["dtype"]))
         per_block = paged["num_layers"] * 2 * block_size * paged["num_kv_heads"] * paged["head_dim"] * dtype.itemsize
         max_len = man["program"]["max_tokens"]
+        workspace = SplitKWorkspace()  # the engine's: the profiling step grows it as serving will
         if num_blocks is None and gpu_memory_utilization is not None:
-            num_blocks = self._blocks_for_utilization(gpu_memory_utilization, paged, dtype, per_block, block_size,
-                                                      min(max_num_batched_tokens, max_len), max_num_seqs)
+            with workspace:
+                num_blocks = self._blocks_for_utilization(gpu_memory_utilization, paged, dtype, per_block,
+                                                          block_size, min(max_num_batched_tokens, max_len),
+                                                          max_num_seqs)
         num_blocks = num_blocks or max(1, kv_cache_memory // per_block)
         self.tokenizer = self.model.tokenizer if man.get("tokenizer") else None
         eos = man["model"]["config"].get("eos_token_id")
@@ -84,7 +88,8 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.append(self.tokenizer.eos_token_id)
         runner = ModelRunner(self.model.program, paged, dtype, num_blocks, block_size, self.model.device,
-                             max_num_seqs if cuda_graphs else 0, min(num_blocks, -(-max_len // block_size)))
+                             max_num_seqs if cuda_graphs else 0, min(num_blocks, -(-max_len // block_size)),
+                             workspace)
         self.engine = Engine(runner, num_blocks, block_size,
                              self.tokenizer, tuple(eos), prefix_cache, max_num_seqs, max_num_batched_tokens,
                              man["program"]["max_tokens"])

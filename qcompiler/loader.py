@@ -6,6 +6,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.passes import move_to_device_pass
 
+from qcompiler.codegen.workspace import SplitKWorkspace
 from qcompiler.runtime.step_inputs import single_sequence
 
 from .artifact import ArtifactError, load_program, read_manifest
@@ -16,13 +17,15 @@ class CompiledModel:
     """The artifact's program, called like the source model: ``m(input_ids=[1, T], position_ids=[1, T])
     -> logits [1, T, V]`` (or flat ``[T]`` -> ``[T, V]``). Rows of a ``[B, T]`` batch are
     independent sequences, each computed from scratch with a KV cache of its own; the serving
-    engine calls ``program`` itself with a shared paged cache. ``lowerings``: what ran at load,
-    in order (``qcompiler.lowering``), one ``{"name", "params", "seconds"}`` each."""
+    engine calls ``program`` itself with a shared paged cache (and a workspace of its own).
+    ``lowerings``: what ran at load, in order (``qcompiler.lowering``), one ``{"name", "params",
+    "seconds"}`` each. ``workspace``: the split-K workspace the model's own calls run in."""
 
     def __init__(self, path: Optional[Path], manifest: dict, gm: torch.nn.Module, device: torch.device,
                  lowerings: Optional[list[dict]] = None):
         self.path, self.manifest, self.program, self.device = path, manifest, gm, device
         self.lowerings = lowerings or []
+        self.workspace = SplitKWorkspace()
         self._tokenizer = None
 
     @property
@@ -50,7 +53,7 @@ class CompiledModel:
         prog = self.manifest["program"]
         dtype = getattr(torch, self.manifest["model"]["dtype"])
         args = single_sequence(input_ids.to(self.device), positions.to(self.device), prog["paged"], dtype)
-        with torch.no_grad():
+        with self.workspace, torch.no_grad():
             return self.program(*args)
 
     def __call__(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None, positions=None):

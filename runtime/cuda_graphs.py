@@ -13,9 +13,11 @@ and the ``[S, W]`` block tables land in a staging area, from which one device co
 into the first ``W`` columns of the graph's wide table. Columns past a sequence's blocks keep
 what earlier steps left there: block ids of this pool, which attention never reads (it stops
 at each sequence's length). Two operations per step instead of a copy or fill per input."""
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
+
+from qcompiler.codegen.workspace import SplitKWorkspace
 
 from .step_inputs import StepInputs
 
@@ -73,8 +75,13 @@ def send_decode(host: DecodeBuffers, dev: DecodeBuffers, block_tables: torch.Ten
 
 
 class DecodeGraphs:
-    def __init__(self, program: Callable, kv_cache: torch.Tensor, max_batch: int, max_blocks: int):
+    """The decode graphs of one program, captured in ``workspace`` (the runner's, else its own):
+    the graphs write into its split-K buffers, so it is held here as long as they are."""
+
+    def __init__(self, program: Callable, kv_cache: torch.Tensor, max_batch: int, max_blocks: int,
+                 workspace: Optional[SplitKWorkspace] = None):
         self.program, self.kv_cache, self.max_blocks = program, kv_cache, max_blocks
+        self.workspace = workspace if workspace is not None else SplitKWorkspace()
         self.sizes = [b for b in BATCH_SIZES if b < max_batch] + [max_batch]
         # per size: the graph, its device buffers, their pinned host copy, its block tables and its logits
         self.graphs: dict[int, tuple] = {}
@@ -95,12 +102,13 @@ class DecodeGraphs:
                 torch.arange(B + 1, **long), torch.arange(B, **long))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():  # warm-up: compiles and autotunes outside the capture
+        # warm-up, outside the capture: compiles, autotunes and grows the workspace to what the graph uses
+        with self.workspace, torch.cuda.stream(stream), torch.no_grad():
             for _ in range(2):
                 self.program(*args)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
+        with self.workspace, torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
             out = self.program(*args)
         return graph, dev, host, tables, out
 

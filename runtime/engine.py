@@ -4,6 +4,8 @@ from typing import Optional
 
 import torch
 
+from qcompiler.codegen.workspace import SplitKWorkspace
+
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, decode
 from .sampling import SamplingParams, sample_batch
@@ -32,26 +34,28 @@ class Request:
 
 
 class ModelRunner:
-    """Owns the KV cache and runs the program on a step's packed tokens. On CUDA, decode steps of
-    up to ``cuda_graph_max_batch`` sequences replay CUDA graphs (``runtime.cuda_graphs``); 0 turns
-    that off."""
+    """Owns the KV cache and the split-K workspace (``workspace``: the one given, else its own) and
+    runs the program on a step's packed tokens, in that workspace. On CUDA, decode steps of up to
+    ``cuda_graph_max_batch`` sequences replay CUDA graphs (``runtime.cuda_graphs``), captured in the
+    same workspace; 0 turns that off."""
 
     def __init__(self, program, paged: dict, dtype: torch.dtype, num_blocks: int, block_size: int,
                  device: torch.device = torch.device("cpu"), cuda_graph_max_batch: int = 0,
-                 max_blocks_per_seq: int = 0):
+                 max_blocks_per_seq: int = 0, workspace: Optional[SplitKWorkspace] = None):
         self.program, self.block_size = program, block_size
+        self.workspace = workspace if workspace is not None else SplitKWorkspace()
         self.kv_cache = torch.zeros(paged["num_layers"], 2, num_blocks, block_size, paged["num_kv_heads"],
                                     paged["head_dim"], dtype=dtype, device=device)
         self.graphs = None
         if cuda_graph_max_batch and self.kv_cache.is_cuda:
             from .cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(program, self.kv_cache, cuda_graph_max_batch,
-                                       max_blocks_per_seq or num_blocks)
+                                       max_blocks_per_seq or num_blocks, self.workspace)
 
     def run(self, inp) -> torch.Tensor:
         if self.graphs is not None and self.graphs.fits(inp):
             return self.graphs.run(inp)
-        with torch.no_grad():
+        with self.workspace, torch.no_grad():
             return self.program(*inp.args(self.kv_cache))
 
     def copy_blocks(self, copies) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from qcompiler.codegen.ops import quantized_linear_ref
 from qcompiler.codegen.quant import dequantize_weight_ref, quantize_weight
-from qcompiler.codegen import triton_linear_common, triton_linear_tiles
+from qcompiler.codegen import triton_linear_tiles
 from qcompiler.codegen.triton_linear import dequantize_triton, wq_linear_triton, words_ok
 from qcompiler.codegen.triton_linear_tiles import (DEQUANT_MIN_M, FORMS, GEMV_MAX_M, LinearConfig, pick_config,
                                                    tuned_config)
@@ -152,28 +152,6 @@ def test_dequantized_form(kernel_device, dtype, bits, group, symmetric):
     out = wq_linear_triton(*args, bits=bits, config=LinearConfig(128, 16, 32, 1, 4, 1, "dequant"))
     assert out.shape == (33, 40) and out.dtype == dtype
     torch.testing.assert_close(out.cpu().float(), ref, **TOL[dtype])
-
-
-@pytest.mark.parametrize("form", ["planes", "stream", "dot", "swap"])
-def test_split_k_workspace_is_left_clean(kernel_device, form, monkeypatch):
-    """Split-K sums meet in a shared workspace that the last split of each tile clears: calls in a
-    row, of different sizes, each equal their reference, output comes in the input's dtype (no
-    cast after), and workspace and locks are zero between calls; a call that needs more grows it
-    and keeps the old buffers alive (CUDA graphs captured earlier still point at them)."""
-    monkeypatch.setattr(triton_linear_common, "_WORKSPACES", {})
-    monkeypatch.setattr(triton_linear_common, "_RETIRED", [])
-    dev = torch.device(kernel_device)
-    block_m = 16 if form in ("dot", "swap") else 2
-    kind = "planes" if form == "dot" else form
-    for i, (M, N) in enumerate([(2, 24), (3, 40), (2, 24)]):
-        args, ref = _case(M, N, 128, 4, 32, False, bias=True, dtype=torch.float16, device=kernel_device, seed=i)
-        cfg = LinearConfig(block_m, 16, 32, 4, 4, 1, kind)
-        out = wq_linear_triton(*args, bits=4, config=cfg)
-        assert out.dtype == torch.float16
-        torch.testing.assert_close(out.cpu().float(), ref, **TOL[torch.float16])
-        ws, locks = triton_linear_common._WORKSPACES[dev]
-        assert ws.numel() >= M * N and not ws.any() and not locks.any()
-    assert len(triton_linear_common._RETIRED) == 1 and not triton_linear_common._RETIRED[0][0].any()  # grown once, at the 3 x 40 call
 
 
 def test_unknown_form_is_refused(kernel_device):
