@@ -9,13 +9,14 @@ from pathlib import Path
 
 from .targets import TARGETS
 
-SUBCOMMANDS = ("compile", "eval", "generate")
+SUBCOMMANDS = ("compile", "eval", "generate", "report")
 PER_CHANNEL = "channel"  # --group-size channel: one group per output channel
 DESCRIPTION = """Compile a PyTorch language model into a quantized artifact, or evaluate one.
 
   qcompile MODEL --target w4a16 [-o DIR]     compile (same as: qcompile compile MODEL ...)
   qcompile eval ARTIFACT [--compare-float]   perplexity on the bundled evaluation text
   qcompile generate ARTIFACT "PROMPT"        generate text with the paged runtime
+  qcompile report ARTIFACT [-o report.png]   draw an artifact: per-layer error, pass checks, size
 
 MODEL is a model.py defining build_model(), a Hugging Face model directory, or a .gguf file.
 Targets:
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="w4a16/w8a16: 8 = output projection in int8 per channel (the rest as the scheme says)")
     c.add_argument("--dtype", default=None, help="cast the model first: float32, bfloat16 or float16")
     c.add_argument("-o", "--output", default=None, help="artifact directory (default build/<model>-<target>)")
+    c.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking each pass on probe inputs (the manifest says so)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e = sub.add_parser("eval", help="perplexity of an artifact on the bundled evaluation text")
     e.add_argument("artifact")
@@ -109,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the program through torch.compile: ~2x faster decode after a compile of minutes the first "
                         "time, under a minute from Inductor's cache after that")
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda: Triton kernels and CUDA graphs")
+    r = sub.add_parser("report", help="draw an artifact (PNG) and print the same facts")
+    r.add_argument("artifact")
+    r.add_argument("-o", "--output", default=None, help="PNG path (default: ARTIFACT-report.png beside the artifact)")
     return p
 
 
@@ -136,6 +142,27 @@ def print_summary(rep, model: str) -> None:
     total = sum(rep.stages.values())
     print(f"  {'seconds':<12} " + " · ".join(f"{k.removeprefix('pass:')} {v:.1f}" for k, v in rep.stages.items())
           + f" = {total:.1f}")
+    print_pass_checks(rep.manifest)
+
+
+def _db(x: float) -> str:
+    return "exact" if x >= 300 else f"{x:.1f} dB"
+
+
+def print_pass_checks(manifest: dict) -> None:
+    """The per-pass table: each pass's seconds and its check on probe inputs (``qcompiler.verify``)."""
+    ver = manifest.get("verification") or {}
+    if not ver.get("enabled"):
+        print("  passes were not checked (compiled with --no-verify)")
+        return
+    print(f"  checks on {ver['tokens']} probe tokens ({len(ver['sequences'])} sequences"
+          + (f", one past the {ver['window']}-token attention window" if ver.get("window") else "")
+          + f"), {ver['seconds']:.1f} s:")
+    print(f"    {'pass':<18} {'kind':<6} {'seconds':>7} {'max |Δ|':>9} {'SQNR vs before':>15} {'vs float':>10}")
+    for rec in manifest["passes"]:
+        c = rec["check"]
+        print(f"    {rec['name']:<18} {'exact' if rec.get('exact') else 'lossy':<6} {rec['seconds']:>7.1f} "
+              f"{c['max_abs_err']:>9.2e} {_db(c['sqnr_db']):>15} {_db(c['sqnr_db_vs_float']):>10}")
 
 
 def _layer_bytes(rep, v) -> float:
@@ -165,7 +192,8 @@ def cmd_compile(a) -> int:
                          no_smoothquant=a.no_smoothquant or None)
     calib = CalibrationConfig(samples=a.calib_samples, seq_len=a.calib_seq_len, file=a.calib_file)
     out = a.output or f"build/{Path(a.model).stem.lower()}-{target.name}"
-    rep = compile_model(a.model, target, out, dtype=a.dtype, progress=not a.quiet, calibration=calib)
+    rep = compile_model(a.model, target, out, dtype=a.dtype, progress=not a.quiet, calibration=calib,
+                        verify=a.verify)
     print_summary(rep, a.model)
     return 0
 
@@ -191,6 +219,8 @@ def cmd_eval(a) -> int:
     t0 = time.perf_counter()
     name = m.manifest["target"]["name"]
     rows.append((f"{name} (artifact)", perplexity(m.flat, tokens, a.window_len, not a.quiet, name), time.perf_counter() - t0))
+    print(f"\n{a.artifact}: {m.manifest['target']['name']}, passes as compiled")
+    print_pass_checks(m.manifest)
     print(f"\nperplexity, {a.windows} windows x {a.window_len} tokens of "
           f"{a.text_file or 'the bundled Britannica article'}:")
     for label, ppl, secs in rows:
@@ -231,6 +261,17 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_report(a) -> int:
+    from .report import build_report, draw_report, report_text
+    rep = build_report(a.artifact)
+    out = Path(a.output) if a.output else rep.path.resolve().with_name(f"{rep.path.resolve().name}-report.png")
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--output must name a .png file, got {out}")
+    print(report_text(rep))
+    print(f"picture: {draw_report(rep, out)}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
@@ -246,7 +287,7 @@ def main(argv=None) -> int:
     logging.getLogger("qcompiler").setLevel(logging.INFO)
     from .artifact import ArtifactError
     try:
-        return {"compile": cmd_compile, "eval": cmd_eval, "generate": cmd_generate}[a.command](a)
+        return {"compile": cmd_compile, "eval": cmd_eval, "generate": cmd_generate, "report": cmd_report}[a.command](a)
     except (ValueError, OSError, ArtifactError) as e:
         if os.environ.get("QCOMPILE_DEBUG"):
             raise

@@ -14,6 +14,7 @@ from .capture import capture, export_paged, max_tokens_of
 from .models import DTYPES, ModelSource, load_source, source_kind
 from .pipeline import run_pipeline
 from .targets import Target
+from .verify import Checker, declared_window, make_probes
 
 log = logging.getLogger("qcompiler")
 
@@ -60,10 +61,22 @@ def _model_dtype(model: torch.nn.Module) -> str:
     return str(floats[0] if floats else torch.get_default_dtype()).removeprefix("torch.")
 
 
+def _checker(ep, src: ModelSource, max_tokens: int, samples) -> tuple[Checker, dict]:
+    """The probes and the float program's outputs on them (``qcompiler.verify``)."""
+    vocab = ep.graph_module.graph.find_nodes(op="output")[0].args[0][0].meta["val"].shape[-1]
+    window = declared_window(src.config)
+    probes = make_probes(int(vocab), max_tokens, window, samples)
+    checker = Checker(ep, probes, getattr(torch, _model_dtype(src.model)))
+    return checker, {"enabled": True, "window": window, **probes.describe()}
+
+
 def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, dtype: str | None = None,
-                  progress: bool = False, calibration: CalibrationConfig | None = None) -> CompileReport:
+                  progress: bool = False, calibration: CalibrationConfig | None = None,
+                  verify: bool = True) -> CompileReport:
     """Compiles ``model`` (a path or a loaded ``ModelSource``) for ``target`` into the artifact ``out``;
-    ``calibration`` says which samples the calibrated methods use (default: 64 × 512 tokens)."""
+    ``calibration`` says which samples the calibrated methods use (default: 64 × 512 tokens).
+    ``verify`` checks every pass on probe inputs (``qcompiler.verify``): an exact pass that changes
+    the program's outputs raises ``VerificationError``; the checks go into the manifest."""
     out = Path(out).resolve()
     if not isinstance(model, ModelSource):
         source_kind(str(model))  # bad input fails before anything is created
@@ -80,10 +93,16 @@ def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, 
     if target.needs_calibration:
         with _stage(stages, "calibration data"):
             calib = load_calibration(src, cfg, src.config.get("vocab_size"))
+    samples = calib.samples if calib else None
+    checker, verification = None, {"enabled": False}
+    if verify:
+        checker, verification = _checker(ep, src, max_tokens, samples)
     with torch.no_grad():
-        result = run_pipeline(ep, target, progress=progress, samples=calib.samples if calib else None)
+        result = run_pipeline(ep, target, progress=progress, samples=samples, checker=checker)
     for rec in result.records:
         stages[f"pass:{rec['name']}"] = rec["seconds"]
+    if checker is not None:
+        stages["verify"] = verification["seconds"] = round(checker.seconds, 3)
     paged = result.gm.meta["qc_paged"]
     dtype = _model_dtype(src.model)
     with _stage(stages, "export"):
@@ -100,6 +119,7 @@ def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, 
                     "output": "logits[N, V]", "max_tokens": max_tokens, "paged": paged},
         "calibration": calib.describe(cfg) if calib else None,
         "passes": result.records,
+        "verification": verification,
         "layers": result.layers,
     }
     with _stage(stages, "save"):

@@ -40,7 +40,9 @@ def _hf_config_dict(model) -> dict:
     keep = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
             "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
             "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
-            "bos_token_id", "eos_token_id")
+            "bos_token_id", "eos_token_id",
+            # attention windows: what the compile's checks probe past (qcompiler.verify)
+            "sliding_window", "use_sliding_window", "attention_chunk_size", "layer_types")
     d = cfg.to_dict()
     return {k: d[k] for k in keep if k in d}
 

@@ -7,11 +7,13 @@
     fp8           [gptq] ─► quantize_fp8
 
 Dispatch is on the target's config type; the manifest records every pass that ran, with
-its parameters and seconds. Calibrated passes receive the calibration samples."""
+its parameters, seconds and, when a ``Checker`` is given, its check on probe inputs
+(``qcompiler.verify``). A pass marked ``exact`` must keep the program's outputs; the others are
+lossy by design. Calibrated passes receive the calibration samples."""
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from torch.export import ExportedProgram
 from torch.fx import GraphModule
@@ -20,8 +22,16 @@ from qcompiler.passes import (awq, fuse_weight_only, gptq, normalize, paged_atte
                               quantize_weights, smoothquant)
 
 from .targets import FP8, W8A8, Float, Target, WeightOnly
+from .verify import Checker
 
-Pass = tuple[str, Callable, dict]  # (name, fn, parameters recorded in the manifest)
+
+class Pass(NamedTuple):
+    name: str
+    fn: Callable
+    params: dict           # recorded in the manifest
+    exact: bool = False    # must keep the program's outputs (float tolerance)
+
+
 Samples = Optional[list]
 
 
@@ -31,7 +41,7 @@ def _float_passes(t: Float, progress: bool, samples: Samples) -> list[Pass]:
 
 def _gptq_pass(samples: Samples, progress: bool, **params) -> Pass:
     params = {**params, "damp": 0.01}
-    return ("gptq", partial(gptq, samples=samples, **params, progress=progress), params)
+    return Pass("gptq", partial(gptq, samples=samples, **params, progress=progress), params)
 
 
 def _weight_only_passes(t: WeightOnly, progress: bool, samples: Samples) -> list[Pass]:
@@ -39,20 +49,20 @@ def _weight_only_passes(t: WeightOnly, progress: bool, samples: Samples) -> list
     calibrated = {
         "rtn": [],
         "gptq": [_gptq_pass(samples, progress, **params, act_order=t.act_order, clip=t.clip)],
-        "awq": [("awq", partial(awq, samples=samples, **params, clip=t.clip, progress=progress),
+        "awq": [Pass("awq", partial(awq, samples=samples, **params, clip=t.clip, progress=progress),
                  {**params, "n_grid": 20, "clip": t.clip})],
     }[t.method]
     head = []
     if t.lm_head_bits:
         hp = dict(bits=t.lm_head_bits, group_size=None, symmetric=True)
-        head = [("quantize_lm_head", partial(quantize_weights, **hp, include_lm_head=True, lm_head_only=True), hp)]
+        head = [Pass("quantize_lm_head", partial(quantize_weights, **hp, include_lm_head=True, lm_head_only=True), hp)]
     return [
         *calibrated,
         *head,
         # after gptq/awq, whose codes or clipped weights it takes as they are, clip is RTN's own search
-        ("quantize_weights", partial(quantize_weights, **params, clip=t.clip and t.method == "rtn", progress=progress),
+        Pass("quantize_weights", partial(quantize_weights, **params, clip=t.clip and t.method == "rtn", progress=progress),
          {"method": t.method, **params}),
-        ("fuse_weight_only", fuse_weight_only, {}),
+        Pass("fuse_weight_only", fuse_weight_only, {}, exact=True),
     ]
 
 
@@ -60,11 +70,11 @@ def _w8a8_passes(t: W8A8, progress: bool, samples: Samples) -> list[Pass]:
     head = dict(include_lm_head=t.quantize_lm_head)
     out = []
     if t.smoothquant_alpha is not None:
-        out.append(("smoothquant", partial(smoothquant, samples=samples, alpha=t.smoothquant_alpha, **head,
-                                           progress=progress), {"alpha": t.smoothquant_alpha}))
+        out.append(Pass("smoothquant", partial(smoothquant, samples=samples, alpha=t.smoothquant_alpha, **head,
+                                               progress=progress), {"alpha": t.smoothquant_alpha}, exact=True))
     if t.method == "gptq":
         out.append(_gptq_pass(samples, progress, bits=8, group_size=None, symmetric=True, act_order=True, **head))
-    out.append(("quantize_w8a8", partial(quantize_w8a8, samples=samples, observer=t.observer, **head,
+    out.append(Pass("quantize_w8a8", partial(quantize_w8a8, samples=samples, observer=t.observer, **head,
                                          progress=progress), {"method": t.method, "observer": t.observer}))
     return out
 
@@ -75,7 +85,7 @@ def _fp8_passes(t: FP8, progress: bool, samples: Samples) -> list[Pass]:
     if t.method == "gptq":
         out.append(_gptq_pass(samples, progress, bits=8, group_size=None, symmetric=True, act_order=True, fp8=True,
                               **head))
-    out.append(("quantize_fp8", partial(quantize_fp8, **head), {"method": t.method}))
+    out.append(Pass("quantize_fp8", partial(quantize_fp8, **head), {"method": t.method}))
     return out
 
 
@@ -92,25 +102,32 @@ def passes_for(target: Target, progress: bool = False, samples: Samples = None) 
         raise ValueError(f"{target.name} with {target.scheme} needs calibration samples")
     for cls in type(target).__mro__:
         if cls in PIPELINES:
-            return [("normalize", normalize, {}), *PIPELINES[cls](target, progress, samples),
-                    ("paged_attention", paged_attention, {})]
+            return [Pass("normalize", normalize, {}, exact=True), *PIPELINES[cls](target, progress, samples),
+                    Pass("paged_attention", paged_attention, {}, exact=True)]
     raise TypeError(f"no pipeline for target type {type(target).__name__}")
 
 
 @dataclass
 class PipelineResult:
     gm: GraphModule
-    records: list[dict] = field(default_factory=list)  # one per pass: name, params, seconds
+    records: list[dict] = field(default_factory=list)  # one per pass: name, params, seconds[, exact, check]
 
     @property
     def layers(self) -> dict:
         return self.gm.meta.get("qc_layers", {})
 
 
-def run_pipeline(ep: ExportedProgram, target: Target, progress: bool = False, samples: Samples = None) -> PipelineResult:
+def run_pipeline(ep: ExportedProgram, target: Target, progress: bool = False, samples: Samples = None,
+                 checker: Optional[Checker] = None) -> PipelineResult:
+    """Runs the target's passes in order; with a ``checker``, each pass's program is
+    checked against the one before it, and an exact pass that changes the outputs raises
+    ``VerificationError``."""
     prog, records = ep, []
-    for name, fn, params in passes_for(target, progress, samples):
+    for p in passes_for(target, progress, samples):
         t0 = time.perf_counter()
-        prog = fn(prog)
-        records.append({"name": name, "params": params, "seconds": round(time.perf_counter() - t0, 3)})
+        prog = p.fn(prog)
+        rec = {"name": p.name, "params": p.params, "seconds": round(time.perf_counter() - t0, 3), "exact": p.exact}
+        if checker is not None:
+            rec["check"] = checker.check(p.name, prog, p.exact)
+        records.append(rec)
     return PipelineResult(prog, records)

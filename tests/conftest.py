@@ -38,3 +38,32 @@ def pytest_collection_modifyitems(config, items):
 def kernel_device() -> str:
     """Where Triton kernel tests run: the GPU when there is one, else the interpreter on CPU tensors."""
     return "cuda" if HAS_CUDA else "cpu"
+
+
+
+# the tiny Llama compiled for every target and method family, once per session (tiny_artifacts)
+from qcompiler.calibration import CalibrationConfig  # noqa: E402  (after TRITON_INTERPRET is set)
+from qcompiler.targets import FP8, W4A16, W8A8, W8A16, Float  # noqa: E402
+
+CALIB = CalibrationConfig(samples=4, seq_len=64)
+TARGETS = {
+    "float": Float(),
+    "w4a16-rtn": W4A16(group_size=32),
+    "w4a16-gptq": W4A16(group_size=32, symmetric=False, method="gptq"),
+    "w4a16-awq": W4A16(group_size=32, method="awq"),
+    "w8a16": W8A16(),
+    "w8a8-smoothquant": W8A8(),
+    "w8a8": W8A8(smoothquant_alpha=None),
+    "fp8": FP8(),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory):
+    """(source, {key: CompileReport}) for every entry of ``TARGETS``."""
+    from qcompiler.compiler import compile_model
+    from qcompiler.models import load_source
+    from tests_paths import EXAMPLES
+    src = load_source(str(EXAMPLES / "tiny_llama.py"))
+    root = tmp_path_factory.mktemp("targets")
+    return src, {k: compile_model(src, t, root / k, calibration=CALIB) for k, t in TARGETS.items()}

@@ -1,0 +1,173 @@
+"""Translation validation: every pass of the pipeline checked on probe inputs as it runs.
+
+The probes are a few seeded sequences: random token ids, calibration windows when the target
+has them, and one sequence longer than any attention window the model declares (a dropped
+sliding window shows only past the window). The captured float program and the program after
+each pass run on them; each pass's record gets the distance of its outputs to the program
+before it (``sqnr_db``) and to the float program (``sqnr_db_vs_float``). A pass that must keep
+the program's meaning (an *exact* pass) fails the compile when it moves the outputs beyond its
+tolerance; a lossy pass only records its error.
+
+A program before the paged-attention rewrite is called once per sequence, ``prog(ids[T],
+positions[T]) -> logits[T, V]``. A paged program runs all sequences packed into two steps over
+one KV cache with shuffled block tables: each sequence's first half, then the rest against its
+cached first half. So the check of the paged rewrite covers packing, block tables and cached
+context, not only one sequence computed from scratch."""
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qcompiler.runtime.step_inputs import step_inputs
+
+from .capture import device_of
+
+PROBE_LENGTHS = (96, 64)      # random-token sequences
+CALIB_LENGTH = 96             # tokens taken from each of the first calibration samples
+CALIB_SEQUENCES = 1
+WINDOW_MARGIN = 64            # the long probe's tokens past the largest declared window
+KEPT_ROWS = 256               # a long probe's logits compared on its last rows only
+BLOCK_SIZE = 16
+# Exact passes: max |Δ| <= RTOL[dtype] * max |reference logit|. Wide enough for reordered float
+# arithmetic through every layer, far below what a changed computation does to the logits.
+RTOL = {torch.float32: 1e-3, torch.bfloat16: 6e-2, torch.float16: 2e-2}
+WINDOW_KEYS = ("sliding_window", "attention_window", "attention_chunk_size")
+
+
+class VerificationError(ValueError):
+    """An exact pass changed the program's outputs beyond its tolerance."""
+
+
+def declared_window(config: dict) -> Optional[int]:
+    """The largest attention window a model config declares (sliding window, chunked attention),
+    or None when its attention is global."""
+    if config.get("use_sliding_window") is False:
+        return None
+    sizes = [v for k in WINDOW_KEYS for v in _flat(config.get(k)) if isinstance(v, int) and v > 0]
+    return max(sizes, default=None)
+
+
+def _flat(v):
+    return v if isinstance(v, (list, tuple)) else [v]
+
+
+@dataclass(frozen=True)
+class Probes:
+    sequences: tuple[Tensor, ...]     # int64 [T_i]
+    kept: tuple[int, ...]             # rows compared per sequence: its last ``kept[i]`` tokens
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(s.shape[0]) for s in self.sequences)
+
+    def describe(self) -> dict:
+        return {"sequences": [int(s.shape[0]) for s in self.sequences], "tokens": self.tokens,
+                "compared_rows": sum(self.kept)}
+
+
+def make_probes(vocab: int, max_tokens: int, window: Optional[int] = None,
+                samples: Optional[list[Tensor]] = None, seed: int = 0) -> Probes:
+    """Seeded random sequences, windows of the first calibration samples, and, when the model
+    declares an attention window shorter than ``max_tokens``, one sequence past it."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, vocab, (min(n, max_tokens),), generator=g) for n in PROBE_LENGTHS]
+    for s in (samples or [])[:CALIB_SEQUENCES]:
+        s = s.reshape(-1)[:min(CALIB_LENGTH, max_tokens)].long()
+        if s.numel() >= 2:
+            seqs.append(s)
+    if window is not None and window < max_tokens:
+        seqs.append(torch.randint(0, vocab, (min(window + WINDOW_MARGIN, max_tokens),), generator=g))
+    return Probes(tuple(seqs), tuple(min(int(s.shape[0]), KEPT_ROWS) for s in seqs))
+
+
+def _logits(out) -> Tensor:
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def _run_flat(prog, probes: Probes, device: torch.device) -> Tensor:
+    rows = []
+    for seq, kept in zip(probes.sequences, probes.kept):
+        T = seq.shape[0]
+        out = _logits(prog(seq.to(device), torch.arange(T, device=device)))
+        rows.append(out[T - kept:].float())
+    return torch.cat(rows)
+
+
+def _run_paged(prog, probes: Probes, paged: dict, dtype: torch.dtype, device: torch.device, seed: int) -> Tensor:
+    lens = [int(s.shape[0]) for s in probes.sequences]
+    counts = [-(-T // BLOCK_SIZE) for T in lens]
+    ids = torch.randperm(sum(counts), generator=torch.Generator().manual_seed(seed)).tolist()
+    tables, at = [], 0
+    for c in counts:
+        tables.append(ids[at:at + c])
+        at += c
+    kv = torch.zeros(paged["num_layers"], 2, sum(counts), BLOCK_SIZE, paged["num_kv_heads"], paged["head_dim"],
+                     dtype=dtype, device=device)
+    halves = [max(1, T // 2) for T in lens]
+    per_seq: list[list[Tensor]] = [[] for _ in lens]
+    steps = [(list(range(len(lens))), [0] * len(lens), halves),
+             ([i for i, T in enumerate(lens) if T > halves[i]], halves, lens)]
+    for seqs, starts, ends in steps:
+        if not seqs:
+            continue
+        new = [probes.sequences[i][starts[i]:ends[i]].tolist() for i in seqs]
+        inp = step_inputs([tables[i] for i in seqs], [starts[i] for i in seqs], new, BLOCK_SIZE)
+        inp = inp._replace(logits_indices=torch.arange(inp.input_ids.shape[0]))
+        out = _logits(prog(*inp.args(kv))).float()
+        for i, chunk in zip(seqs, out.split([len(t) for t in new])):
+            per_seq[i].append(chunk)
+    return torch.cat([torch.cat(parts)[T - kept:] for parts, T, kept in zip(per_seq, lens, probes.kept)])
+
+
+def run_program(prog, probes: Probes, dtype: torch.dtype, paged: Optional[dict] = None, seed: int = 0) -> Tensor:
+    """The program's logits on the probes' compared rows, ``[sum(kept), V]`` in float32. ``paged``
+    (the paged pass's facts: layers, KV heads, head size) marks a paged program; by default it
+    is read from the program's ``meta``."""
+    module = prog.module() if isinstance(prog, torch.export.ExportedProgram) else prog
+    device = device_of(module)
+    paged = paged or getattr(module, "meta", {}).get("qc_paged")
+    with torch.no_grad():
+        if paged:
+            return _run_paged(module, probes, paged, dtype, device, seed)
+        return _run_flat(module, probes, device)
+
+
+def sqnr_db(ref: Tensor, approx: Tensor) -> float:
+    """Signal-to-noise ratio of ``approx`` against ``ref`` in dB; identical outputs give 300."""
+    signal = ref.double().pow(2).sum().item()
+    noise = (ref.double() - approx.double()).pow(2).sum().item()
+    return round(10 * math.log10(max(signal, 1e-300) / max(noise, signal * 1e-30, 1e-300)), 2)
+
+
+class Checker:
+    """Holds the float program's and the latest program's outputs on the probes; ``check`` runs
+    the program a pass produced, records its distances, and fails an exact pass beyond its
+    tolerance."""
+
+    def __init__(self, float_program, probes: Probes, dtype: torch.dtype):
+        self.probes, self.dtype = probes, dtype
+        t0 = time.perf_counter()
+        self.float_out = self.prev = run_program(float_program, probes, dtype)
+        self.seconds = time.perf_counter() - t0
+
+    def check(self, name: str, prog, exact: bool) -> dict:
+        t0 = time.perf_counter()
+        out = run_program(prog, self.probes, self.dtype)
+        err = (out - self.prev).abs().max().item()
+        tol = RTOL.get(self.dtype, RTOL[torch.float32]) * self.prev.abs().max().item()
+        record = {"probe_tokens": self.probes.tokens, "max_abs_err": float(f"{err:.3g}"),
+                  "sqnr_db": sqnr_db(self.prev, out), "sqnr_db_vs_float": sqnr_db(self.float_out, out)}
+        if exact:
+            record["tolerance"] = float(f"{tol:.3g}")
+            if not err <= tol:  # NOTE: also catches NaN
+                raise VerificationError(f"pass {name} changed the program's outputs "
+                                        f"(max |Δ| {err:.1e} > {tol:.0e})")
+        self.prev = out
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        self.seconds += record["seconds"]
+        return record
