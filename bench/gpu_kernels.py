@@ -560,7 +560,9 @@ def child(group: str, rows_path: str, deadline: float, only) -> int:
         ctx.deadline = time.time() + left * share / sum(sh for _, sh in plan[i:])
         t0 = time.time()
         try:
-            SECTIONS[section](ctx)
+            from qcompiler.codegen.workspace import SplitKWorkspace
+            with SplitKWorkspace():  # the split-K GEMMs' buffers, held as a runner holds them
+                SECTIONS[section](ctx)
             status = "ok" if not ctx.skipped else "partial: time budget spent"
         except Exception as e:
             status = f"failed: {one_line(e)}"

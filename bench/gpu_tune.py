@@ -89,6 +89,7 @@ def main() -> int:
     from qcompiler.codegen.cuda import n_contiguous
     from qcompiler.codegen.triton_linear import wq_linear_triton
     from qcompiler.codegen.triton_linear_tiles import TUNED_DIR, pick_config
+    from qcompiler.codegen.workspace import SplitKWorkspace
 
     t_end = time.monotonic() + args.budget
     dev = torch.device("cpu" if SMOKE else "cuda")
@@ -118,7 +119,7 @@ def main() -> int:
 
     bench = (lambda fn: do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e3) if not SMOKE else \
         (lambda fn: (fn(), 1.0)[1])
-    weights = {}
+    weights, workspace = {}, SplitKWorkspace()
     for M, (K, N) in plan:
         if time.monotonic() > t_end:
             print(f"budget spent: stopped before M={M} K={K} N={N}", flush=True)
@@ -139,7 +140,8 @@ def main() -> int:
         def run(cfg):
             w = ws[state["i"]]
             state["i"] = (state["i"] + 1) % len(ws)
-            return wq_linear_triton(x, *w, None, bits=4, config=cfg)
+            with workspace:  # split-K buffers held across calls, as a runner holds them
+                return wq_linear_triton(x, *w, None, bits=4, config=cfg)
 
         ref = run(pick_config(M, N, K, GROUP, 4, dev)).float()
         times = []

@@ -121,7 +121,7 @@ def w8a8_linear_impl(x: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Opt
 
 def fp8_linear_impl(x: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``x [..., K]`` float @ float8_e4m3fn ``qweight [N, K]`` -> ``[..., N]``. Upcasts to float32 on every
-    device: torch._scaled_mm runs on CPU but is slower than that and differs in the last bits."""
+    device, so every device computes the reference's result (``torch._scaled_mm`` differs in the last bits)."""
     return fp8_linear_ref(x, qweight, weight_scale, bias)
 
 

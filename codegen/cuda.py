@@ -18,7 +18,7 @@ from .fx import insert_call
 qc = torch.ops.qc
 
 
-DEFAULT_NUM_SMS = 132  # an H100/H200: what the kernels' heuristics assume off the GPU (the interpreter)
+DEFAULT_NUM_SMS = 132  # what the kernels' heuristics assume off the GPU (the interpreter): a Hopper card
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,8 +31,7 @@ def num_sms(device: torch.device) -> int:
 
 
 def cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for host code: ``triton.cdiv`` is a JIT function, and calling one from Python
-    costs microseconds of argument handling (more than half a GEMM wrapper's host time)."""
+    """``ceil(a / b)`` for host code (``triton.cdiv`` is a JIT function: costly to call from Python)."""
     return -(-a // b)
 
 

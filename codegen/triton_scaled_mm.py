@@ -236,7 +236,7 @@ def scaled_mm_triton(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, bia
         config: tiles; ``pick_gemm_config`` when None.
         fast_accum: fp8 on Hopper only: leave the sums in the tensor cores' own accumulator, which
             keeps fewer bits than fp32, instead of promoting them to fp32 once per K tile (the
-            default); faster at prefill sizes, less exact (``torch._scaled_mm``'s ``use_fast_accum``).
+            default); less exact (``torch._scaled_mm``'s ``use_fast_accum``).
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"a must be [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")

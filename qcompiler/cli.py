@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--compile", action="store_true",
-                   help="run the program through torch.compile: ~2x faster decode after a compile of minutes the first "
-                        "time, under a minute from Inductor's cache after that")
+                   help="run the program through torch.compile: faster decode after an Inductor compile (minutes the first "
+                        "time, under a minute from Inductor's cache after that)")
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda: Triton kernels and CUDA graphs")
     r = sub.add_parser("report", help="draw an artifact (PNG) and print the same facts")
     r.add_argument("artifact")

@@ -59,7 +59,7 @@ class WeightOnly(Target):
     # GPTQ: columns by decreasing Hessian diagonal, static groups. None: on for gptq (as in
     # llm-compressor), off otherwise
     act_order: Optional[bool] = None
-    # Each group's range clipped where that lowers its error (quant.clip_ratios): the output error on
+    # Each group's range clipped where that lowers its error (passes.quantization.clip_ratios): the output error on
     # calibration data for gptq/awq, the weight error for rtn. None: on for gptq and awq, off for rtn
     clip: Optional[bool] = None
     # 8: the output projection in int8 per output channel (symmetric, RTN) while the rest follow the
