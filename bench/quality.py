@@ -1,4 +1,4 @@
-"""Perplexity of each scheme on SmolLM2-135M, ANCHORS.md protocol (16 windows x 1024 tokens
+"""Perplexity of each scheme on SmolLM2-135M, ``qcompiler.evaluate``'s protocol (16 windows x 1024 tokens
 of the Britannica article), with compile seconds per stage and artifact size.
 
     .venv/bin/python bench/quality.py [--threads 2] [--out build/quality]

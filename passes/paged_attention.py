@@ -1,7 +1,7 @@
 """paged_attention: every causal ``scaled_dot_product_attention`` of the flat-token program
 becomes ``qc.reshape_and_cache`` + ``qc.paged_attention`` over an explicit KV cache.
 
-The program gains the inputs of DESIGN.md's runtime contract, in this order:
+After ``input_ids [T]`` and ``positions [T]``, the program gains the runtime's inputs, in this order:
 ``kv_cache [L, 2, num_blocks, block_size, H_kv, D]``, ``slot_mapping [T]``,
 ``block_tables [S, max_blocks]``, ``seq_lens [S]``, ``query_start_loc [S + 1]``, and
 ``logits_indices [N]``: the token rows whose logits are wanted. The output projection runs on

@@ -1,5 +1,5 @@
 """Calibration data: token samples for the methods that look at activations (GPTQ, AWQ,
-SmoothQuant, static activation scales), drawn the way ANCHORS.md's protocol says.
+SmoothQuant, static activation scales), drawn reproducibly from one seeded token stream.
 
 Sources, first found wins: ``--calib-file`` (UTF-8 text), the model file's
 ``calibration_data()`` (a list of ``[1, T]`` token-id tensors, for models without a

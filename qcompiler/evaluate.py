@@ -1,4 +1,4 @@
-"""Perplexity on the bundled evaluation text, exactly as ANCHORS.md's protocol says:
+"""Perplexity on an evaluation text (by default the bundled one, ``data.britannica_text``):
 the first ``windows × window_len`` tokens, non-overlapping windows, each evaluated alone,
 PPL = exp(total NLL / total predicted tokens)."""
 import math

@@ -16,7 +16,8 @@ class StepInputs(NamedTuple):
     logits_indices: torch.Tensor   # [N]: the rows whose logits the step needs (each sequence's last)
 
     def args(self, kv_cache: torch.Tensor) -> tuple:
-        """The paged program's positional inputs, in DESIGN.md's order, on the cache's device."""
+        """The paged program's positional inputs, in its order (``input_ids, positions, kv_cache,
+        slot_mapping, block_tables, seq_lens, query_start_loc, logits_indices``), on the cache's device."""
         d = kv_cache.device
         return (self.input_ids.to(d), self.positions.to(d), kv_cache, self.slot_mapping.to(d),
                 self.block_tables.to(d), self.seq_lens.to(d), self.query_start_loc.to(d), self.logits_indices.to(d))
