@@ -1,7 +1,7 @@
 """Translation validation: every pass of the pipeline checked on probe inputs as it runs.
 
-The probes are a few seeded sequences: random token ids, calibration windows when the target
-has them, and one sequence longer than any attention window the model declares (a dropped
+The probes are a few seeded sequences: random token ids, a calibration window when the target
+calibrates, and one sequence longer than any attention window the model declares (a dropped
 sliding window shows only past the window). The captured float program and the program after
 each pass run on them; each pass's record gets the distance of its outputs to the program
 before it (``sqnr_db``) and to the float program (``sqnr_db_vs_float``). A pass that must keep
@@ -9,10 +9,11 @@ the program's meaning (an *exact* pass) fails the compile when it moves the outp
 tolerance; a lossy pass only records its error.
 
 A program before the paged-attention rewrite is called once per sequence, ``prog(ids[T],
-positions[T]) -> logits[T, V]``. A paged program runs all sequences packed into two steps over
-one KV cache with shuffled block tables: each sequence's first half, then the rest against its
-cached first half. So the check of the paged rewrite covers packing, block tables and cached
-context, not only one sequence computed from scratch."""
+positions[T]) -> logits[T, V]``. A paged program runs the same sequences, plus a copy of the first
+sequence's prefix, packed into two steps over one KV cache with shuffled block tables: each
+sequence's first half, then the rest against its cached first half. A causal program's logits on
+a prefix are its logits on the sequence's first rows, so the copy needs no call of its own and
+every step packs several sequences: the check covers packing, block tables and cached context."""
 import math
 import time
 from dataclasses import dataclass
@@ -25,11 +26,10 @@ from qcompiler.runtime.step_inputs import step_inputs
 
 from .capture import device_of
 
-PROBE_LENGTHS = (96, 64)      # random-token sequences
-CALIB_LENGTH = 96             # tokens taken from each of the first calibration samples
-CALIB_SEQUENCES = 1
+RANDOM_LENGTH = 128           # the random-token sequence; its prefix copy is a third of it
+CALIB_LENGTH = 96             # tokens taken from the first calibration sample
 WINDOW_MARGIN = 64            # the long probe's tokens past the largest declared window
-KEPT_ROWS = 256               # a long probe's logits compared on its last rows only
+KEPT_ROWS = 256               # a longer sequence's logits are compared on its last rows only
 BLOCK_SIZE = 16
 # Exact passes: max |Δ| <= RTOL[dtype] * max |reference logit|. Wide enough for reordered float
 # arithmetic through every layer, far below what a changed computation does to the logits.
@@ -56,8 +56,12 @@ def _flat(v):
 
 @dataclass(frozen=True)
 class Probes:
-    sequences: tuple[Tensor, ...]     # int64 [T_i]
+    sequences: tuple[Tensor, ...]     # int64 [T_i]; the first is compared on every row
     kept: tuple[int, ...]             # rows compared per sequence: its last ``kept[i]`` tokens
+    prefix: int                       # the paged run's extra sequence: ``sequences[0][:prefix]``
+
+    def __post_init__(self):
+        assert self.kept[0] == self.sequences[0].shape[0] >= self.prefix >= 2, "probe 0 compared whole"
 
     @property
     def tokens(self) -> int:
@@ -65,22 +69,23 @@ class Probes:
 
     def describe(self) -> dict:
         return {"sequences": [int(s.shape[0]) for s in self.sequences], "tokens": self.tokens,
-                "compared_rows": sum(self.kept)}
+                "compared_rows": sum(self.kept) + self.prefix}
 
 
 def make_probes(vocab: int, max_tokens: int, window: Optional[int] = None,
                 samples: Optional[list[Tensor]] = None, seed: int = 0) -> Probes:
-    """Seeded random sequences, windows of the first calibration samples, and, when the model
+    """A seeded random sequence, a window of the first calibration sample, and, when the model
     declares an attention window shorter than ``max_tokens``, one sequence past it."""
     g = torch.Generator().manual_seed(seed)
-    seqs = [torch.randint(0, vocab, (min(n, max_tokens),), generator=g) for n in PROBE_LENGTHS]
-    for s in (samples or [])[:CALIB_SEQUENCES]:
-        s = s.reshape(-1)[:min(CALIB_LENGTH, max_tokens)].long()
+    seqs = [torch.randint(0, vocab, (min(RANDOM_LENGTH, max_tokens),), generator=g)]
+    if samples:
+        s = samples[0].reshape(-1)[:min(CALIB_LENGTH, max_tokens)].long()
         if s.numel() >= 2:
             seqs.append(s)
     if window is not None and window < max_tokens:
         seqs.append(torch.randint(0, vocab, (min(window + WINDOW_MARGIN, max_tokens),), generator=g))
-    return Probes(tuple(seqs), tuple(min(int(s.shape[0]), KEPT_ROWS) for s in seqs))
+    kept = tuple(min(int(s.shape[0]), KEPT_ROWS) for s in seqs)
+    return Probes(tuple(seqs), (int(seqs[0].shape[0]),) + kept[1:], max(2, int(seqs[0].shape[0]) // 3))
 
 
 def _logits(out) -> Tensor:
@@ -95,11 +100,13 @@ def _run_flat(prog, probes: Probes, device: torch.device) -> Tensor:
         T = seq.shape[0]
         out = _logits(prog(seq.to(device), torch.arange(T, device=device)))
         rows.append(out[T - kept:].float())
-    return torch.cat(rows)
+    return torch.cat([*rows, rows[0][:probes.prefix]])
 
 
 def _run_paged(prog, probes: Probes, paged: dict, dtype: torch.dtype, device: torch.device, seed: int) -> Tensor:
-    lens = [int(s.shape[0]) for s in probes.sequences]
+    seqs = [*probes.sequences, probes.sequences[0][:probes.prefix]]
+    kept = [*probes.kept, probes.prefix]
+    lens = [int(s.shape[0]) for s in seqs]
     counts = [-(-T // BLOCK_SIZE) for T in lens]
     ids = torch.randperm(sum(counts), generator=torch.Generator().manual_seed(seed)).tolist()
     tables, at = [], 0
@@ -112,16 +119,16 @@ def _run_paged(prog, probes: Probes, paged: dict, dtype: torch.dtype, device: to
     per_seq: list[list[Tensor]] = [[] for _ in lens]
     steps = [(list(range(len(lens))), [0] * len(lens), halves),
              ([i for i, T in enumerate(lens) if T > halves[i]], halves, lens)]
-    for seqs, starts, ends in steps:
-        if not seqs:
+    for active, starts, ends in steps:
+        if not active:
             continue
-        new = [probes.sequences[i][starts[i]:ends[i]].tolist() for i in seqs]
-        inp = step_inputs([tables[i] for i in seqs], [starts[i] for i in seqs], new, BLOCK_SIZE)
+        new = [seqs[i][starts[i]:ends[i]].tolist() for i in active]
+        inp = step_inputs([tables[i] for i in active], [starts[i] for i in active], new, BLOCK_SIZE)
         inp = inp._replace(logits_indices=torch.arange(inp.input_ids.shape[0]))
         out = _logits(prog(*inp.args(kv))).float()
-        for i, chunk in zip(seqs, out.split([len(t) for t in new])):
+        for i, chunk in zip(active, out.split([len(t) for t in new])):
             per_seq[i].append(chunk)
-    return torch.cat([torch.cat(parts)[T - kept:] for parts, T, kept in zip(per_seq, lens, probes.kept)])
+    return torch.cat([torch.cat(parts)[T - k:] for parts, T, k in zip(per_seq, lens, kept)])
 
 
 def run_program(prog, probes: Probes, dtype: torch.dtype, paged: Optional[dict] = None, seed: int = 0) -> Tensor:

@@ -26,7 +26,7 @@ def build_model():
     torch.manual_seed(0)
     cfg = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        sliding_window=112, attn_implementation="sdpa", use_cache=False)
+                        sliding_window=144, attn_implementation="sdpa", use_cache=False)
     return MistralForCausalLM(cfg)
 '''
 
@@ -36,7 +36,7 @@ def test_every_pass_is_checked_and_recorded(tiny_artifacts, key):
     _, reports = tiny_artifacts
     m = reports[key].manifest
     ver = m["verification"]
-    assert ver["enabled"] and ver["tokens"] == sum(ver["sequences"]) >= 160
+    assert ver["enabled"] and ver["tokens"] == sum(ver["sequences"]) >= 128
     names = [r["name"] for r in m["passes"]]
     assert names[0] == "normalize" and names[-1] == "paged_attention"
     for rec in m["passes"]:
@@ -132,8 +132,8 @@ def test_probes_are_seeded_and_run_past_the_window():
     samples = [torch.arange(200) % 50]
     p = make_probes(100, 1024, window=300, samples=samples)
     lens = [int(s.shape[0]) for s in p.sequences]
-    assert max(lens) > 300 and torch.equal(p.sequences[2], samples[0][:lens[2]])
-    assert all(int(s.max()) < 100 for s in p.sequences)
+    assert max(lens) > 300 and torch.equal(p.sequences[1], samples[0][:lens[1]])
+    assert all(int(s.max()) < 100 for s in p.sequences) and 2 <= p.prefix < lens[0]
     assert all(torch.equal(a, b) for a, b in zip(p.sequences, make_probes(100, 1024, 300, samples).sequences))
     assert max(int(s.shape[0]) for s in make_probes(100, 320, window=300).sequences) == 320  # capped
     assert max(int(s.shape[0]) for s in make_probes(100, 256, window=4096).sequences) < 256  # nothing past it
