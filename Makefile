@@ -46,6 +46,7 @@ bench-deps: $(STAMP)
 
 bench: bench-deps
 	$(BIN)/python bench/linear_cpu.py
+	$(BIN)/python bench/compile_time.py --rounds 3
 	$(BIN)/python bench/serving.py --threads 1
 	$(BIN)/python bench/serving.py --threads 2 --parts single,concurrent
 

@@ -10,7 +10,7 @@ import torch
 
 from .artifact import check_output_dir, save_artifact
 from .calibration import CalibrationConfig, load_calibration
-from .capture import capture, export_paged, max_tokens_of
+from .capture import FlatTokenModule, capture, export_paged, max_tokens_of
 from .models import DTYPES, ModelSource, load_source, source_kind
 from .pipeline import run_pipeline
 from .targets import Target
@@ -62,11 +62,11 @@ def _model_dtype(model: torch.nn.Module) -> str:
 
 
 def _checker(ep, src: ModelSource, max_tokens: int, samples) -> tuple[Checker, dict]:
-    """The probes and the float program's outputs on them (``qcompiler.verify``)."""
+    """The probes and the float model's outputs on them (``qcompiler.verify``)."""
     vocab = ep.graph_module.graph.find_nodes(op="output")[0].args[0][0].meta["val"].shape[-1]
     window = declared_window(src.config)
     probes = make_probes(int(vocab), max_tokens, window, samples)
-    checker = Checker(ep, probes, getattr(torch, _model_dtype(src.model)))
+    checker = Checker(FlatTokenModule(src.model).eval(), ep, probes, getattr(torch, _model_dtype(src.model)))
     return checker, {"enabled": True, "window": window, **probes.describe()}
 
 

@@ -2,8 +2,8 @@
 
 The probes are a few seeded sequences: random token ids, a calibration window when the target
 calibrates, and one sequence longer than any attention window the model declares (a dropped
-sliding window shows only past the window). The captured float program and the program after
-each pass run on them; each pass's record gets the distance of its outputs to the program
+sliding window shows only past the window). The float model (the source model, called as the
+captured program is) and the program after each pass run on them; each pass's record gets the distance of its outputs to the program
 before it (``sqnr_db``) and to the float program (``sqnr_db_vs_float``). A pass that must keep
 the program's meaning (an *exact* pass) fails the compile when it moves the outputs beyond its
 tolerance; a lossy pass only records its error.
@@ -144,37 +144,59 @@ def run_program(prog, probes: Probes, dtype: torch.dtype, paged: Optional[dict] 
         return _run_flat(module, probes, device)
 
 
+def _power(x: Tensor) -> float:
+    x = x.reshape(-1)
+    return float(torch.dot(x, x))
+
+
 def sqnr_db(ref: Tensor, approx: Tensor) -> float:
     """Signal-to-noise ratio of ``approx`` against ``ref`` in dB; identical outputs give 300."""
-    signal = ref.double().pow(2).sum().item()
-    noise = (ref.double() - approx.double()).pow(2).sum().item()
+    signal, noise = _power(ref), _power(ref - approx)
     return round(10 * math.log10(max(signal, 1e-300) / max(noise, signal * 1e-30, 1e-300)), 2)
 
 
-class Checker:
-    """Holds the float program's and the latest program's outputs on the probes; ``check`` runs
-    the program a pass produced, records its distances, and fails an exact pass beyond its
-    tolerance."""
+def _tolerance(ref: Tensor, dtype: torch.dtype) -> float:
+    return RTOL.get(dtype, RTOL[torch.float32]) * ref.abs().max().item()
 
-    def __init__(self, float_program, probes: Probes, dtype: torch.dtype):
-        self.probes, self.dtype = probes, dtype
+
+class Checker:
+    """Holds the float model's and the latest program's outputs on the probes; ``check`` runs the
+    program a pass produced, records its distances, and fails an exact pass beyond its tolerance.
+
+    The float reference is the source model itself, called as ``capture`` calls it: the captured
+    program computes the same function, and the first check therefore covers the capture too
+    (when it fails, the captured program is run to tell which of the two changed the outputs)."""
+
+    def __init__(self, model: torch.nn.Module, captured, probes: Probes, dtype: torch.dtype):
+        self.probes, self.dtype, self.captured = probes, dtype, captured
         t0 = time.perf_counter()
-        self.float_out = self.prev = run_program(float_program, probes, dtype)
+        self.float_out = self.prev = run_program(model, probes, dtype)
         self.seconds = time.perf_counter() - t0
+        self.first = True
 
     def check(self, name: str, prog, exact: bool) -> dict:
         t0 = time.perf_counter()
         out = run_program(prog, self.probes, self.dtype)
-        err = (out - self.prev).abs().max().item()
-        tol = RTOL.get(self.dtype, RTOL[torch.float32]) * self.prev.abs().max().item()
+        diff = out - self.prev
+        err, tol = diff.abs().max().item(), _tolerance(self.prev, self.dtype)
         record = {"probe_tokens": self.probes.tokens, "max_abs_err": float(f"{err:.3g}"),
                   "sqnr_db": sqnr_db(self.prev, out), "sqnr_db_vs_float": sqnr_db(self.float_out, out)}
         if exact:
             record["tolerance"] = float(f"{tol:.3g}")
             if not err <= tol:  # NOTE: also catches NaN
+                self._blame_capture()
                 raise VerificationError(f"pass {name} changed the program's outputs "
                                         f"(max |Δ| {err:.1e} > {tol:.0e})")
-        self.prev = out
+        self.prev, self.first = out, False
         record["seconds"] = round(time.perf_counter() - t0, 3)
         self.seconds += record["seconds"]
         return record
+
+    def _blame_capture(self) -> None:
+        if not self.first or self.captured is None:
+            return
+        got = run_program(self.captured, self.probes, self.dtype)
+        err, tol = (got - self.float_out).abs().max().item(), _tolerance(self.float_out, self.dtype)
+        if not err <= tol:
+            raise VerificationError(f"torch.export captured a program whose outputs differ from the model's "
+                                    f"(max |Δ| {err:.1e} > {tol:.0e})")

@@ -137,3 +137,21 @@ def test_probes_are_seeded_and_run_past_the_window():
     assert all(torch.equal(a, b) for a, b in zip(p.sequences, make_probes(100, 1024, 300, samples).sequences))
     assert max(int(s.shape[0]) for s in make_probes(100, 320, window=300).sequences) == 320  # capped
     assert max(int(s.shape[0]) for s in make_probes(100, 256, window=4096).sequences) < 256  # nothing past it
+
+
+def test_a_failing_first_check_names_the_capture_when_export_changed_the_model():
+    """The float reference is the source model; when the first exact check fails because the
+    captured program already differs from it, the error says so instead of blaming the pass."""
+    from qcompiler.capture import FlatTokenModule
+    from qcompiler.passes import normalize
+    from qcompiler.verify import Checker, VerificationError
+    from tiny_models import Args, build
+    a = Args(vocab=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden=64)
+    model, other = build(a, seed=0), build(a, seed=1)
+    probes = make_probes(a.vocab, 128)
+    ep_other = capture(other, 128)
+    with pytest.raises(VerificationError, match="torch.export captured a program whose outputs differ"):
+        Checker(FlatTokenModule(model), ep_other, probes, torch.float32).check("normalize", normalize(ep_other), True)
+    ep = capture(model, 128)
+    rec = Checker(FlatTokenModule(model), ep, probes, torch.float32).check("normalize", normalize(ep), True)
+    assert rec["max_abs_err"] <= rec["tolerance"]
