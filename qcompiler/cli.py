@@ -155,7 +155,8 @@ def print_pass_checks(manifest: dict) -> None:
     if not ver.get("enabled"):
         print("  passes were not checked (compiled with --no-verify)")
         return
-    print(f"  checks on {ver['tokens']} probe tokens ({len(ver['sequences'])} sequences"
+    n = len(ver["sequences"])
+    print(f"  checks on {ver['tokens']} probe tokens ({n} sequence{'s' if n > 1 else ''}"
           + (f", one past the {ver['window']}-token attention window" if ver.get("window") else "")
           + f"), {ver['seconds']:.1f} s:")
     print(f"    {'pass':<18} {'kind':<6} {'seconds':>7} {'max |Δ|':>9} {'SQNR vs before':>15} {'vs float':>10}")
