@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/qcompile examples/smollm2.py --target w4a16 --group-size 64 --asymmetric -o build/smollm2-w4a16
+	$(BIN)/qcompile examples/smollm2.py --target w4a16 -o build/smollm2-w4a16
 	$(BIN)/qcompile eval build/smollm2-w4a16 --compare-float
 	$(BIN)/qcompile generate build/smollm2-w4a16 "What is the capital of France?" --chat --max-tokens 48
 

@@ -32,6 +32,8 @@ ANCHORS = {"float": 22.62, "w4a16 g64 sym": 32.68, "w4a16 g64 asym": 28.87, "w4a
            "w4a16 awq g64 sym, no clip": 29.29, "w4a16 awq g64 asym, no clip": 26.83}
 SCHEMES = {
     "float": Float(),
+    "w4a16 default (g128/64/32 per layer, asym)": W4A16(),
+    "w4a16 g128/64/32 per layer, sym": W4A16(symmetric=True),
     "w4a16 g64 sym": W4A16(group_size=64, symmetric=True),
     "w4a16 g64 asym": W4A16(group_size=64, symmetric=False),
     "w4a16 g32 asym": W4A16(group_size=32, symmetric=False),

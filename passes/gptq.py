@@ -6,7 +6,6 @@ is formed once and shared by the group, each weight is quantized by ``quantizati
 dequantized value replaces it at once, so the layers after it are calibrated on quantized
 outputs. The codes go to ``gm.meta["qc_codes"]``, which ``quantize_weights`` stores as they are.
 Memory: one Hessian ``[K, K]`` and one layer's activations per sample at a time."""
-from typing import Optional
 
 import torch
 from torch.fx import GraphModule
@@ -17,7 +16,7 @@ from qcompiler.codegen.quant import dequantize_weight_ref, sqnr_db
 
 from .calibrate import input_rows, linear_groups, propagate
 from .quantization import fake_quantize, gptq_quantize
-from .quantize_weights import quantizable
+from .quantize_weights import GroupSize, layer_group, quantizable
 
 MSE_ROWS = 4096  # calibration tokens the per-layer output error is measured on
 
@@ -28,7 +27,7 @@ def output_mse(x, w, w_hat) -> float:
     return float((x @ (w_hat.float() - w.float()).t()).pow(2).mean())
 
 
-def gptq(gm: GraphModule, samples: list[torch.Tensor], *, bits: int, group_size: Optional[int], symmetric: bool,
+def gptq(gm: GraphModule, samples: list[torch.Tensor], *, bits: int, group_size: GroupSize, symmetric: bool,
          act_order: bool = False, clip: bool = False, fp8: bool = False, include_lm_head: bool = False,
          damp: float = 0.01, progress: bool = False) -> GraphModule:
     """``clip``: every group's range is the one ``quantization.clip_ratios`` picks on this Hessian.
@@ -47,7 +46,8 @@ def gptq(gm: GraphModule, samples: list[torch.Tensor], *, bits: int, group_size:
             if name in codes:        # a weight read by two groups: quantized once
                 continue
             w = get_constant(gm, name)
-            res = gptq_quantize(w, h, bits, group_size, symmetric, act_order=act_order, clip=clip, fp8=fp8,
+            G = layer_group(group_size, w.shape[1])
+            res = gptq_quantize(w, h, bits, G, symmetric, act_order=act_order, clip=clip, fp8=fp8,
                                 damp=damp)
             qw = res.weight
             if fp8:
@@ -56,7 +56,7 @@ def gptq(gm: GraphModule, samples: list[torch.Tensor], *, bits: int, group_size:
                 w_rtn = q.float() * s
             else:
                 w_hat = dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, bits).to(w.dtype)
-                w_rtn = fake_quantize(w.float(), bits, group_size, symmetric)
+                w_rtn = fake_quantize(w.float(), bits, G, symmetric)
             codes[name] = (qw, {"method": "gptq", "weight_sqnr_db": round(sqnr_db(w, w_hat), 2),
                                 "output_mse": output_mse(rows, w, w_hat), "rtn_output_mse": output_mse(rows, w, w_rtn),
                                 "gptq_loss": float(res.loss)})

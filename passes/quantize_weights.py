@@ -3,11 +3,13 @@
 Every ``aten.linear`` whose weight is a constant gets ``qc.dequantize_weight(qweight, scales,
 zeros)`` of that weight in its place; the integer weights become the program's constants.
 Invariant: outputs equal the float program with each such weight replaced by
-``dequantize(quantize(W))`` (the plain-PyTorch reference of the scheme). Layers the scheme
-cannot take (input size not divisible by the group size) and the output projection
-(lm_head, unless asked) stay float; ``gm.meta["qc_layers"]`` records what happened to each."""
+``dequantize(quantize(W))`` (the plain-PyTorch reference of the scheme). ``group_size="auto"``
+gives each layer the largest of ``AUTO_GROUPS`` that divides its input size (``layer_group``).
+Layers the scheme cannot take (input size not divisible by the group size) and the output
+projection (lm_head, unless asked) stay float; ``gm.meta["qc_layers"]`` records what happened to
+each, with its group size."""
 import logging
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch.fx import GraphModule, Node
@@ -20,6 +22,8 @@ from .quantization import search_qparams
 
 log = logging.getLogger("qcompiler")
 aten = torch.ops.aten
+AUTO, AUTO_GROUPS = "auto", (128, 64, 32)
+GroupSize = Union[int, str, None]
 
 
 def linear_nodes(gm: GraphModule) -> list[Node]:
@@ -53,25 +57,35 @@ def constants_prefix(fqn: str) -> str:
     return fqn.removesuffix(".weight") if fqn.endswith(".weight") else f"{fqn}_q"
 
 
-def skip_reason(node: Node, K: int, heads: set[Node], bits: int, group_size: Optional[int],
+def layer_group(group_size: GroupSize, K: int) -> Optional[int]:
+    """The group size a linear of input size ``K`` gets: ``group_size`` itself, None (per output
+    channel), or for ``"auto"`` the largest of ``AUTO_GROUPS`` dividing ``K`` (the largest of them
+    when none does: the layer then stays float)."""
+    if group_size != AUTO:
+        return group_size
+    return next((g for g in AUTO_GROUPS if K % g == 0), AUTO_GROUPS[0])
+
+
+def skip_reason(node: Node, K: int, heads: set[Node], bits: int, group_size: GroupSize,
                 include_lm_head: bool) -> Optional[str]:
     """Why a constant-weight linear stays float under a scheme, or None: it is quantized."""
-    G = group_size or K
+    G = layer_group(group_size, K) or K
     if node in heads and not include_lm_head:
         return "output projection (lm_head) kept float unless asked"
     if K % G or (bits == 4 and K % 2):
-        return f"input size {K} not divisible by group size {G}"
+        groups = " or ".join(map(str, AUTO_GROUPS)) if group_size == AUTO else G
+        return f"input size {K} not divisible by group size {groups}"
     return None
 
 
-def quantizable(gm: GraphModule, bits: int, group_size: Optional[int], include_lm_head: bool):
+def quantizable(gm: GraphModule, bits: int, group_size: GroupSize, include_lm_head: bool):
     """``node -> bool``: the linears ``quantize_weights`` would quantize (for calibration passes)."""
     heads = output_linears(gm)
     return lambda n: skip_reason(n, get_constant(gm, n.args[1].target).shape[1], heads, bits, group_size,
                                  include_lm_head) is None
 
 
-def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], symmetric: bool,
+def quantize_weights(gm: GraphModule, *, bits: int, group_size: GroupSize, symmetric: bool,
                      include_lm_head: bool = False, clip: bool = False, progress: bool = False,
                      lm_head_only: bool = False) -> GraphModule:
     """RTN (``clip``: with the ranges ``quantization.search_qparams`` picks by weight error), unless a
@@ -89,7 +103,7 @@ def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], s
         fqn, w = w_node.target, get_constant(gm, w_node.target)
         name = layer_name(fqn)
         N, K = w.shape
-        G = group_size or K
+        G = layer_group(group_size, K) or K
         reason = skip_reason(node, K, heads, bits, group_size, include_lm_head)
         if reason:
             if node not in heads and reason not in warned:
@@ -101,7 +115,7 @@ def quantize_weights(gm: GraphModule, *, bits: int, group_size: Optional[int], s
             if fqn in codes:
                 qw, record = codes.pop(fqn)
             else:
-                qw = quantize_weight(w, bits, group_size, symmetric,
+                qw = quantize_weight(w, bits, layer_group(group_size, K), symmetric,
                                      search_qparams(w, bits, G, symmetric) if clip else None)
                 deq = dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, bits)
                 record = {"weight_sqnr_db": round(sqnr_db(w, deq), 2)}

@@ -11,7 +11,6 @@ They differ in how ``s`` is chosen:
     weights give the smallest output error on calibration tokens; RTN follows in ``quantize_weights``.
 Groups without a site are left alone (logged once, recorded in ``gm.meta["qc_layers"]``)."""
 import logging
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -21,7 +20,7 @@ from qcompiler.codegen.fx import get_constant, set_constant
 
 from .calibrate import fold_scales, input_rows, linear_groups, propagate, smoothing_site
 from .quantization import awq_scales, clip_ratios, clip_weight
-from .quantize_weights import layer_name, output_linears, quantizable
+from .quantize_weights import GroupSize, layer_group, layer_name, output_linears, quantizable
 
 log = logging.getLogger("qcompiler")
 EPS = 1e-5
@@ -63,7 +62,7 @@ def smoothquant(gm: GraphModule, samples: list[Tensor], *, alpha: float, include
     return gm
 
 
-def awq(gm: GraphModule, samples: list[Tensor], *, bits: int, group_size: Optional[int], symmetric: bool,
+def awq(gm: GraphModule, samples: list[Tensor], *, bits: int, group_size: GroupSize, symmetric: bool,
         include_lm_head: bool = False, n_grid: int = 20, clip: bool = True, progress: bool = False) -> GraphModule:
     """AWQ scales, then (``clip``) each weight clamped to the per-group range ``clip_ratios`` picks on the
     scaled inputs' Hessian, so that RTN's min-max qparams are the clipped ones."""
@@ -75,7 +74,7 @@ def awq(gm: GraphModule, samples: list[Tensor], *, bits: int, group_size: Option
         ratios = []
         for name in group.weight_names():
             w = get_constant(gm, name)
-            G = group_size or w.shape[1]
+            G = layer_group(group_size, w.shape[1]) or w.shape[1]
             p = clip_ratios(w, bits, G, symmetric, h)
             set_constant(gm, name, clip_weight(w, G, p))
             ratios.append(p.flatten())
@@ -92,7 +91,7 @@ def awq(gm: GraphModule, samples: list[Tensor], *, bits: int, group_size: Option
             _record(gm, group, awq={"scale": "no scale site", **(clip_group(group, x) if clip else {})})
             return None
         w = _weights(gm, group)
-        s, r, err = awq_scales(x, w, bits, group_size, symmetric, n_grid)
+        s, r, err = awq_scales(x, w, bits, layer_group(group_size, w.shape[1]), symmetric, n_grid)
         scaled = _apply(gm, group, site, s, inputs)
         _record(gm, group, awq={"ratio": r, "into": layer_name(site.weight), "search_mse": err,
                                 **(clip_group(group, x / s) if clip else {})})

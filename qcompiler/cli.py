@@ -5,6 +5,7 @@ import os
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 from .targets import TARGETS
@@ -13,7 +14,9 @@ SUBCOMMANDS = ("compile", "eval", "generate", "report")
 PER_CHANNEL = "channel"  # --group-size channel: one group per output channel
 DESCRIPTION = """Compile a PyTorch language model into a quantized artifact, or evaluate one.
 
-  qcompile MODEL --target w4a16 [-o DIR]     compile (same as: qcompile compile MODEL ...)
+  qcompile MODEL --target w4a16 [-o DIR]     compile (same as: qcompile compile MODEL ...): int4 weights,
+                                             per layer in groups of 128, 64 or 32 (the largest that
+                                             divides its input size) with integer zero points
   qcompile eval ARTIFACT [--compare-float]   perplexity on the bundled evaluation text
   qcompile generate ARTIFACT "PROMPT"        generate text with the paged runtime
   qcompile report ARTIFACT [-o report.png]   draw an artifact: per-layer error, pass checks, size
@@ -21,7 +24,8 @@ DESCRIPTION = """Compile a PyTorch language model into a quantized artifact, or 
 MODEL is a model.py defining build_model(), a Hugging Face model directory, or a .gguf file.
 Targets:
   float   no quantization: captured, normalized and packaged as is
-  w4a16   int4 weights in groups (--group-size, default 128), 16-bit activations
+  w4a16   int4 weights in groups (--group-size, default auto: 128, 64 or 32 per layer), with an integer
+          zero point per group (--symmetric: none), 16-bit activations
   w8a16   int8 weights per output channel (or --group-size), 16-bit activations
   w8a8    int8 weights per channel, int8 activations per token; SmoothQuant (alpha 0.8) first
   fp8     e4m3 weights per channel, e4m3 activations per token
@@ -29,8 +33,8 @@ Methods (--method): rtn (round to nearest), gptq (error compensation), awq (acti
 scales); gptq and awq also clip each group's range where that lowers the error (--no-clip: off). gptq, awq, SmoothQuant and --observer calibrate on the model file's calibration_texts()
 or calibration_data(), or --calib-file.
 Embeddings and lm_head stay float (--quantize-lm-head quantizes lm_head with the scheme,
---lm-head-bits 8 in int8 per channel). A linear whose
-input size the group size does not divide stays float; the manifest records it."""
+--lm-head-bits 8 in int8 per channel). With an explicit --group-size, a linear whose
+input size it does not divide stays float; the manifest records it."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,12 +44,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _group_size(s: str):
-    if s == "channel":
-        return PER_CHANNEL
+    if s in (PER_CHANNEL, "auto"):
+        return s
     try:
         return int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"group size must be an integer or 'channel', got {s!r}")
+        raise argparse.ArgumentTypeError(f"group size must be an integer, 'auto' or 'channel', got {s!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,11 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="model.py, Hugging Face model directory, or .gguf file")
     c.add_argument("--target", "-t", default="w4a16", help=f"one of {', '.join(TARGETS)} (default w4a16)")
     c.add_argument("--group-size", "-g", type=_group_size, default=None,
-                   help="input channels per scale: a power of two >= 16, or 'channel' (w8a16 default)")
+                   help="input channels per scale: a power of two >= 16 (layers it does not divide stay float); "
+                        "'auto' (w4a16 default): per layer, the largest of 128, 64, 32 dividing its input size; "
+                        "'channel' (w8a16 default): one scale per output channel")
     sym = c.add_mutually_exclusive_group()
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", default=None,
-                     help="integer zero point per group (default: symmetric)")
-    sym.add_argument("--symmetric", dest="symmetric", action="store_true")
+                     help="integer zero point per group (the w4a16 default)")
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true",
+                     help="no zero point (the w8a16 default)")
     c.add_argument("--method", default=None, help="weight quantization: rtn (default), gptq, awq (weight-only "
                    "targets); w8a8 and fp8 take rtn or gptq")
     act = c.add_mutually_exclusive_group()
@@ -132,6 +139,11 @@ def print_summary(rep, model: str) -> None:
     print(f"\nqcompile: {model} -> {rep.out}  [{t['name']}{': ' + rep.target.scheme if q or kept else ''}]")
     print(f"  {'layers':<12} {len(q)} quantized, {len(kept)} kept float"
           + (f" ({'; '.join(f'{k}: {r}' for k, r in list(kept.items())[:3])}{' …' if len(kept) > 3 else ''})" if kept else ""))
+    grouped = [v for v in q if "group_size" in v]  # w8a8 / fp8 layers are per channel by construction
+    if grouped:
+        per_channel = getattr(rep.target, "group_size", 0) is None
+        mix = Counter("per-channel" if per_channel else f"g{v['group_size']}" for v in grouped)
+        print(f"  {'groups':<12} " + ", ".join(f"{g}: {n}" for g, n in mix.most_common()))
     if q:
         n = sum(v["shape"][0] * v["shape"][1] for v in q)
         bits = 8 * sum(_layer_bytes(rep, v) for v in q) / n

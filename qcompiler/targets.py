@@ -1,18 +1,22 @@
 """Compilation targets: one frozen config per scheme, validated on construction.
 The pipeline dispatches on the config's type (``qcompiler.pipeline``), never on strings."""
 from dataclasses import asdict, dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Union
 
 METHODS = ("rtn", "gptq", "awq")
 OBSERVERS = ("minmax", "percentile", "mse")
+AUTO = "auto"  # per layer, the largest of 128, 64, 32 dividing its input size (passes.quantize_weights)
+GroupSize = Union[int, str, None]
 
 
-def _check_group_size(group_size: Optional[int], allow_none: bool) -> None:
-    if group_size is None and allow_none:
+def _check_group_size(group_size: GroupSize, allow_none: bool) -> None:
+    if group_size == AUTO or (group_size is None and allow_none):
         return
-    if not isinstance(group_size, int) or group_size < 16 or group_size & (group_size - 1):
-        raise ValueError(f"group size must be a power of two >= 16{' or None (per-channel)' if allow_none else ''}, "
-                         f"got {group_size!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 16 \
+            or group_size & (group_size - 1):
+        allowed = "a power of two >= 16, 'auto' or None (per-channel)" if allow_none else \
+            "a power of two >= 16 or 'auto'"
+        raise ValueError(f"group size must be {allowed}, got {group_size!r}")
 
 
 def _check_method(method: str, allowed: tuple[str, ...] = METHODS) -> None:
@@ -50,10 +54,12 @@ class Float(Target):
 
 @dataclass(frozen=True)
 class WeightOnly(Target):
-    """Integer weights, float activations. ``group_size=None``: one scale per output channel."""
+    """Integer weights, float activations. ``group_size``: input channels per scale; ``"auto"``: per
+    layer, the largest of 128, 64, 32 that divides its input size; None: one scale per output
+    channel. ``symmetric=False``: an integer zero point per group."""
     bits: ClassVar[int]
-    group_size: Optional[int] = 128
-    symmetric: bool = True
+    group_size: GroupSize = AUTO
+    symmetric: bool = False
     method: str = "rtn"
     quantize_lm_head: bool = False
     # GPTQ: columns by decreasing Hessian diagonal, static groups. None: on for gptq (as in
@@ -88,7 +94,7 @@ class WeightOnly(Target):
 
     @property
     def scheme(self) -> str:
-        g = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        g = {None: "per-channel", AUTO: "g128/64/32 per layer"}.get(self.group_size, f"g{self.group_size}")
         m = "" if self.method == "rtn" else f" {self.method}{' act-order' if self.act_order else ''}"  # noqa: E501
         head = f", lm_head int{self.lm_head_bits}" if self.lm_head_bits else ""
         return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}{m}{' clip' if self.clip else ''}{head}"
@@ -96,7 +102,8 @@ class WeightOnly(Target):
 
 @dataclass(frozen=True)
 class W4A16(WeightOnly):
-    """int4 weights in groups of ``group_size`` input channels (default 128), 16-bit activations."""
+    """int4 weights in groups of input channels (by default the largest of 128, 64, 32 dividing each
+    layer's input size) with an integer zero point per group, 16-bit activations."""
     name: ClassVar[str] = "w4a16"
     bits: ClassVar[int] = 4
 
@@ -106,7 +113,8 @@ class W8A16(WeightOnly):
     """int8 weights, per output channel by default, 16-bit activations."""
     name: ClassVar[str] = "w8a16"
     bits: ClassVar[int] = 8
-    group_size: Optional[int] = None
+    group_size: GroupSize = None
+    symmetric: bool = True
 
 
 @dataclass(frozen=True)

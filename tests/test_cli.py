@@ -72,7 +72,7 @@ def _one_error_line(capsys, code, expect: str):
     ([str(EXAMPLES / "tiny_llama.py"), "--method", "gptq", "--calib-file", "missing.txt"], "--calib-file missing.txt: no such file"),
     ([str(EXAMPLES / "tiny_llama.py"), "--method", "gptq", "--calib-samples", "0"], "calibration samples must be an integer >= 1"),
     ([str(FIXTURES / "no_build_model.py")], "defines no build_model()"),
-    ([str(FIXTURES / "plain_lm.py"), "--group-size", "48"], "group size must be a power of two >= 16, got 48"),
+    ([str(FIXTURES / "plain_lm.py"), "--group-size", "48"], "group size must be a power of two >= 16 or 'auto', got 48"),
     ([str(FIXTURES / "plain_lm.py"), "--group-size", "8"], "got 8"),
     ([str(FIXTURES / "plain_lm.py"), "--target", "float", "--group-size", "64"], "takes no option group_size"),
     ([str(FIXTURES / "plain_lm.py"), "-o", "/proc/qc-artifact"], "cannot write the artifact to /proc/qc-artifact"),
@@ -99,7 +99,7 @@ def test_output_under_a_file_and_argparse_errors(capsys, tmp_path):
     _one_error_line(capsys, main([str(FIXTURES / "plain_lm.py"), "-o", str(f)]), "is a file, not a directory")
     with pytest.raises(SystemExit) as e:
         main([str(FIXTURES / "plain_lm.py"), "--group-size", "abc"])
-    _one_error_line(capsys, e.value.code, "group size must be an integer or 'channel'")
+    _one_error_line(capsys, e.value.code, "group size must be an integer, 'auto' or 'channel'")
 
 
 def test_help_explains_targets():
