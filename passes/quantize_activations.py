@@ -78,14 +78,14 @@ def _rewrite(gm: GraphModule, include_lm_head: bool, make) -> GraphModule:
     """``make(node, w) -> (op, constants before the bias, constants after it, record)`` for each
     eligible constant linear: ``op(x, *before, bias, *after)``; a None constant is passed as None."""
     layers = gm.meta.setdefault("qc_layers", {})
-    ok = _eligible(gm, include_lm_head)
+    ok, heads = _eligible(gm, include_lm_head), output_linears(gm)
     for node in [n for n in gm.graph.nodes if is_constant_linear(n)]:
         fqn = node.args[1].target
         w = get_constant(gm, fqn)
         name = layer_name(fqn)
         if not ok(node):
             layers[name] = {"status": "float", "reason": "output projection (lm_head) kept float unless asked",
-                            "shape": list(w.shape)}
+                            "shape": list(w.shape), "role": "lm_head"}
             continue
         op, consts, tail, record = make(node, w)
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -95,7 +95,8 @@ def _rewrite(gm: GraphModule, include_lm_head: bool, make) -> GraphModule:
             new = insert_call(gm, op, (node.args[0], *args, bias, *[put(k, v) for k, v in tail.items()]))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        layers[name] = {"status": "quantized", "shape": list(w.shape), **layers.get(name, {}), **record}
+        layers[name] = {"status": "quantized", "shape": list(w.shape), **layers.get(name, {}), **record,
+                        **({"role": "lm_head"} if node in heads else {})}
     return finish(gm)
 
 

@@ -57,6 +57,10 @@ def constants_prefix(fqn: str) -> str:
     return fqn.removesuffix(".weight") if fqn.endswith(".weight") else f"{fqn}_q"
 
 
+def _role(node: Node, heads: set[Node]) -> dict:
+    return {"role": "lm_head"} if node in heads else {}
+
+
 def layer_group(group_size: GroupSize, K: int) -> Optional[int]:
     """The group size a linear of input size ``K`` gets: ``group_size`` itself, None (per output
     channel), or for ``"auto"`` the largest of ``AUTO_GROUPS`` dividing ``K`` (the largest of them
@@ -109,7 +113,7 @@ def quantize_weights(gm: GraphModule, *, bits: int, group_size: GroupSize, symme
             if node not in heads and reason not in warned:
                 log.warning("%s: %s; such layers stay float", name, reason)
                 warned.add(reason)
-            layers[name] = {"status": "float", "reason": reason, "shape": [N, K]}
+            layers[name] = {"status": "float", "reason": reason, "shape": [N, K], **_role(node, heads)}
             continue
         if fqn not in done:
             if fqn in codes:
@@ -126,7 +130,7 @@ def quantize_weights(gm: GraphModule, *, bits: int, group_size: GroupSize, symme
                         None if qw.zeros is None else insert_constant(gm, f"{prefix}.zeros", qw.zeros)]
                 done[fqn] = insert_call(gm, torch.ops.qc.dequantize_weight.default, (*args, bits))
             layers[name] = {"status": "quantized", "bits": bits, "group_size": G, "symmetric": symmetric,
-                            "shape": [N, K], **layers.get(name, {}), **record}
+                            "shape": [N, K], **_role(node, heads), **layers.get(name, {}), **record}
         node.replace_input_with(w_node, done[fqn])
     assert not codes, f"calibrated codes for weights no linear reads: {sorted(codes)[:3]}"
     return finish(gm)

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", "-t", default="w4a16", help=f"one of {', '.join(TARGETS)} (default w4a16)")
     c.add_argument("--group-size", "-g", type=_group_size, default=None,
                    help="input channels per scale: a power of two >= 16 (layers it does not divide stay float); "
-                        "'auto' (w4a16 default): per layer, the largest of 128, 64, 32 dividing its input size; "
+                        "'auto' (w4a16 default): per layer, the largest of 128, 64, 32 dividing its input size "
+                        "(a layer none divides stays float); "
                         "'channel' (w8a16 default): one scale per output channel")
     sym = c.add_mutually_exclusive_group()
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", default=None,
@@ -141,8 +142,10 @@ def print_summary(rep, model: str) -> None:
           + (f" ({'; '.join(f'{k}: {r}' for k, r in list(kept.items())[:3])}{' …' if len(kept) > 3 else ''})" if kept else ""))
     grouped = [v for v in q if "group_size" in v]  # w8a8 / fp8 layers are per channel by construction
     if grouped:
-        per_channel = getattr(rep.target, "group_size", 0) is None
-        mix = Counter("per-channel" if per_channel else f"g{v['group_size']}" for v in grouped)
+        def label(v):  # the target's per-channel layers, and an int8 lm_head (always per channel)
+            per_channel = getattr(rep.target, "group_size", 0) is None or v["bits"] != rep.target.bits
+            return f"int{v['bits']} per-channel" if per_channel else f"g{v['group_size']}"
+        mix = Counter(label(v) for v in grouped)
         print(f"  {'groups':<12} " + ", ".join(f"{g}: {n}" for g, n in mix.most_common()))
     if q:
         n = sum(v["shape"][0] * v["shape"][1] for v in q)
@@ -169,7 +172,7 @@ def print_pass_checks(manifest: dict) -> None:
         return
     n = len(ver["sequences"])
     print(f"  checks on {ver['tokens']} probe tokens ({n} sequence{'s' if n > 1 else ''}"
-          + (f", one past the {ver['window']}-token attention window" if ver.get("window") else "")
+          + (f", one past the {ver['past_window']}-token attention window" if ver.get("past_window") else "")
           + f"), {ver['seconds']:.1f} s:")
     print(f"    {'pass':<18} {'kind':<6} {'seconds':>7} {'max |Δ|':>9} {'SQNR vs before':>15} {'vs float':>10}")
     for rec in manifest["passes"]:
@@ -194,7 +197,7 @@ def cmd_compile(a) -> int:
     group_size = a.group_size
     if group_size == PER_CHANNEL:
         if a.target != "w8a16":
-            raise ValueError(f"--group-size channel applies to w8a16 only; {a.target} needs a power of two >= 16")
+            raise ValueError(f"--group-size channel applies to w8a16 only; {a.target} takes a power of two >= 16 or 'auto'")
         group_size = None
     if a.no_smoothquant and a.smoothquant_alpha is not None:
         raise ValueError("--smoothquant-alpha and --no-smoothquant exclude each other")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.export.graph_signature import OutputKind
 
 from .artifact import check_output_dir, save_artifact
 from .calibration import CalibrationConfig, load_calibration
@@ -56,6 +57,13 @@ def _state_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def _least_precise_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The float dtype of the model's parameters with the fewest mantissa bits: it sets how far an
+    exact pass may move the outputs."""
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()} or {torch.get_default_dtype()}
+    return max(floats, key=lambda d: torch.finfo(d).eps)
+
+
 def _model_dtype(model: torch.nn.Module) -> str:
     floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
     return str(floats[0] if floats else torch.get_default_dtype()).removeprefix("torch.")
@@ -63,10 +71,12 @@ def _model_dtype(model: torch.nn.Module) -> str:
 
 def _checker(ep, src: ModelSource, max_tokens: int, samples) -> tuple[Checker, dict]:
     """The probes and the float model's outputs on them (``qcompiler.verify``)."""
-    vocab = ep.graph_module.graph.find_nodes(op="output")[0].args[0][0].meta["val"].shape[-1]
+    outputs = ep.graph_module.graph.find_nodes(op="output")[0].args[0]
+    user = [o for o, spec in zip(outputs, ep.graph_signature.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
+    vocab = user[0].meta["val"].shape[-1]
     window = declared_window(src.config)
     probes = make_probes(int(vocab), max_tokens, window, samples)
-    checker = Checker(FlatTokenModule(src.model).eval(), ep, probes, getattr(torch, _model_dtype(src.model)))
+    checker = Checker(FlatTokenModule(src.model).eval(), ep, probes, _least_precise_dtype(src.model))
     return checker, {"enabled": True, "window": window, **probes.describe()}
 
 
@@ -110,7 +120,7 @@ def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, 
     manifest = {
         "target": target.to_dict(),
         "model": {"source": src.kind, "path": str(Path(src.path).resolve()), "config": src.config,
-                  "dtype": dtype},
+                  "dtype": dtype, "float_bytes": _state_bytes(src.model)},
         "program": {"inputs": {"input_ids": "int64[T]", "positions": "int64[T]",
                                "kv_cache": "[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]",
                                "slot_mapping": "int64[T]", "block_tables": "int64[S, max_blocks]",
@@ -124,4 +134,4 @@ def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, 
     }
     with _stage(stages, "save"):
         manifest = save_artifact(out, final, manifest, src.tokenizer)
-    return CompileReport(target, out, manifest, stages, _state_bytes(src.model))
+    return CompileReport(target, out, manifest, stages, manifest["model"]["float_bytes"])

@@ -79,30 +79,41 @@ def _owner(tensor: str, layers: dict) -> Optional[str]:
     return None
 
 
+def _is_codes(name: str, layer: Optional[str], layers: dict) -> bool:
+    """A quantized linear's codes, scales or zero points (not its bias, nor a float ``.weight`` left
+    beside them because something else reads it: a tied embedding table)."""
+    return layer is not None and layers[layer].get("status") == "quantized" and not name.endswith((".bias", ".weight"))
+
+
+def _component(name: str, t: dict, layer: Optional[str], layers: dict) -> str:
+    if layer is not None and not (layers[layer].get("status") == "quantized" and name.endswith(".weight")):
+        if name.endswith(".bias"):
+            return "other"
+        return "lm_head" if layers[layer].get("role") == "lm_head" or layer.endswith("lm_head") else "linears"
+    if len(t["shape"]) != 2:
+        return "other"
+    if layers:  # every constant linear has a record: a matrix none owns is an embedding table
+        return "embeddings"
+    base = name.rsplit(".", 1)[0]  # a float artifact records no layers: go by the usual names
+    return "embeddings" if "embed" in base else "lm_head" if base.endswith("lm_head") else "linears"
+
+
 def _sizes(header: dict, manifest: dict) -> list[SizeRow]:
+    """Weights, float bytes and artifact bytes per component. A quantized weight counts as the
+    float weight it replaces; an output projection tied to the embedding table is one float
+    table (the source model's own float size says whether they are tied)."""
     layers = manifest.get("layers", {})
-    config = manifest["model"].get("config", {})
     float_bytes = DTYPE_BYTES.get({"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
                                   .get(manifest["model"]["dtype"], "F32"), 4)
-    has_embedding = any("embed" in k for k in header)
     acc = {c: [0, 0, 0] for c in COMPONENTS}  # weights, float bytes, artifact bytes
     counted = set()
     for name, t in header.items():
         nbytes = t["data_offsets"][1] - t["data_offsets"][0]
         numel = nbytes // DTYPE_BYTES.get(t["dtype"], 1)
         layer = _owner(name, layers)
-        base = name.rsplit(".", 1)[0]
-        if "embed" in name:
-            comp = "embeddings"
-        elif base.endswith("lm_head") or (layer or "").endswith("lm_head"):
-            comp = "lm_head" if has_embedding or not config.get("tie_word_embeddings") else "embeddings + lm_head (tied)"
-        elif layer is not None and not name.endswith(".bias") or name.endswith(".weight") and len(t["shape"]) == 2:
-            comp = "linears"
-        else:
-            comp = "other"
-        a = acc[comp]
+        a = acc[_component(name, t, layer, layers)]
         a[2] += nbytes
-        if layer is not None and comp != "other" and layers[layer].get("status") == "quantized":
+        if _is_codes(name, layer, layers):
             if layer not in counted:  # a quantized weight's codes, scales and zero points are one float weight
                 counted.add(layer)
                 N, K = layers[layer]["shape"]
@@ -111,6 +122,12 @@ def _sizes(header: dict, manifest: dict) -> list[SizeRow]:
         else:
             a[0] += numel
             a[1] += nbytes
+    source = manifest["model"].get("float_bytes")
+    head, emb = acc["lm_head"], acc["embeddings"]
+    if not emb[2] and manifest["model"].get("config", {}).get("tie_word_embeddings"):
+        acc["embeddings + lm_head (tied)"], acc["lm_head"] = head, [0, 0, 0]  # one table, stored once
+    elif source and emb[2] and head[1] and sum(a[1] for a in acc.values()) - head[1] == source:
+        head[1] = 0  # tied: the float model holds the table once, under the embeddings
     return [SizeRow(c, *acc[c]) for c in COMPONENTS if acc[c][2]]
 
 

@@ -59,6 +59,7 @@ class Probes:
     sequences: tuple[Tensor, ...]     # int64 [T_i]; the first is compared on every row
     kept: tuple[int, ...]             # rows compared per sequence: its last ``kept[i]`` tokens
     prefix: int                       # the paged run's extra sequence: ``sequences[0][:prefix]``
+    past_window: Optional[int] = None  # the declared window the last sequence runs past
 
     def __post_init__(self):
         assert self.kept[0] == self.sequences[0].shape[0] >= self.prefix >= 2, "probe 0 compared whole"
@@ -69,7 +70,7 @@ class Probes:
 
     def describe(self) -> dict:
         return {"sequences": [int(s.shape[0]) for s in self.sequences], "tokens": self.tokens,
-                "compared_rows": sum(self.kept) + self.prefix}
+                "compared_rows": sum(self.kept) + self.prefix, "past_window": self.past_window}
 
 
 def make_probes(vocab: int, max_tokens: int, window: Optional[int] = None,
@@ -78,14 +79,14 @@ def make_probes(vocab: int, max_tokens: int, window: Optional[int] = None,
     declares an attention window shorter than ``max_tokens``, one sequence past it."""
     g = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(0, vocab, (min(RANDOM_LENGTH, max_tokens),), generator=g)]
-    if samples:
-        s = samples[0].reshape(-1)[:min(CALIB_LENGTH, max_tokens)].long()
-        if s.numel() >= 2:
-            seqs.append(s)
-    if window is not None and window < max_tokens:
+    calib = next((s.reshape(-1) for s in samples or [] if s.numel() >= 2), None)
+    if calib is not None:
+        seqs.append(calib[:min(CALIB_LENGTH, max_tokens)].long())
+    past = window if window is not None and window < max_tokens else None
+    if past is not None:
         seqs.append(torch.randint(0, vocab, (min(window + WINDOW_MARGIN, max_tokens),), generator=g))
     kept = tuple(min(int(s.shape[0]), KEPT_ROWS) for s in seqs)
-    return Probes(tuple(seqs), (int(seqs[0].shape[0]),) + kept[1:], max(2, int(seqs[0].shape[0]) // 3))
+    return Probes(tuple(seqs), (int(seqs[0].shape[0]),) + kept[1:], max(2, int(seqs[0].shape[0]) // 3), past)
 
 
 def _logits(out) -> Tensor:
@@ -124,15 +125,23 @@ def _run_paged(prog, probes: Probes, paged: dict, dtype: torch.dtype, device: to
             continue
         new = [seqs[i][starts[i]:ends[i]].tolist() for i in active]
         inp = step_inputs([tables[i] for i in active], [starts[i] for i in active], new, BLOCK_SIZE)
-        inp = inp._replace(logits_indices=torch.arange(inp.input_ids.shape[0]))
-        out = _logits(prog(*inp.args(kv))).float()
-        for i, chunk in zip(active, out.split([len(t) for t in new])):
+        rows, counts, at = [], [], 0
+        for i, toks in zip(active, new):  # the step's rows whose logits are compared
+            first = max(starts[i], lens[i] - kept[i])
+            rows += range(at + first - starts[i], at + len(toks))
+            counts.append(max(0, len(toks) - (first - starts[i])))
+            at += len(toks)
+        if not rows:
+            continue
+        out = _logits(prog(*inp._replace(logits_indices=torch.tensor(rows)).args(kv))).float()
+        for i, chunk in zip(active, out.split(counts)):
             per_seq[i].append(chunk)
-    return torch.cat([torch.cat(parts)[T - k:] for parts, T, k in zip(per_seq, lens, kept)])
+    return torch.cat([torch.cat(parts) for parts in per_seq])
 
 
 def run_program(prog, probes: Probes, dtype: torch.dtype, paged: Optional[dict] = None, seed: int = 0) -> Tensor:
-    """The program's logits on the probes' compared rows, ``[sum(kept), V]`` in float32. ``paged``
+    """The program's logits on the probes' compared rows, ``[sum(kept) + prefix, V]`` in float32
+    (each sequence's kept rows in order, then the prefix copy's). ``paged``
     (the paged pass's facts: layers, KV heads, head size) marks a paged program; by default it
     is read from the program's ``meta``."""
     module = prog.module() if isinstance(prog, torch.export.ExportedProgram) else prog
@@ -177,6 +186,8 @@ class Checker:
     def check(self, name: str, prog, exact: bool) -> dict:
         t0 = time.perf_counter()
         out = run_program(prog, self.probes, self.dtype)
+        if not bool(torch.isfinite(out).all()):
+            raise VerificationError(f"pass {name} made the program's outputs non-finite (NaN or inf)")
         diff = out - self.prev
         err, tol = diff.abs().max().item(), _tolerance(self.prev, self.dtype)
         record = {"probe_tokens": self.probes.tokens, "max_abs_err": float(f"{err:.3g}"),

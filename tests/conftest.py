@@ -50,7 +50,7 @@ TARGETS = {
     "float": Float(),
     "w4a16-rtn": W4A16(group_size=32, symmetric=True),
     "w4a16-gptq": W4A16(group_size=32, symmetric=False, method="gptq"),
-    "w4a16-awq": W4A16(group_size=32, method="awq"),
+    "w4a16-awq": W4A16(method="awq"),  # groups per layer ("auto")
     "w8a16": W8A16(),
     "w8a8-smoothquant": W8A8(),
     "w8a8": W8A8(smoothquant_alpha=None),

@@ -56,3 +56,19 @@ def test_report_of_a_missing_artifact_is_one_line(capsys, tmp_path):
     assert main(["report", str(tmp_path / "nothing")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such artifact directory" in err[0]
+
+
+def test_a_tied_output_projection_is_one_float_table(tmp_path):
+    """A model whose lm_head shares the embedding table, lm_head quantized on its own (int8): the
+    float column counts the table once, as the source model holds it."""
+    from qcompiler.compiler import compile_model
+    from qcompiler.models import ModelSource
+    from qcompiler.targets import W4A16
+    from tiny_models import Args, build
+    model = build(Args(vocab=96, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden=128, tie=True))
+    rep = compile_model(ModelSource(model=model, kind="model.py", path="tied"), W4A16(lm_head_bits=8),
+                        tmp_path / "tied")
+    sizes = {s.component: s for s in build_report(rep.out).sizes}
+    assert sum(s.float_bytes for s in sizes.values()) == rep.float_bytes
+    assert sizes["lm_head"].bits_per_weight == pytest.approx(8 + 32 / 64)  # int8 codes, an fp32 scale per row
+    assert sizes["embeddings"].bits_per_weight == 32.0 and sizes["linears"].bits_per_weight < 6

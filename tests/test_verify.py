@@ -136,7 +136,21 @@ def test_probes_are_seeded_and_run_past_the_window():
     assert all(int(s.max()) < 100 for s in p.sequences) and 2 <= p.prefix < lens[0]
     assert all(torch.equal(a, b) for a, b in zip(p.sequences, make_probes(100, 1024, 300, samples).sequences))
     assert max(int(s.shape[0]) for s in make_probes(100, 320, window=300).sequences) == 320  # capped
-    assert max(int(s.shape[0]) for s in make_probes(100, 256, window=4096).sequences) < 256  # nothing past it
+    far = make_probes(100, 256, window=4096)  # a window past max_tokens: no probe can cross it
+    assert max(int(s.shape[0]) for s in far.sequences) < 256 and far.past_window is None
+    assert p.past_window == 300
+
+
+def test_a_pass_that_makes_outputs_non_finite_is_named(monkeypatch, capsys, tmp_path):
+    def nan_weights(gm):
+        node = next(n for n in gm.graph.nodes if n.op == "get_attr" and "q_proj" in n.target)
+        getattr(gm.get_submodule(node.target.rsplit(".", 1)[0]), node.target.rsplit(".", 1)[1]).fill_(float("nan"))
+        return gm
+
+    monkeypatch.setitem(PIPELINES, Float, lambda t, progress, samples: [Pass("nan_weights", nan_weights, {})])
+    assert main([str(EXAMPLES / "tiny_llama.py"), "--target", "float", "-q", "-o", str(tmp_path / "nan")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["qcompile: error: pass nan_weights made the program's outputs non-finite (NaN or inf)"]
 
 
 def test_a_failing_first_check_names_the_capture_when_export_changed_the_model():
