@@ -125,16 +125,16 @@ def _run_paged(prog, probes: Probes, paged: dict, dtype: torch.dtype, device: to
             continue
         new = [seqs[i][starts[i]:ends[i]].tolist() for i in active]
         inp = step_inputs([tables[i] for i in active], [starts[i] for i in active], new, BLOCK_SIZE)
-        rows, counts, at = [], [], 0
+        rows, n_rows, row0 = [], [], 0
         for i, toks in zip(active, new):  # the step's rows whose logits are compared
             first = max(starts[i], lens[i] - kept[i])
-            rows += range(at + first - starts[i], at + len(toks))
-            counts.append(max(0, len(toks) - (first - starts[i])))
-            at += len(toks)
+            rows += range(row0 + first - starts[i], row0 + len(toks))
+            n_rows.append(max(0, len(toks) - (first - starts[i])))
+            row0 += len(toks)
         if not rows:
             continue
         out = _logits(prog(*inp._replace(logits_indices=torch.tensor(rows)).args(kv))).float()
-        for i, chunk in zip(active, out.split(counts)):
+        for i, chunk in zip(active, out.split(n_rows)):
             per_seq[i].append(chunk)
     return torch.cat([torch.cat(parts) for parts in per_seq])
 
