@@ -8,6 +8,7 @@ Canonical, kernel-neutral layouts (what an artifact stores):
   * ``zeros`` int8 ``[N, K // group_size]``, signed, in ``q``'s domain, or ``None`` (symmetric).
 Dequantization is always ``w = (q - zero) * scale``.
 """
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -103,7 +104,9 @@ def dequantize_weight_ref(qweight: Tensor, scales: Tensor, zeros: Optional[Tenso
 
 
 def sqnr_db(ref: Tensor, approx: Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB: 10·log10(‖ref‖² / ‖ref − approx‖²)."""
-    ref, approx = ref.detach().double(), approx.detach().double()
-    noise = (ref - approx).pow(2).sum().clamp_min(1e-30)
-    return float(10 * torch.log10(ref.pow(2).sum() / noise))
+    """Signal-to-quantization-noise ratio in dB: 10·log10(‖ref‖² / ‖ref − approx‖²), the sums as fp32
+    dot products; the noise is floored at 1e-30 of the signal, so equal tensors give 300."""
+    ref, approx = ref.detach().float().reshape(-1), approx.detach().float().reshape(-1)
+    diff = ref - approx
+    signal, noise = float(torch.dot(ref, ref)), float(torch.dot(diff, diff))
+    return 10 * math.log10(max(signal, 1e-300) / max(noise, signal * 1e-30, 1e-300))

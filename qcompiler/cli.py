@@ -160,25 +160,9 @@ def print_summary(rep, model: str) -> None:
     print_pass_checks(rep.manifest)
 
 
-def _db(x: float) -> str:
-    return "exact" if x >= 300 else f"{x:.1f} dB"
-
-
 def print_pass_checks(manifest: dict) -> None:
-    """The per-pass table: each pass's seconds and its check on probe inputs (``qcompiler.verify``)."""
-    ver = manifest.get("verification") or {}
-    if not ver.get("enabled"):
-        print("  passes were not checked (compiled with --no-verify)")
-        return
-    n = len(ver["sequences"])
-    print(f"  checks on {ver['tokens']} probe tokens ({n} sequence{'s' if n > 1 else ''}"
-          + (f", one past the {ver['past_window']}-token attention window" if ver.get("past_window") else "")
-          + f"), {ver['seconds']:.1f} s:")
-    print(f"    {'pass':<18} {'kind':<6} {'seconds':>7} {'max |Δ|':>9} {'SQNR vs before':>15} {'vs float':>10}")
-    for rec in manifest["passes"]:
-        c = rec["check"]
-        print(f"    {rec['name']:<18} {'exact' if rec.get('exact') else 'lossy':<6} {rec['seconds']:>7.1f} "
-              f"{c['max_abs_err']:>9.2e} {_db(c['sqnr_db']):>15} {_db(c['sqnr_db_vs_float']):>10}")
+    from .report import pass_checks
+    print("\n".join("  " + line for line in pass_checks(manifest)))
 
 
 def _layer_bytes(rep, v) -> float:

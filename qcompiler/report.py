@@ -142,6 +142,23 @@ def _db(x: Optional[float]) -> str:
     return "-" if x is None else ("exact" if x >= 300 else f"{x:.1f} dB")
 
 
+def pass_checks(manifest: dict) -> list[str]:
+    """The per-pass table: each pass's seconds and its check on probe inputs (``qcompiler.verify``)."""
+    ver = manifest.get("verification") or {}
+    if not ver.get("enabled"):
+        return ["passes: " + ", ".join(rec["name"] for rec in manifest["passes"]) + " (not checked: --no-verify)"]
+    n = len(ver["sequences"])
+    lines = [f"checks on {ver['tokens']} probe tokens ({n} sequence{'s' if n > 1 else ''}"
+             + (f", one past the {ver['past_window']}-token attention window" if ver.get("past_window") else "")
+             + f"), {ver['seconds']:.1f} s:",
+             f"  {'pass':<18} {'kind':<6} {'seconds':>7} {'max |Δ|':>9} {'SQNR vs before':>15} {'vs float':>10}"]
+    for rec in manifest["passes"]:
+        c = rec["check"]
+        lines.append(f"  {rec['name']:<18} {'exact' if rec.get('exact') else 'lossy':<6} {rec['seconds']:>7.1f} "
+                     f"{c['max_abs_err']:>9.2e} {_db(c['sqnr_db']):>15} {_db(c['sqnr_db_vs_float']):>10}")
+    return lines
+
+
 def report_text(r: Report) -> str:
     m = r.manifest
     t = m["target"]
@@ -161,16 +178,7 @@ def report_text(r: Report) -> str:
             better = sum(1 for row in mse if row.rtn_output_mse is not None and row.output_mse < row.rtn_output_mse)
             lines.append(f"output error on calibration tokens: recorded for {len(mse)} layers; lower than RTN's on "
                          f"{better}")
-    ver = m.get("verification") or {}
-    if ver.get("enabled"):
-        lines.append(f"passes, checked on {ver['tokens']} probe tokens:")
-        lines.append(f"  {'pass':<18} {'kind':<6} {'seconds':>7} {'max |Δ|':>9} {'SQNR vs before':>15} {'vs float':>10}")
-        for rec in m["passes"]:
-            c = rec["check"]
-            lines.append(f"  {rec['name']:<18} {'exact' if rec.get('exact') else 'lossy':<6} {rec['seconds']:>7.1f} "
-                         f"{c['max_abs_err']:>9.2e} {_db(c['sqnr_db']):>15} {_db(c['sqnr_db_vs_float']):>10}")
-    else:
-        lines.append("passes: " + ", ".join(rec["name"] for rec in m["passes"]) + " (not checked: --no-verify)")
+    lines += pass_checks(m)
     lines.append("size by component:")
     lines.append(f"  {'component':<28} {'float MiB':>10} {'artifact MiB':>13} {'bits/weight':>12}")
     for s in r.sizes:

@@ -14,7 +14,6 @@ sequence's prefix, packed into two steps over one KV cache with shuffled block t
 sequence's first half, then the rest against its cached first half. A causal program's logits on
 a prefix are its logits on the sequence's first rows, so the copy needs no call of its own and
 every step packs several sequences: the check covers packing, block tables and cached context."""
-import math
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -22,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from qcompiler.codegen.quant import sqnr_db
 from qcompiler.runtime.step_inputs import step_inputs
 
 from .capture import device_of
@@ -153,17 +153,6 @@ def run_program(prog, probes: Probes, dtype: torch.dtype, paged: Optional[dict] 
         return _run_flat(module, probes, device)
 
 
-def _power(x: Tensor) -> float:
-    x = x.reshape(-1)
-    return float(torch.dot(x, x))
-
-
-def sqnr_db(ref: Tensor, approx: Tensor) -> float:
-    """Signal-to-noise ratio of ``approx`` against ``ref`` in dB; identical outputs give 300."""
-    signal, noise = _power(ref), _power(ref - approx)
-    return round(10 * math.log10(max(signal, 1e-300) / max(noise, signal * 1e-30, 1e-300)), 2)
-
-
 def _tolerance(ref: Tensor, dtype: torch.dtype) -> float:
     return RTOL.get(dtype, RTOL[torch.float32]) * ref.abs().max().item()
 
@@ -181,7 +170,6 @@ class Checker:
         t0 = time.perf_counter()
         self.float_out = self.prev = run_program(model, probes, dtype)
         self.seconds = time.perf_counter() - t0
-        self.first = True
 
     def check(self, name: str, prog, exact: bool) -> dict:
         t0 = time.perf_counter()
@@ -191,20 +179,21 @@ class Checker:
         diff = out - self.prev
         err, tol = diff.abs().max().item(), _tolerance(self.prev, self.dtype)
         record = {"probe_tokens": self.probes.tokens, "max_abs_err": float(f"{err:.3g}"),
-                  "sqnr_db": sqnr_db(self.prev, out), "sqnr_db_vs_float": sqnr_db(self.float_out, out)}
+                  "sqnr_db": round(sqnr_db(self.prev, out), 2),
+                  "sqnr_db_vs_float": round(sqnr_db(self.float_out, out), 2)}
         if exact:
             record["tolerance"] = float(f"{tol:.3g}")
             if not err <= tol:  # NOTE: also catches NaN
                 self._blame_capture()
                 raise VerificationError(f"pass {name} changed the program's outputs "
                                         f"(max |Δ| {err:.1e} > {tol:.0e})")
-        self.prev, self.first = out, False
+        self.prev = out
         record["seconds"] = round(time.perf_counter() - t0, 3)
         self.seconds += record["seconds"]
         return record
 
     def _blame_capture(self) -> None:
-        if not self.first or self.captured is None:
+        if self.prev is not self.float_out or self.captured is None:  # not the first check
             return
         got = run_program(self.captured, self.probes, self.dtype)
         err, tol = (got - self.float_out).abs().max().item(), _tolerance(self.float_out, self.dtype)
