@@ -4,7 +4,7 @@ Compiles the bundled model with the checks on and off (``--no-verify``), alterna
 process each round so both see the same caches; prints each stage's median (min–max) and the
 checks' cost as a share of the compile without them.
 
-    .venv/bin/python bench/compile_time.py [--rounds 3] [--threads 2] [--group-size 64] [--symmetric]
+    .venv/bin/python bench/compile_time.py [--rounds 3] [--threads 2] [--group-size 64] [--symmetric] [--method rtn]
 """
 import argparse
 import platform
@@ -35,7 +35,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--group-size", default="64", help="a power of two or 'auto' (default 64)")
+    p.add_argument("--method", default="rtn", help="rtn (default), auto (the w4a16 default), imatrix, gptq, awq")
     p.add_argument("--symmetric", action="store_true", help="symmetric scales (default: integer zero points)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -43,7 +44,8 @@ def main() -> int:
     from qcompiler.models import load_source
     from qcompiler.targets import W4A16
     src = load_source(str(Path(__file__).resolve().parents[1] / "examples" / "smollm2.py"))
-    target = W4A16(group_size=a.group_size, symmetric=a.symmetric)
+    target = W4A16(group_size=a.group_size if a.group_size == "auto" else int(a.group_size), symmetric=a.symmetric,
+                   method=a.method)
     runs: dict[bool, list[dict]] = {True: [], False: []}
     with tempfile.TemporaryDirectory() as tmp:
         compile_model(src, target, Path(tmp) / "warm", verify=False)  # first-call costs out of the figures

@@ -32,11 +32,14 @@ ANCHORS = {"float": 22.62, "w4a16 g64 sym": 32.68, "w4a16 g64 asym": 28.87, "w4a
            "w4a16 awq g64 sym, no clip": 29.29, "w4a16 awq g64 asym, no clip": 26.83}
 SCHEMES = {
     "float": Float(),
-    "w4a16 default (g128/64/32 per layer, asym)": W4A16(),
-    "w4a16 g128/64/32 per layer, sym": W4A16(symmetric=True),
-    "w4a16 g64 sym": W4A16(group_size=64, symmetric=True),
-    "w4a16 g64 asym": W4A16(group_size=64, symmetric=False),
-    "w4a16 g32 asym": W4A16(group_size=32, symmetric=False),
+    "w4a16 default (g128/64/32 per layer, asym, imatrix)": W4A16(),
+    "w4a16 g128/64/32 per layer, sym, imatrix": W4A16(symmetric=True),
+    "w4a16 g128/64/32 per layer, asym, rtn": W4A16(method="rtn"),
+    "w4a16 g128/64/32 per layer, sym, rtn": W4A16(symmetric=True, method="rtn"),
+    "w4a16 imatrix g64 asym": W4A16(group_size=64, method="imatrix"),
+    "w4a16 g64 sym": W4A16(group_size=64, symmetric=True, method="rtn"),
+    "w4a16 g64 asym": W4A16(group_size=64, symmetric=False, method="rtn"),
+    "w4a16 g32 asym": W4A16(group_size=32, symmetric=False, method="rtn"),
     "w8a16 per-channel sym": W8A16(),
     "w4a16 gptq g64 sym": W4A16(group_size=64, symmetric=True, method="gptq"),
     "w4a16 gptq g64 sym, no act-order": W4A16(group_size=64, symmetric=True, method="gptq", act_order=False),
@@ -56,7 +59,7 @@ SCHEMES = {
 }
 
 
-CALIBRATED = ("gptq", "awq", "smoothquant", "quantize_w8a8", "calibration data")
+CALIBRATED = ("imatrix", "gptq", "awq", "smoothquant", "quantize_w8a8", "calibration data")
 
 
 def main():

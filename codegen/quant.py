@@ -50,8 +50,13 @@ def range_qparams(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> tuple[T
     if symmetric:
         return (torch.maximum(-lo, hi) / ((qmax - qmin) / 2)).clamp_min(eps), None
     scale = ((hi - lo) / (qmax - qmin)).clamp_min(eps)
-    zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
-    return scale, zero.to(torch.int8)
+    return scale, range_zero(lo, scale, bits)
+
+
+def range_zero(lo: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """The integer zero point that maps a group's minimum ``lo`` (≤ 0) to ``qmin`` at ``scale``."""
+    qmin, qmax = qrange(bits)
+    return (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int8)
 
 
 def quantize(w: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: int) -> Tensor:

@@ -1,11 +1,12 @@
 """FX passes, one family per file; ``qcompiler.pipeline`` orders them per target."""
 from .fuse import fuse_weight_only
 from .gptq import gptq
+from .imatrix import imatrix
 from .normalize import normalize
 from .paged_attention import paged_attention
 from .quantize_activations import quantize_fp8, quantize_w8a8
 from .quantize_weights import linear_nodes, output_linears, quantize_weights
 from .smooth import awq, smoothquant
 
-__all__ = ["awq", "fuse_weight_only", "gptq", "linear_nodes", "normalize", "output_linears", "paged_attention",
+__all__ = ["awq", "fuse_weight_only", "gptq", "imatrix", "linear_nodes", "normalize", "output_linears", "paged_attention",
            "quantize_fp8", "quantize_w8a8", "quantize_weights", "smoothquant"]

@@ -14,9 +14,13 @@ from typing import NamedTuple, Optional
 import torch
 
 
+# Samples a method draws unless told: imatrix needs only each input channel's mean square
+DEFAULT_SAMPLES, METHOD_SAMPLES = 64, {"imatrix": 16}
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
-    samples: int = 64
+    samples: Optional[int] = None  # None: the method's default (``samples_for``)
     seq_len: int = 512
     seed: int = 0
     file: Optional[str] = None
@@ -24,8 +28,11 @@ class CalibrationConfig:
     def __post_init__(self):
         for name in ("samples", "seq_len"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if (v is not None or name == "seq_len") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"calibration {name} must be an integer >= 1, got {v!r}")
+
+    def samples_for(self, method: Optional[str]) -> int:
+        return self.samples or METHOD_SAMPLES.get(method, DEFAULT_SAMPLES)
 
 
 class CalibrationSet(NamedTuple):
@@ -66,24 +73,27 @@ def _tokenize(tokenizer, text: str, what: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
 
 
-def load_calibration(src, cfg: CalibrationConfig, vocab_size: Optional[int] = None) -> CalibrationSet:
-    """The calibration samples for ``src`` (a ``ModelSource``); ``ValueError`` says what is missing."""
+def load_calibration(src, cfg: CalibrationConfig, vocab_size: Optional[int] = None,
+                     method: Optional[str] = None) -> CalibrationSet:
+    """The calibration samples for ``src`` (a ``ModelSource``), as many as ``cfg.samples_for(method)``;
+    ``ValueError`` says what is missing."""
+    n = cfg.samples_for(method)
     if cfg.file:
         path = Path(cfg.file)
         if not path.is_file():
             raise FileNotFoundError(f"--calib-file {path}: no such file")
         tokens, source = _tokenize(src.tokenizer, path.read_text(encoding="utf-8"), f"--calib-file {path}"), str(path)
-        samples = draw_samples(tokens, cfg.samples, cfg.seq_len, cfg.seed)
+        samples = draw_samples(tokens, n, cfg.seq_len, cfg.seed)
     elif src.calibration_data is not None:
         data = list(src.calibration_data())
         if not data or not all(isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == 1 for t in data):
             raise ValueError("calibration_data() must return a non-empty list of [1, T] token-id tensors")
         tokens, source = torch.cat([t[0].long() for t in data]), "calibration_data()"
-        samples = draw_samples(tokens, cfg.samples, min(cfg.seq_len, tokens.numel()), cfg.seed)
+        samples = draw_samples(tokens, n, min(cfg.seq_len, tokens.numel()), cfg.seed)
     elif src.calibration_texts is not None:
         tokens = _tokenize(src.tokenizer, "\n\n".join(src.calibration_texts()), "calibration_texts()")
         source = "calibration_texts()"
-        samples = draw_samples(tokens, cfg.samples, cfg.seq_len, cfg.seed)
+        samples = draw_samples(tokens, n, cfg.seq_len, cfg.seed)
     else:
         raise ValueError("this method needs calibration data: define calibration_texts() or calibration_data() in "
                          "the model file, or pass --calib-file")

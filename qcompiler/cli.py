@@ -16,7 +16,8 @@ DESCRIPTION = """Compile a PyTorch language model into a quantized artifact, or 
 
   qcompile MODEL --target w4a16 [-o DIR]     compile (same as: qcompile compile MODEL ...): int4 weights,
                                              per layer in groups of 128, 64 or 32 (the largest that
-                                             divides its input size) with integer zero points
+                                             divides its input size) with integer zero points, ranges
+                                             fit on calibration data when the model has it
   qcompile eval ARTIFACT [--compare-float]   perplexity on the bundled evaluation text
   qcompile generate ARTIFACT "PROMPT"        generate text with the paged runtime
   qcompile report ARTIFACT [-o report.png]   draw an artifact: per-layer error, pass checks, size
@@ -29,8 +30,11 @@ Targets:
   w8a16   int8 weights per output channel (or --group-size), 16-bit activations
   w8a8    int8 weights per channel, int8 activations per token; SmoothQuant (alpha 0.8) first
   fp8     e4m3 weights per channel, e4m3 activations per token
-Methods (--method): rtn (round to nearest), gptq (error compensation), awq (activation-aware
-scales); gptq and awq also clip each group's range where that lowers the error (--no-clip: off). gptq, awq, SmoothQuant and --observer calibrate on the model file's calibration_texts()
+Methods (--method): rtn (round to nearest), imatrix (round to nearest, each group's scale and zero
+point fit to the weights weighted by their inputs' mean square on calibration data: the w4a16
+default when the model has calibration data), gptq (error compensation), awq (activation-aware
+scales); gptq and awq also clip each group's range where that lowers the error (--no-clip: off).
+imatrix, gptq, awq, SmoothQuant and --observer calibrate on the model file's calibration_texts()
 or calibration_data(), or --calib-file.
 Embeddings and lm_head stay float (--quantize-lm-head quantizes lm_head with the scheme,
 --lm-head-bits 8 in int8 per channel). With an explicit --group-size, a linear whose
@@ -69,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="integer zero point per group (the w4a16 default)")
     sym.add_argument("--symmetric", dest="symmetric", action="store_true",
                      help="no zero point (the w8a16 default)")
-    c.add_argument("--method", default=None, help="weight quantization: rtn (default), gptq, awq (weight-only "
+    c.add_argument("--method", default=None, help="weight quantization: auto (w4a16 default: imatrix when the model "
+                   "has calibration data, else rtn), imatrix, rtn (w8a16 default), gptq, awq (weight-only "
                    "targets); w8a8 and fp8 take rtn or gptq")
     act = c.add_mutually_exclusive_group()
     act.add_argument("--act-order", dest="act_order", action="store_true", default=None,
@@ -84,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-smoothquant", action="store_true", help="w8a8: no SmoothQuant")
     c.add_argument("--observer", default=None, help="w8a8: static per-tensor activation scales from this observer "
                    "(minmax, percentile, mse); default: dynamic per-token scales")
-    c.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default 64)")
+    c.add_argument("--calib-samples", type=int, default=None, help="calibration samples (default 64; imatrix 16)")
     c.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
     c.add_argument("--calib-file", default=None, help="calibrate on this UTF-8 text instead of the model file's")
     c.add_argument("--quantize-lm-head", action="store_true", default=None, help="quantize the output projection too")

@@ -3,7 +3,7 @@ import logging
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -14,7 +14,7 @@ from .calibration import CalibrationConfig, load_calibration
 from .capture import FlatTokenModule, capture, export_paged, max_tokens_of
 from .models import DTYPES, ModelSource, load_source, source_kind
 from .pipeline import run_pipeline
-from .targets import Target
+from .targets import AUTO_METHOD, Target
 from .verify import Checker, declared_window, make_probes
 
 log = logging.getLogger("qcompiler")
@@ -69,22 +69,46 @@ def _model_dtype(model: torch.nn.Module) -> str:
     return str(floats[0] if floats else torch.get_default_dtype()).removeprefix("torch.")
 
 
-def _checker(ep, src: ModelSource, max_tokens: int, samples) -> tuple[Checker, dict]:
-    """The probes and the float model's outputs on them (``qcompiler.verify``)."""
+def _vocab_size(ep) -> int:
+    """The size of the captured program's logits' last dimension."""
     outputs = ep.graph_module.graph.find_nodes(op="output")[0].args[0]
     user = [o for o, spec in zip(outputs, ep.graph_signature.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
-    vocab = user[0].meta["val"].shape[-1]
+    return int(user[0].meta["val"].shape[-1])
+
+
+def _checker(ep, src: ModelSource, max_tokens: int, samples) -> tuple[Checker, dict]:
+    """The probes and the float model's outputs on them (``qcompiler.verify``)."""
+    vocab = _vocab_size(ep)
     window = declared_window(src.config)
     probes = make_probes(int(vocab), max_tokens, window, samples)
     checker = Checker(FlatTokenModule(src.model).eval(), ep, probes, _least_precise_dtype(src.model))
     return checker, {"enabled": True, "window": window, **probes.describe()}
 
 
+def has_calibration(src: ModelSource, cfg: CalibrationConfig) -> bool:
+    return bool(cfg.file) or src.calibration_data is not None or src.calibration_texts is not None
+
+
+def resolve_method(target: Target, src: ModelSource, cfg: CalibrationConfig) -> Target:
+    """A weight-only target's ``method="auto"`` made concrete: ``imatrix`` when the source has
+    calibration data (``--calib-file``, the model file's ``calibration_data()`` or
+    ``calibration_texts()``), else ``rtn`` with a warning."""
+    if getattr(target, "method", None) != AUTO_METHOD:
+        return target
+    if has_calibration(src, cfg):
+        return replace(target, method="imatrix")
+    log.warning("no calibration data: plain RTN ranges (--calib-file TEXT gives activation-weighted ones, "
+                "--method rtn silences this)")
+    return replace(target, method="rtn")
+
+
 def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, dtype: str | None = None,
                   progress: bool = False, calibration: CalibrationConfig | None = None,
                   verify: bool = True) -> CompileReport:
     """Compiles ``model`` (a path or a loaded ``ModelSource``) for ``target`` into the artifact ``out``;
-    ``calibration`` says which samples the calibrated methods use (default: 64 × 512 tokens).
+    ``calibration`` says which samples the calibrated methods use (default: 64 × 512 tokens, 16 × 512
+    for imatrix). A weight-only target's ``method="auto"`` is resolved first (``resolve_method``); the
+    report and the manifest carry the resolved target.
     ``verify`` checks every pass on probe inputs (``qcompiler.verify``): an exact pass that changes
     the program's outputs raises ``VerificationError``; the checks go into the manifest."""
     out = Path(out).resolve()
@@ -100,9 +124,10 @@ def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, 
     with _stage(stages, "capture"):
         ep = capture(src.model, max_tokens)
     calib, cfg = None, calibration or CalibrationConfig()
+    target = resolve_method(target, src, cfg)
     if target.needs_calibration:
         with _stage(stages, "calibration data"):
-            calib = load_calibration(src, cfg, src.config.get("vocab_size"))
+            calib = load_calibration(src, cfg, src.config.get("vocab_size"), getattr(target, "method", None))
     samples = calib.samples if calib else None
     checker, verification = None, {"enabled": False}
     if verify:
@@ -126,7 +151,8 @@ def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, 
                                "slot_mapping": "int64[T]", "block_tables": "int64[S, max_blocks]",
                                "seq_lens": "int64[S]", "query_start_loc": "int64[S + 1]",
                                "logits_indices": "int64[N]"},
-                    "output": "logits[N, V]", "max_tokens": max_tokens, "paged": paged},
+                    "output": "logits[N, V]", "max_tokens": max_tokens, "paged": paged,
+                    "vocab_size": _vocab_size(ep)},
         "calibration": calib.describe(cfg) if calib else None,
         "passes": result.records,
         "verification": verification,

@@ -2,7 +2,7 @@
 
     capture ─► normalize ─► [calibrated passes] ─► quantize ─► [fuse] ─► paged_attention ─► export
 
-    w4a16/w8a16   [gptq | awq] ─► quantize_weights ─► fuse_weight_only
+    w4a16/w8a16   [imatrix | gptq | awq] ─► quantize_weights ─► fuse_weight_only
     w8a8          [smoothquant] ─► [gptq] ─► quantize_w8a8 (static scales: an observer)
     fp8           [gptq] ─► quantize_fp8
 
@@ -18,8 +18,8 @@ from typing import Callable, NamedTuple, Optional
 from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
-from qcompiler.passes import (awq, fuse_weight_only, gptq, normalize, paged_attention, quantize_fp8, quantize_w8a8,
-                              quantize_weights, smoothquant)
+from qcompiler.passes import (awq, fuse_weight_only, gptq, imatrix, normalize, paged_attention, quantize_fp8,
+                              quantize_w8a8, quantize_weights, smoothquant)
 
 from .targets import FP8, W8A8, Float, Target, WeightOnly
 from .verify import Checker
@@ -48,6 +48,7 @@ def _weight_only_passes(t: WeightOnly, progress: bool, samples: Samples) -> list
     params = dict(bits=t.bits, group_size=t.group_size, symmetric=t.symmetric, include_lm_head=t.quantize_lm_head)
     calibrated = {
         "rtn": [],
+        "imatrix": [Pass("imatrix", partial(imatrix, samples=samples, **params, progress=progress), params)],
         "gptq": [_gptq_pass(samples, progress, **params, act_order=t.act_order, clip=t.clip)],
         "awq": [Pass("awq", partial(awq, samples=samples, **params, clip=t.clip, progress=progress),
                  {**params, "n_grid": 20, "clip": t.clip})],

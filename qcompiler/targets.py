@@ -3,7 +3,9 @@ The pipeline dispatches on the config's type (``qcompiler.pipeline``), never on 
 from dataclasses import asdict, dataclass
 from typing import ClassVar, Optional, Union
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "imatrix", "gptq", "awq")
+# weight-only: imatrix when calibration data is at hand, else rtn (qcompiler.compiler.resolve_method)
+AUTO_METHOD = "auto"
 OBSERVERS = ("minmax", "percentile", "mse")
 AUTO = "auto"  # per layer, the largest of 128, 64, 32 dividing its input size (passes.quantize_weights)
 GroupSize = Union[int, str, None]
@@ -66,7 +68,8 @@ class WeightOnly(Target):
     # llm-compressor), off otherwise
     act_order: Optional[bool] = None
     # Each group's range clipped where that lowers its error (passes.quantization.clip_ratios): the output error on
-    # calibration data for gptq/awq, the weight error for rtn. None: on for gptq and awq, off for rtn
+    # calibration data for gptq/awq, the weight error for rtn. None: on for gptq and awq, off for rtn; imatrix
+    # searches its ranges itself
     clip: Optional[bool] = None
     # 8: the output projection in int8 per output channel (symmetric, RTN) while the rest follow the
     # scheme: half the bytes of a 16-bit lm_head per decoded token, as llama.cpp's Q8_0 output.
@@ -79,18 +82,20 @@ class WeightOnly(Target):
             raise ValueError(f"lm_head_bits must be 8 or None (lm_head float), got {self.lm_head_bits!r}")
         if self.lm_head_bits and self.quantize_lm_head:
             raise ValueError("lm_head_bits and quantize_lm_head both set: choose one scheme for lm_head")
-        _check_method(self.method)
+        _check_method(self.method, (*METHODS, AUTO_METHOD))
         if self.act_order is None:
             object.__setattr__(self, "act_order", self.method == "gptq")
         if self.clip is None:
-            object.__setattr__(self, "clip", self.method != "rtn")
+            object.__setattr__(self, "clip", self.method in ("gptq", "awq"))
+        if self.clip is True and self.method in ("imatrix", AUTO_METHOD):
+            raise ValueError(f"clip applies to methods rtn, gptq and awq; {self.method!r} searches its ranges itself")
         _check_bools(self, "symmetric", "quantize_lm_head", "act_order", "clip")
         if self.act_order and self.method != "gptq":
             raise ValueError(f"act_order applies to method 'gptq', not {self.method!r}")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "rtn"
+        return self.method not in ("rtn", AUTO_METHOD)
 
     @property
     def scheme(self) -> str:
@@ -103,9 +108,11 @@ class WeightOnly(Target):
 @dataclass(frozen=True)
 class W4A16(WeightOnly):
     """int4 weights in groups of input channels (by default the largest of 128, 64, 32 dividing each
-    layer's input size) with an integer zero point per group, 16-bit activations."""
+    layer's input size) with an integer zero point per group, 16-bit activations. By default the
+    ranges are weighted by calibration activations (imatrix) when the source has calibration data."""
     name: ClassVar[str] = "w4a16"
     bits: ClassVar[int] = 4
+    method: str = AUTO_METHOD
 
 
 @dataclass(frozen=True)

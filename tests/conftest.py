@@ -48,6 +48,7 @@ from qcompiler.targets import FP8, W4A16, W8A8, W8A16, Float  # noqa: E402
 CALIB = CalibrationConfig(samples=4, seq_len=64)
 TARGETS = {
     "float": Float(),
+    "w4a16": W4A16(),  # the headline defaults: imatrix on the model file's calibration data
     "w4a16-rtn": W4A16(group_size=32, symmetric=True),
     "w4a16-gptq": W4A16(group_size=32, symmetric=False, method="gptq"),
     "w4a16-awq": W4A16(method="awq"),  # groups per layer ("auto")

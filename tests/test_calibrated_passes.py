@@ -1,5 +1,5 @@
 """Calibrated passes on random small Llama-like models: SmoothQuant and AWQ leave the float
-program unchanged; GPTQ beats RTN on every layer and its codes are stored as they are;
+program unchanged; GPTQ (on every layer) and imatrix (in total) beat RTN and their codes are stored as they are;
 W8A8 and FP8 programs equal an independent fake-quant reference; observers; calibration data."""
 import random
 
@@ -10,11 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qcompiler.calibration import CalibrationConfig, draw_samples, load_calibration
+from qcompiler.compiler import resolve_method
 from qcompiler.capture import capture
-from qcompiler.codegen.fx import call_nodes
+from qcompiler.codegen.fx import call_nodes, set_constant
+from qcompiler.codegen.quant import dequantize_weight_ref
 from qcompiler.models import ModelSource
-from qcompiler.passes import awq, fuse_weight_only, gptq, normalize, quantize_fp8, quantize_w8a8, quantize_weights, smoothquant
+from qcompiler.passes import awq, fuse_weight_only, gptq, imatrix, normalize, quantize_fp8, quantize_w8a8, quantize_weights, smoothquant
 from qcompiler.passes.quantize_activations import observe_scale
+from qcompiler.targets import W4A16, W8A8, W8A16
 from test_passes import _eager, _inputs, small_models
 from tiny_models import Args, build
 
@@ -99,6 +102,33 @@ def test_gptq_beats_rtn_on_every_layer_and_its_codes_are_kept(bits, group, symme
     with torch.no_grad():
         torch.testing.assert_close(gm(ids, pos), calibrated, rtol=1e-4, atol=1e-4)
     assert all(v.get("method") == "gptq" for k, v in gm.meta["qc_layers"].items() if v["status"] == "quantized")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_imatrix_beats_rtn_and_its_codes_are_kept(symmetric):
+    """imatrix leaves the float program alone while it calibrates, lowers the output error of RTN on
+    calibration inputs in total, and the quantized program computes exactly its codes."""
+    a = Args(vocab=64, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, hidden=96)
+    model = _with_outliers(build(a, seed=4), seed=4)
+    gm = normalize(capture(model, max_tokens=256))
+    ids, pos = _inputs(a.vocab, 16, 0)
+    with torch.no_grad():
+        before = gm(ids, pos)
+    gm = imatrix(gm, _samples(a.vocab, n=6, T=64), bits=4, group_size=32, symmetric=symmetric)
+    codes = gm.meta["qc_codes"]
+    assert len(codes) == 7 * a.n_layers
+    recs = [rec for _, rec in codes.values()]
+    assert sum(r["output_mse"] for r in recs) < 0.9 * sum(r["rtn_output_mse"] for r in recs)
+    with torch.no_grad():
+        assert torch.equal(gm(ids, pos), before)
+        for name, (qw, _) in codes.items():  # the reference: each weight replaced by its dequantized codes
+            set_constant(gm, name, dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, 4).to(before.dtype))
+        expected = gm(ids, pos)
+    gm = fuse_weight_only(quantize_weights(gm, bits=4, group_size=32, symmetric=symmetric))
+    assert len(call_nodes(gm, qc.w4a16_linear.default)) == 7 * a.n_layers
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids, pos), expected, rtol=1e-4, atol=1e-4)
+    assert all(v.get("method") == "imatrix" for v in gm.meta["qc_layers"].values() if v["status"] == "quantized")
 
 
 def _fake_quant_linears(model, weight_q, act_q):
@@ -195,3 +225,23 @@ def test_calibration_protocol_and_sources(tmp_path):
                          CalibrationConfig())
     with pytest.raises(ValueError, match="outside the vocabulary"):
         load_calibration(src, CalibrationConfig(samples=1, seq_len=10), vocab_size=10)
+
+
+def test_auto_method_is_imatrix_given_calibration_data_else_rtn(tmp_path, caplog):
+    """The w4a16 default method calibrates when the source (or --calib-file) has data, and says so
+    when it falls back to plain RTN; explicit methods are kept as they are."""
+    texts = ModelSource(model=None, kind="model.py", path="m.py", calibration_texts=lambda: ["a"])
+    data = ModelSource(model=None, kind="model.py", path="m.py", calibration_data=lambda: [torch.ones(1, 8).long()])
+    bare = ModelSource(model=None, kind="model.py", path="m.py")
+    cfg = CalibrationConfig()
+    assert resolve_method(W4A16(), texts, cfg).method == "imatrix"
+    assert resolve_method(W4A16(), data, cfg).method == "imatrix"
+    assert resolve_method(W4A16(), bare, CalibrationConfig(file=str(tmp_path / "c.txt"))).method == "imatrix"
+    with caplog.at_level("WARNING", logger="qcompiler"):
+        plain = resolve_method(W4A16(group_size=64), bare, cfg)
+    assert plain == W4A16(group_size=64, method="rtn") and "no calibration data" in caplog.text
+    for explicit in (W4A16(method="rtn"), W4A16(method="gptq"), W8A16(), W8A8()):
+        assert resolve_method(explicit, texts, cfg) == explicit
+    with pytest.raises(ValueError, match="searches its ranges itself"):
+        W4A16(clip=True)
+    assert CalibrationConfig(samples=3).samples_for("imatrix") == CalibrationConfig(samples=3).samples_for("gptq") == 3

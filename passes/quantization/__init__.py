@@ -2,7 +2,7 @@
 The canonical layout and the rounding the ops share stay in ``qcompiler.codegen.quant``."""
 from .awq_search import awq_scales
 from .gptq_solver import GPTQResult, gptq_quantize
-from .rounding import clip_ratios, clip_weight, fake_quantize, search_qparams
+from .rounding import clip_ratios, clip_weight, fake_quantize, search_qparams, weighted_qparams
 
 __all__ = ["GPTQResult", "awq_scales", "clip_ratios", "clip_weight", "fake_quantize", "gptq_quantize",
-           "search_qparams"]
+           "search_qparams", "weighted_qparams"]
