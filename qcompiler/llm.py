@@ -30,6 +30,10 @@ class GenerationOutput:
     num_cached_tokens: int       # prompt tokens served from the prefix cache
     error: Optional[str] = None
     samples: Optional[list["GenerationOutput"]] = None  # all n completions when n > 1 (this is the first)
+    # SamplingParams(logprobs=k): per generated token (its log-prob, [(token id, log-prob)] top k)
+    logprobs: Optional[list] = None
+    # SamplingParams(prompt_logprobs=k): the same per prompt token, None for the first
+    prompt_logprobs: Optional[list] = None
 
 
 class LLM:
@@ -83,6 +87,7 @@ class LLM:
                                                           max_num_seqs)
         num_blocks = num_blocks or max(1, kv_cache_memory // per_block)
         self.tokenizer = self.model.tokenizer if man.get("tokenizer") else None
+        self.vocab_size: Optional[int] = man["program"].get("vocab_size") or man["model"]["config"].get("vocab_size")
         eos = man["model"]["config"].get("eos_token_id")
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -113,7 +118,7 @@ class LLM:
                 raise ValueError("this artifact has no tokenizer: pass prompts as lists of token ids")
             return self.tokenizer(prompt)["input_ids"]
         ids = [int(t) for t in prompt]
-        vocab = self.model.manifest["model"]["config"].get("vocab_size")
+        vocab = self.vocab_size
         bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
             raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {vocab})")
@@ -160,9 +165,11 @@ class LLM:
         text = req.text
         if req.detok is None and self.tokenizer is not None:
             text = self.engine.detokenize(ids)
+        p = req.params
         return GenerationOutput(prompt if isinstance(prompt, str) else None, seq.token_ids[:seq.num_prompt_tokens],
-                                text, ids, req.finish_reason, req.num_cached_tokens,
-                                req.error)
+                                text, ids, req.finish_reason, req.num_cached_tokens, req.error,
+                                logprobs=req.logprobs if p.logprobs is not None else None,
+                                prompt_logprobs=req.prompt_logprobs if p.prompt_logprobs is not None else None)
 
     def stats(self) -> dict:
         return self.engine.stats()

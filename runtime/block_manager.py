@@ -57,7 +57,7 @@ class BlockManager:
 
     # --- prompt ---------------------------------------------------------------------------
     def _match(self, seq: Sequence):
-        if not self.cache:
+        if not self.cache or not seq.use_prefix_cache:
             return None
         # NOTE: at least one prompt token is always computed, so that the step has logits
         return self.cache.match_prefix(seq.token_ids[:len(seq) - 1])

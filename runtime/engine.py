@@ -8,9 +8,9 @@ from qcompiler.codegen.workspace import SplitKWorkspace
 
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, decode
-from .sampling import SamplingParams, sample_batch
+from .sampling import SamplingParams, process_logits, sample_batch, top_logprobs
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, Status
 from .step_inputs import step_inputs
 
 
@@ -26,9 +26,15 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens the prefix cache served at the last admission
     children: list = field(default_factory=list)  # the other n - 1 completions, forked at the first token
     forked: bool = False
+    # with params.logprobs: per generated token (its log-prob, [(token id, log-prob)] top alternatives)
+    logprobs: list = field(default_factory=list)
+    # with params.prompt_logprobs: the same per prompt token, None for the first
+    prompt_logprobs: list = field(default_factory=list)
 
     @property
     def done(self) -> bool:
+        if self.finish_reason == "abort":
+            return True
         complete = self.forked or self.params.n == 1 or self.error is not None
         return self.finish_reason is not None and complete and all(c.finish_reason for c in self.children)
 
@@ -82,7 +88,10 @@ class Engine:
         if (params.stop or detokenize) and self.tokenizer is None:
             raise ValueError("stop strings and streamed text need a tokenizer; this artifact has none")
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        req = Request(Sequence(prompt_ids), params, gen, detok=self._detokenizer(params, detokenize))
+        req = Request(Sequence(prompt_ids, use_prefix_cache=params.prompt_logprobs is None), params, gen,
+                      detok=self._detokenizer(params, detokenize))
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs.append(None)
         self.requests[req.seq.seq_id] = req
         self.scheduler.add(req.seq)
         return req
@@ -104,13 +113,22 @@ class Engine:
             self.prompt_tokens += len(seq)
             self.cached_tokens += seq.num_cached_tokens
             self.requests[seq.seq_id].num_cached_tokens = seq.num_cached_tokens
+        every = [self.requests[s.seq.seq_id].params.prompt_logprobs is not None
+                 and s.seq.num_computed_tokens < s.seq.num_prompt_tokens for s in sched.seqs]
         inp = step_inputs([s.seq.block_table for s in sched.seqs], [s.seq.num_computed_tokens for s in sched.seqs],
                           [s.seq.token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_new_tokens]
-                           for s in sched.seqs], self.bm.block_size)
-        logits = self.runner.run(inp)  # [S, V]: each sequence's last row
+                           for s in sched.seqs], self.bm.block_size, every)
+        logits = self.runner.run(inp)  # [N, V]: each sequence's last row (every row of those ``every`` flags)
+        last, row = [], 0  # each sequence's last row in ``logits``
         draws = []  # (logits row, request) for every request that gets a token now, forks included
         for i, s in enumerate(sched.seqs):
             seq = s.seq
+            if every[i]:
+                self._prompt_logprobs(self.requests[seq.seq_id], logits[row:row + s.num_new_tokens],
+                                      seq.num_computed_tokens)
+                row += s.num_new_tokens - 1
+            last.append(row)
+            row += 1
             prompt_chunk = seq.num_computed_tokens < seq.num_prompt_tokens
             seq.num_computed_tokens += s.num_new_tokens
             if prompt_chunk:
@@ -118,18 +136,8 @@ class Engine:
             if seq.num_computed_tokens < len(seq):
                 continue  # a prompt chunk: nothing to sample yet
             req = self.requests[seq.seq_id]
-            draws += [(i, r) for r in [req] + self._fork(req)]
-        tokens = [0] * len(draws)
-        if any(r.params.temperature == 0 for _, r in draws):
-            greedy = logits.max(-1).indices.tolist()  # one call for every greedy request (max: faster than argmax on the CPU)
-            tokens = [greedy[i] for i, _ in draws]
-        sampled = [j for j, (_, r) in enumerate(draws) if r.params.temperature > 0]
-        if sampled:  # one batch on the CPU: each request draws from its own generator
-            idx = [draws[j][0] for j in sampled]
-            rows = (logits if idx == list(range(len(logits))) else logits[idx]).float().cpu()
-            for j, tok in zip(sampled, sample_batch(rows, [draws[j][1].params for j in sampled],
-                                                    [draws[j][1].generator for j in sampled])):
-                tokens[j] = tok
+            draws += [(last[i], r) for r in [req] + self._fork(req)]
+        tokens = self._sample(logits, draws)
         for (_, r), tok in zip(draws, tokens):
             r.seq.token_ids.append(tok)
             reason = self._finish_reason(r, tok)
@@ -140,6 +148,61 @@ class Engine:
                 self.scheduler.finish(r.seq)
                 finished.append(self.requests.pop(r.seq.seq_id))
         return finished
+
+    def _sample(self, logits: torch.Tensor, draws: list) -> list[int]:
+        """One token per draw ``(logits row, request)``: the row after the request's logit
+        processors, greedy or sampled; log-probs (of the raw row, as vLLM reports them) when asked."""
+        rows = [i for i, _ in draws]
+        proc = [j for j, (_, r) in enumerate(draws) if r.params.processes_logits]
+        x = logits if rows == list(range(len(logits))) and not proc else logits[rows]
+        if proc:
+            x = x.float()
+            for j in proc:
+                r = draws[j][1]
+                process_logits(x[j], r.params, r.seq.token_ids[:r.seq.num_prompt_tokens],
+                               r.seq.completion_token_ids, tuple(self.eos))
+        tokens = [0] * len(draws)
+        if any(r.params.temperature == 0 for _, r in draws):
+            tokens = x.max(-1).indices.tolist()  # one call for every greedy request (max: faster than argmax on the CPU)
+        sampled = [j for j, (_, r) in enumerate(draws) if r.params.temperature > 0]
+        if sampled:  # one batch on the CPU: each request draws from its own generator
+            picked = (x if len(sampled) == len(x) else x[sampled]).float().cpu()
+            for j, tok in zip(sampled, sample_batch(picked, [draws[j][1].params for j in sampled],
+                                                    [draws[j][1].generator for j in sampled])):
+                tokens[j] = tok
+        want = [j for j, (_, r) in enumerate(draws) if r.params.logprobs is not None]
+        if want:
+            lps = top_logprobs(logits[[draws[j][0] for j in want]].cpu(), [tokens[j] for j in want],
+                               [draws[j][1].params.logprobs for j in want])
+            for j, lp in zip(want, lps):
+                draws[j][1].logprobs.append(lp)
+        return tokens
+
+    def _prompt_logprobs(self, req: Request, rows: torch.Tensor, start: int) -> None:
+        """Row ``j`` of a prompt chunk from position ``start`` predicts prompt token ``start + j + 1``;
+        positions already recorded (a chunk computed again after a preemption) are skipped."""
+        seq = req.seq
+        first, end = max(start + 1, len(req.prompt_logprobs)), min(start + rows.shape[0] + 1, seq.num_prompt_tokens)
+        if first < end:
+            req.prompt_logprobs += top_logprobs(rows[first - start - 1:end - start - 1].cpu(), seq.token_ids[first:end],
+                                                [req.params.prompt_logprobs] * (end - first))
+
+    def abort(self, req: Request) -> None:
+        """Ends ``req`` (and its forks) wherever it is: waiting, prefilling or decoding. Its blocks
+        return at once (computed full blocks to the prefix cache, unlocked); ``finish_reason`` is
+        "abort". A request already finished is left as it is."""
+        for r in [req, *req.children]:
+            if r.finish_reason is not None:
+                continue
+            seq = r.seq
+            if seq.status is Status.RUNNING:
+                self.scheduler.finish(seq)
+            else:
+                self.scheduler.drop_waiting(seq)
+            r.finish_reason = "abort"
+            if r.detok is not None:
+                r.text = r.detok.finish()
+            self.requests.pop(seq.seq_id, None)
 
     def _fork(self, req: Request) -> list[Request]:
         """At a request's first token, its other ``n - 1`` completions: sequences sharing every

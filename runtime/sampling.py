@@ -1,7 +1,8 @@
 """Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seeds;
-the requests of a step are sampled together (``sample_batch``)."""
+the requests of a step are sampled together (``sample_batch``). Logit processors (penalties,
+biases, ``min_tokens``) change a request's row first (``process_logits``)."""
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence as Seq
 
 import torch
 
@@ -19,6 +20,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     n: int = 1                   # completions per prompt: forks share the prompt's KV blocks
+    min_tokens: int = 0          # EOS and stop_token_ids are blocked until this many tokens are out
+    presence_penalty: float = 0.0   # OpenAI's: minus this for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times its count in the generated tokens
+    repetition_penalty: float = 1.0  # transformers': logits of prompt and generated tokens / p (> 0) or * p
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)  # (token id, added to its logit)
+    logprobs: Optional[int] = None         # per generated token: its log-prob and this many top alternatives
+    prompt_logprobs: Optional[int] = None  # the same for every prompt token after the first (no prefix cache)
 
     def __post_init__(self):
         if not isinstance(self.n, int) or self.n < 1:
@@ -31,8 +39,68 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
         object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether ``process_logits`` changes this request's logits."""
+        return bool(self.min_tokens or self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.repetition_penalty != 1.0)
+
+
+MAX_LOGPROBS = 20
+
+
+def process_logits(row: torch.Tensor, p: SamplingParams, prompt: Seq[int], output: Seq[int],
+                   eos: Seq[int]) -> torch.Tensor:
+    """One request's logits ``[V]`` (fp32, changed in place and returned) after its processors, in
+    vLLM's order: ``min_tokens`` (EOS and ``stop_token_ids`` to -inf while fewer tokens are out),
+    ``logit_bias``, then the penalties (repetition over prompt and output, transformers' rule;
+    presence and frequency over the output, OpenAI's)."""
+    V = row.shape[0]
+    if len(output) < p.min_tokens:
+        blocked = [t for t in (*eos, *p.stop_token_ids) if 0 <= t < V]
+        if blocked:
+            row[blocked] = float("-inf")
+    for t, b in p.logit_bias:
+        if 0 <= t < V:
+            row[t] += b
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
+        if seen.numel():
+            x = row[seen]
+            row[seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and output:
+        ids, counts = torch.tensor(output, dtype=torch.long).unique(return_counts=True)
+        row[ids] -= p.frequency_penalty * counts.float() + p.presence_penalty
+    return row
+
+
+def top_logprobs(logits: torch.Tensor, chosen: Seq[int], k: Seq[int]) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row of ``logits [R, V]``: the log-prob of ``chosen[r]`` under the row's softmax and the
+    ``k[r]`` most likely tokens with theirs, most likely first."""
+    lp = torch.log_softmax(logits.float(), -1)
+    kmax = max(k, default=0)
+    top = torch.topk(lp, kmax, -1) if kmax else None
+    out = []
+    for r, (tok, n) in enumerate(zip(chosen, k)):
+        alts = list(zip(top.indices[r, :n].tolist(), top.values[r, :n].tolist())) if n else []
+        out.append((float(lp[r, tok]), alts))
+    return out
 
 
 NUCLEUS_LEVELS = (1e-2, 1e-4, 1e-7, 0.0)  # top-p sorts the tokens at least this fraction as likely as the best

@@ -105,6 +105,12 @@ class Scheduler:
         seq.status = Status.RUNNING
         self.running.append(seq)
 
+    def drop_waiting(self, seq: Sequence) -> None:
+        """A waiting sequence leaves the queue (it holds no blocks: a preempted one gave them back)."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
         seq.status = Status.FINISHED

@@ -23,6 +23,7 @@ class Sequence:
     num_cached_tokens: int = 0    # prompt tokens whose KV came from the prefix cache
     num_computed_tokens: int = 0  # tokens whose KV is in the cache (cached or computed)
     cache_node: Optional[object] = None  # radix node locked while this sequence runs
+    use_prefix_cache: bool = True  # False: every prompt token is computed (its logits are wanted)
 
     def __post_init__(self):
         self.token_ids = list(self.token_ids)

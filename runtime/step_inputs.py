@@ -42,10 +42,11 @@ def single_sequence(input_ids: torch.Tensor, positions: torch.Tensor, paged: dic
 
 
 def step_inputs(block_tables: Seq[Seq[int]], num_cached: Seq[int], new_tokens: Seq[Seq[int]],
-                block_size: int) -> StepInputs:
-    """One step's inputs from the scheduled sequences. Lists become tensors through numpy, which
-    converts a Python list faster than ``torch.tensor`` (a step's block tables can hold ~10k
-    entries)."""
+                block_size: int, every_row: Seq[bool] = ()) -> StepInputs:
+    """One step's inputs from the scheduled sequences. Logits are asked for each sequence's last
+    new token, and for every new token of the sequences ``every_row`` flags (in order). Lists
+    become tensors through numpy, which converts a Python list faster than ``torch.tensor`` (a
+    step's block tables can hold ~10k entries)."""
     S, bs = len(block_tables), block_size
     if all(len(t) == 1 for t in new_tokens):  # decode: one token per sequence
         ids = [t[0] for t in new_tokens]
@@ -66,8 +67,12 @@ def step_inputs(block_tables: Seq[Seq[int]], num_cached: Seq[int], new_tokens: S
     for table in block_tables:
         tables += table
         tables += [0] * (width - len(table))
+    rows = _long(starts[1:]) - 1
+    if any(every_row):
+        rows = _long([r for i, every in enumerate(every_row) for r in
+                      (range(starts[i], starts[i + 1]) if every else (starts[i + 1] - 1,))])
     return StepInputs(_long(ids), _long(pos), _long(slots), _long(tables).view(S, width), _long(lens), _long(starts),
-                      _long(starts[1:]) - 1)
+                      rows)
 
 
 def _long(values: list) -> torch.Tensor:
