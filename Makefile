@@ -43,6 +43,8 @@ bench-deps: $(STAMP)
 	test "$$(cat $(VENV)/.llama-isa 2>/dev/null)" = "$(LLAMA_ISA)" && $(BIN)/python -c "import llama_cpp" 2>/dev/null || { \
 	  CMAKE_ARGS="$(LLAMA_ISA)" $(BIN)/pip install -q --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36 && \
 	  $(BIN)/pip install -q llama-cpp-python==0.3.36 diskcache jinja2 && echo "$(LLAMA_ISA)" > $(VENV)/.llama-isa; }
+	# llama.cpp's OpenAI server, the anchor of bench/serve.py
+	$(BIN)/pip install -q sse-starlette starlette-context pydantic-settings
 
 bench: bench-deps
 	$(BIN)/python bench/linear_cpu.py

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .targets import TARGETS
 
-SUBCOMMANDS = ("compile", "eval", "generate", "report")
+SUBCOMMANDS = ("compile", "eval", "generate", "report", "serve")
 PER_CHANNEL = "channel"  # --group-size channel: one group per output channel
 DESCRIPTION = """Compile a PyTorch language model into a quantized artifact, or evaluate one.
 
@@ -21,6 +21,7 @@ DESCRIPTION = """Compile a PyTorch language model into a quantized artifact, or 
   qcompile eval ARTIFACT [--compare-float]   perplexity on the bundled evaluation text
   qcompile generate ARTIFACT "PROMPT"        generate text with the paged runtime
   qcompile report ARTIFACT [-o report.png]   draw an artifact: per-layer error, pass checks, size
+  qcompile serve ARTIFACT [--port 8000]      an OpenAI-compatible server (/v1/completions, /v1/chat/completions)
 
 MODEL is a model.py defining build_model(), a Hugging Face model directory, or a .gguf file.
 Targets:
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="draw an artifact (PNG) and print the same facts")
     r.add_argument("artifact")
     r.add_argument("-o", "--output", default=None, help="PNG path (default: ARTIFACT-report.png beside the artifact)")
+    from .server.cli import add_parser
+    add_parser(sub)
     return p
 
 
@@ -292,7 +295,9 @@ def main(argv=None) -> int:
     logging.getLogger("qcompiler").setLevel(logging.INFO)
     from .artifact import ArtifactError
     try:
-        return {"compile": cmd_compile, "eval": cmd_eval, "generate": cmd_generate, "report": cmd_report}[a.command](a)
+        from .server.cli import cmd_serve
+        return {"compile": cmd_compile, "eval": cmd_eval, "generate": cmd_generate, "report": cmd_report,
+                "serve": cmd_serve}[a.command](a)
     except (ValueError, OSError, ArtifactError) as e:
         if os.environ.get("QCOMPILE_DEBUG"):
             raise
