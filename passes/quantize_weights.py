@@ -97,7 +97,8 @@ def quantize_weights(gm: GraphModule, *, bits: int, group_size: GroupSize, symme
     the original weight's record)): then those codes are used as they are. ``lm_head_only``: the
     output projections alone (a scheme of their own, run before the one for every other linear)."""
     layers = gm.meta.setdefault("qc_layers", {})
-    codes = gm.meta.pop("qc_codes", {})
+    # the lm_head-only pass runs first and leaves the other weights' codes to the pass after it
+    codes = gm.meta.get("qc_codes", {}) if lm_head_only else gm.meta.pop("qc_codes", {})
     heads = output_linears(gm)
     done: dict[str, Node] = {}
     warned: set[str] = set()
@@ -132,5 +133,5 @@ def quantize_weights(gm: GraphModule, *, bits: int, group_size: GroupSize, symme
             layers[name] = {"status": "quantized", "bits": bits, "group_size": G, "symmetric": symmetric,
                             "shape": [N, K], **_role(node, heads), **layers.get(name, {}), **record}
         node.replace_input_with(w_node, done[fqn])
-    assert not codes, f"calibrated codes for weights no linear reads: {sorted(codes)[:3]}"
+    assert lm_head_only or not codes, f"calibrated codes for weights no linear reads: {sorted(codes)[:3]}"
     return finish(gm)

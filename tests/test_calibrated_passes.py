@@ -245,3 +245,16 @@ def test_auto_method_is_imatrix_given_calibration_data_else_rtn(tmp_path, caplog
     with pytest.raises(ValueError, match="searches its ranges itself"):
         W4A16(clip=True)
     assert CalibrationConfig(samples=3).samples_for("imatrix") == CalibrationConfig(samples=3).samples_for("gptq") == 3
+
+
+@pytest.mark.parametrize("method", ["imatrix", "gptq"])
+def test_calibrated_codes_and_an_int8_lm_head_in_one_program(method):
+    """The lm_head pass runs before ``quantize_weights`` and leaves the calibrated codes to it."""
+    from qcompiler.pipeline import run_pipeline
+    a = Args(vocab=64, dim=64, n_layers=1, n_heads=2, n_kv_heads=1, hidden=96)
+    res = run_pipeline(capture(build(a, seed=6), max_tokens=128),
+                       W4A16(group_size=32, method=method, lm_head_bits=8), samples=_samples(a.vocab))
+    layers = res.layers
+    assert layers["out"]["status"] == "quantized" and layers["out"]["bits"] == 8
+    inner = {k: v for k, v in layers.items() if k != "out"}
+    assert len(inner) == 7 and all(v["bits"] == 4 and v["method"] == method for v in inner.values())
