@@ -1,6 +1,7 @@
 """Paged KV cache ops: ``qc::reshape_and_cache`` (write a step's keys and values into their
 slots) and ``qc::paged_attention`` (causal attention of a step's queries over each sequence's
-blocks: prefill, decode and chunked prefill are one op).
+blocks: prefill, decode and chunked prefill are one op). ``window > 0``: a sliding window, the
+query at position ``p`` sees the keys at ``p - window < j <= p`` (transformers' ``sliding_window``).
 
 KV cache layout: ``kv_cache [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``;
 token ``p`` of a sequence lives in slot ``block_tables[s, p // block_size] * block_size +
@@ -73,8 +74,9 @@ def _compute_dtype(query: Tensor, kv_cache: Tensor) -> torch.dtype:
 
 
 def paged_attention_ref(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
-                        query_start_loc: Tensor, scale: float) -> Tensor:
-    """Readable reference: per sequence, per query, softmax over the keys at or before it (fp32)."""
+                        query_start_loc: Tensor, scale: float, window: int = 0) -> Tensor:
+    """Readable reference: per sequence, per query, softmax over the keys at or before it (fp32),
+    the last ``window`` of them when ``window > 0``."""
     T, Hq, D = query.shape
     Hkv = kv_cache.shape[4]
     out = torch.empty_like(query)
@@ -83,26 +85,27 @@ def paged_attention_ref(query: Tensor, kv_cache: Tensor, layer: int, block_table
         k, v = gather_kv(kv_cache, layer, block_tables[s], n)
         for i in range(q0, q1):
             pos = n - (q1 - q0) + (i - q0)  # absolute position of this query
+            lo = max(0, pos + 1 - window) if window > 0 else 0
             for h in range(Hq):
-                kh = k[: pos + 1, h // (Hq // Hkv)].float()
-                vh = v[: pos + 1, h // (Hq // Hkv)].float()
+                kh = k[lo: pos + 1, h // (Hq // Hkv)].float()
+                vh = v[lo: pos + 1, h // (Hq // Hkv)].float()
                 p = torch.softmax(kh @ query[i, h].float() * scale, dim=0)
                 out[i, h] = (p @ vh).to(query.dtype)
     return out
 
 
 def decode_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
-                     scale: float, lens: Optional[list[int]] = None) -> Tensor:
+                     scale: float, lens: Optional[list[int]] = None, window: int = 0) -> Tensor:
     """One query per sequence. On a CPU with our kernels (fp32 or bf16 query and cache):
     ``qc_cpu::paged_decode`` reads K and V in place through the block tables, in fp32. Otherwise
     every sequence's blocks are gathered at once (``index_select``), one
     SDPA for the step, keys past a sequence's length masked. With ``lens`` (the lengths, on the
     host) keys stop at the longest and equal lengths need no mask; without, keys span the block
     table's width and are always masked: no host sync, so Dynamo can trace it and Inductor
-    schedules it with its neighbours."""
+    schedules it with its neighbours. ``window > 0``: only each sequence's last ``window`` keys."""
     if cpu_native.decode_supported(query, kv_cache):  # in place from the paged cache, no gather
         return torch.ops.qc_cpu.paged_decode(query.contiguous(), kv_cache, layer, block_tables.contiguous(),
-                                             seq_lens.contiguous(), scale)
+                                             seq_lens.contiguous(), scale, window)
     S, Hq, D = query.shape
     bs, Hkv = kv_cache.shape[3], kv_cache.shape[4]
     if lens is None:
@@ -110,12 +113,18 @@ def decode_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: 
         L, masked = nb * bs, True
     else:
         L = max(lens)
-        nb, masked = -(-L // bs), min(lens) != L
+        nb, masked = -(-L // bs), min(lens) != L or (window > 0 and L > window)
     idx = block_tables[:, :nb].reshape(-1)
     dt = _compute_dtype(query, kv_cache)
     k = kv_cache[layer, 0].index_select(0, idx).view(S, nb * bs, Hkv, D)[:, :L].transpose(1, 2)  # [S, H_kv, L, D]
     v = kv_cache[layer, 1].index_select(0, idx).view(S, nb * bs, Hkv, D)[:, :L].transpose(1, 2)
-    mask = (torch.arange(L, device=query.device) < seq_lens.unsqueeze(1)).view(S, 1, 1, L) if masked else None
+    mask = None
+    if masked:
+        keys = torch.arange(L, device=query.device)
+        mask = keys < seq_lens.unsqueeze(1)
+        if window > 0:
+            mask = mask & (keys >= seq_lens.unsqueeze(1) - window)
+        mask = mask.view(S, 1, 1, L)
     # NOTE: the query heads of one KV head are rows of one attention (query head h reads KV head
     # h // rep): no enable_gqa flag, which Dynamo cannot pass when head counts are symbolic
     q = query.view(S, Hkv, Hq // Hkv, D).to(dt)  # [S, H_kv, rep, D]
@@ -124,26 +133,27 @@ def decode_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: 
 
 
 def paged_attention_for_compile(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor,
-                                seq_lens: Tensor, query_start_loc: Tensor, scale: float) -> Tensor:
+                                seq_lens: Tensor, query_start_loc: Tensor, scale: float, window: int = 0) -> Tensor:
     """What a CPU program under ``torch.compile`` calls for ``qc::paged_attention``: decode steps
     (one query per sequence, a shape fact Dynamo guards on) as traceable ATen ops, other steps
     through the opaque op."""
     if query.shape[0] == seq_lens.shape[0]:
-        return decode_attention(query, kv_cache, layer, block_tables, seq_lens, scale)
-    return paged_attention(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale)
+        return decode_attention(query, kv_cache, layer, block_tables, seq_lens, scale, window=window)
+    return paged_attention(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window)
 
 
 def paged_attention_impl(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
-                         query_start_loc: Tensor, scale: float) -> Tensor:
+                         query_start_loc: Tensor, scale: float, window: int = 0) -> Tensor:
     """``query [T, H, D]`` -> ``[T, H, D]``: causal attention over each sequence's cached KV
-    (the step's own keys must already be written). CPU/any device: a decode step is one batched
-    SDPA; a step with prompt chunks runs one SDPA per sequence."""
+    (the step's own keys must already be written), within the last ``window`` keys when
+    ``window > 0``. CPU/any device: a decode step is one batched SDPA; a step with prompt chunks
+    runs one SDPA per sequence."""
     T, Hq, D = query.shape
     Hkv = kv_cache.shape[4]
     assert Hq % Hkv == 0, f"{Hq} query heads not a multiple of {Hkv} KV heads"
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     if T == len(lens) and starts == list(range(T + 1)):
-        return decode_attention(query, kv_cache, layer, block_tables, seq_lens, scale, lens)
+        return decode_attention(query, kv_cache, layer, block_tables, seq_lens, scale, lens, window)
     out = torch.empty_like(query)
     dt = _compute_dtype(query, kv_cache)
     for s, n in enumerate(lens):
@@ -155,7 +165,10 @@ def paged_attention_impl(query: Tensor, kv_cache: Tensor, layer: int, block_tabl
         k, v = (t.transpose(0, 1).unsqueeze(0).to(dt) for t in (k, v))  # [1, Hkv, n, D]
         q_len = q1 - q0
         # query i sits at position n - q_len + i: it sees keys 0 .. n - q_len + i
-        if q_len == 1:  # decode: every cached key
+        if window > 0 and n > window:  # keys from n - q_len + i - window + 1 on
+            ones = torch.ones(q_len, n, dtype=torch.bool, device=query.device)
+            mask, causal = ones.tril(n - q_len) & ones.triu(n - q_len - window + 1), False
+        elif q_len == 1:  # decode: every cached key
             mask, causal = None, False
         elif q_len == n:  # a whole prompt: plain causal
             mask, causal = None, True
@@ -171,5 +184,5 @@ paged_attention = torch.library.custom_op("qc::paged_attention", paged_attention
 
 
 @paged_attention.register_fake
-def _(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale):
+def _(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window=0):
     return torch.empty_like(query)

@@ -71,7 +71,7 @@ def available() -> bool:
         return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
 
     @torch.library.register_fake("qc_cpu::paged_decode")
-    def _(query, kv_cache, layer, block_tables, seq_lens, scale):
+    def _(query, kv_cache, layer, block_tables, seq_lens, scale, window=0):
         return torch.empty_like(query)
     _BUILT = True
     return True

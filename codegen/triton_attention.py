@@ -46,15 +46,18 @@ def _reshape_and_cache_kernel(Key, Value, KCache, VCache, SlotMapping,
 
 
 @triton.jit
-def _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, key_stop, q_pos, scale_log2,
-                 stride_kb, stride_kt, offs_d,
+def _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, key_start, key_stop, q_pos, window,
+                 scale_log2, stride_kb, stride_kt, offs_d,
                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     """One tile of BLOCK_N keys starting at token ``n0``, gathered slot by slot through the
-    block table, folded into the online softmax of ``q [rows, BLOCK_D]``."""
+    block table, folded into the online softmax of ``q [rows, BLOCK_D]``. MASK_KEYS: only keys in
+    ``[key_start, key_stop)``; CAUSAL: only keys at or before each row's ``q_pos``; WINDOWED: only
+    keys after ``q_pos - window`` (a row may then see no key of the tile)."""
     pos = n0 + tl.arange(0, BLOCK_N)  # token positions in the sequence
     if MASK_KEYS:
-        key_ok = pos < key_stop
+        key_ok = (pos < key_stop) & (pos >= key_start)
         blk = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_btb, mask=key_ok, other=0)
     else:
         blk = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_btb)
@@ -76,11 +79,16 @@ def _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, key_sto
         visible = key_ok[None, :]
         if CAUSAL:
             visible = visible & (pos[None, :] <= q_pos[:, None])
+        if WINDOWED:
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
         qk = tl.where(visible, qk, float("-inf"))
-    # NOTE: every row sees a key in the first tile it walks, so m_new is finite from then on.
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
+    if WINDOWED:  # a row that has seen no key yet keeps m = -inf: exponents taken against 0 instead
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:  # every row sees a key in the first tile it walks, so m_new is finite from then on
+        m_ref = m_new
+    alpha = tl.math.exp2(m_i - m_ref)
+    p = tl.math.exp2(qk - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASK_KEYS or HEAD_DIM != BLOCK_D:
         v = tl.load(V + ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
@@ -91,15 +99,16 @@ def _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, key_sto
 
 
 @triton.jit
-def _paged_decode_kernel(Q, K, V, Out, PartM, PartL, PartAcc, BlockTables, SeqLens, scale_log2, split_size,
+def _paged_decode_kernel(Q, K, V, Out, PartM, PartL, PartAcc, BlockTables, SeqLens, scale_log2, split_size, window,
                          stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh,
                          stride_bts, stride_btb,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program (sequence s, KV head, split): the GROUP query heads of that KV head against the
-    tokens [split * split_size, (split + 1) * split_size) of s. One split writes the output,
-    several write (max, sum, acc) partials for ``_combine_splits_kernel``."""
+    tokens [split * split_size, (split + 1) * split_size) of s, from ``seq_len - window`` on (no
+    window: ``window`` at least the longest sequence). One split writes the output, several write (max, sum, acc) partials for
+    ``_combine_splits_kernel``."""
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -107,6 +116,8 @@ def _paged_decode_kernel(Q, K, V, Out, PartM, PartL, PartAcc, BlockTables, SeqLe
     start = split * split_size
     stop = tl.maximum(tl.minimum(start + split_size, seq_len), start)
     full_stop = start + (stop - start) // BLOCK_N * BLOCK_N
+    key_start = tl.maximum(seq_len - window, 0)
+    first = tl.maximum(start, key_start // BLOCK_N * BLOCK_N)  # the tile holding the window's first key
 
     g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -120,14 +131,19 @@ def _paged_decode_kernel(Q, K, V, Out, PartM, PartL, PartAcc, BlockTables, SeqLe
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     bt_row = BlockTables + s * stride_bts
     kv_off = kvh * stride_kh
-    for n0 in range(start, full_stop, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, stop, 0, scale_log2,
-                                     stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D,
-                                     False, False, DOT_DTYPE, DOT_PRECISION)
-    if full_stop < stop:  # the ragged last tile
-        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, full_stop, stop, 0,
-                                     scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                     BLOCK_D, True, False, DOT_DTYPE, DOT_PRECISION)
+    if first < key_start and first < full_stop:  # a full tile the window starts inside
+        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, first, key_start, stop, 0, 0,
+                                     scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D,
+                                     True, False, False, DOT_DTYPE, DOT_PRECISION)
+        first += BLOCK_N
+    for n0 in range(first, full_stop, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, 0, stop, 0, 0,
+                                     scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D,
+                                     False, False, False, DOT_DTYPE, DOT_PRECISION)
+    if full_stop < stop:  # the ragged last tile (the window may start inside it too)
+        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, full_stop, key_start, stop,
+                                     0, 0, scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                                     BLOCK_D, True, False, False, DOT_DTYPE, DOT_PRECISION)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l_i == 0: an empty sequence, zeros
@@ -165,14 +181,15 @@ def _combine_splits_kernel(Out, PartM, PartL, PartAcc, SeqLens, split_size, stri
 
 
 @triton.jit
-def _paged_prefill_kernel(Q, K, V, Out, BlockTables, SeqLens, QueryStartLoc, scale_log2,
+def _paged_prefill_kernel(Q, K, V, Out, BlockTables, SeqLens, QueryStartLoc, scale_log2, window,
                           stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh,
                           stride_bts, stride_btb,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          WINDOWED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program (query tile, sequence s, query head): causal attention of BLOCK_M of s's queries.
-    Query i of q_len sits at position n - q_len + i and sees keys 0 ..= that position."""
+    Query i of q_len sits at position n - q_len + i and sees keys 0 ..= that position (WINDOWED:
+    the last ``window`` of them)."""
     tile = tl.program_id(0)
     s = tl.program_id(1)
     h = tl.program_id(2)
@@ -198,14 +215,22 @@ def _paged_prefill_kernel(Q, K, V, Out, BlockTables, SeqLens, QueryStartLoc, sca
     lo = ctx + tile * BLOCK_M  # keys before the tile's first query are visible to all its rows
     hi = tl.minimum(n, lo + BLOCK_M)  # keys past its last query are visible to none
     full_stop = lo // BLOCK_N * BLOCK_N
-    for n0 in range(0, full_stop, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, hi, q_pos, scale_log2,
-                                     stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D,
-                                     False, False, DOT_DTYPE, DOT_PRECISION)
-    for n0 in range(full_stop, hi, BLOCK_N):  # the diagonal
-        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, hi, q_pos, scale_log2,
-                                     stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D,
-                                     True, True, DOT_DTYPE, DOT_PRECISION)
+    if WINDOWED:  # from the tile holding the first row's first key on, every tile masked
+        for n0 in range(tl.maximum(lo - window + 1, 0) // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+            acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, 0, hi, q_pos, window,
+                                         scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                                         BLOCK_D, True, True, True, DOT_DTYPE, DOT_PRECISION)
+    else:
+        for n0 in range(0, full_stop, BLOCK_N):
+            acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, 0, hi, q_pos, 0,
+                                         scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                                         BLOCK_D, False, False, False, DOT_DTYPE, DOT_PRECISION)
+        for n0 in range(full_stop, hi, BLOCK_N):  # the diagonal
+            acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, 0, hi, q_pos, 0,
+                                         scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                                         BLOCK_D, True, True, False, DOT_DTYPE, DOT_PRECISION)
+    if WINDOWED:  # padding rows may have seen no key
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     tl.store(Out + (q0 + i)[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok)
@@ -305,7 +330,7 @@ def decode_split_plan(num_seqs: int, num_kv_heads: int, max_ctx: int, block_n: i
 
 
 def paged_attention_triton(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
-                           query_start_loc: Tensor, scale: float, *, num_splits: Optional[int] = None,
+                           query_start_loc: Tensor, scale: float, window: int = 0, *, num_splits: Optional[int] = None,
                            block_n: Optional[int] = None) -> Tensor:
     """Causal attention of a step's packed queries over each sequence's paged KV cache, as
     ``paged_attention_impl`` computes it; no host sync, so CUDA graphs can capture it.
@@ -318,6 +343,7 @@ def paged_attention_triton(query: Tensor, kv_cache: Tensor, layer: int, block_ta
         seq_lens: ``[S]`` tokens of each sequence, this step's included.
         query_start_loc: ``[S + 1]`` offsets of each sequence's query rows.
         scale: softmax scale.
+        window: > 0: each query sees only the last ``window`` keys up to its own position.
         num_splits, block_n: override the heuristics (decode splits; KV tile size), for tests and tuning.
 
     Returns:
@@ -342,6 +368,7 @@ def paged_attention_triton(query: Tensor, kv_cache: Tensor, layer: int, block_ta
                out.stride(0), out.stride(1), block_tables.stride(0), block_tables.stride(1))
     wide = dot_dtype.itemsize * BLOCK_D  # bytes of one token's head
     scale_log2 = scale * LOG2E
+    no_window = 1 << 30  # longer than any sequence: every key is in it
     if T == S:  # decode: flash-decoding over split KV
         BLOCK_N, num_warps, num_stages = _decode_config(wide)
         BLOCK_N = block_n or BLOCK_N
@@ -356,8 +383,8 @@ def paged_attention_triton(query: Tensor, kv_cache: Tensor, layer: int, block_ta
             part_acc = torch.empty(S, Hq, splits, BLOCK_D, dtype=torch.float32, device=query.device)
         _paged_decode_kernel[(S, Hkv, splits)](
             query, k_cache, v_cache, out, part_m, part_l, part_acc, block_tables, seq_lens, scale_log2, split_size,
-            *strides, GROUP=group, NUM_SPLITS=splits, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, **common,
-            num_warps=num_warps, num_stages=num_stages)
+            window if window > 0 else no_window, *strides, GROUP=group, NUM_SPLITS=splits, BLOCK_G=BLOCK_G,
+            BLOCK_N=BLOCK_N, **common, num_warps=num_warps, num_stages=num_stages)
         if splits > 1:
             _combine_splits_kernel[(S, Hq)](
                 out, part_m, part_l, part_acc, seq_lens, split_size, out.stride(0), out.stride(1),
@@ -368,8 +395,10 @@ def paged_attention_triton(query: Tensor, kv_cache: Tensor, layer: int, block_ta
     BLOCK_N = block_n or BLOCK_N
     tiles = -(-T // BLOCK_M)  # enough for one sequence holding every query; the others' extra tiles exit at once
     _paged_prefill_kernel[(tiles, S, Hq)](
-        query, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale_log2, *strides,
-        GROUP=group, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **common, num_warps=num_warps, num_stages=num_stages)
+        query, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale_log2,
+        window if window > 0 else no_window, *strides,
+        GROUP=group, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WINDOWED=window > 0, **common, num_warps=num_warps,
+        num_stages=num_stages)
     return out
 
 
@@ -377,5 +406,5 @@ attention.reshape_and_cache.register_kernel("cuda")(reshape_and_cache_triton)
 
 
 @attention.paged_attention.register_kernel("cuda")
-def _(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale):
-    return paged_attention_triton(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale)
+def _(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window=0):
+    return paged_attention_triton(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window)

@@ -8,7 +8,10 @@ After ``input_ids [T]`` and ``positions [T]``, the program gains the runtime's i
 those rows only (the last token of each sequence when serving; every token for perplexity),
 so a 512-token prefill does not pay for 512 rows of a vocabulary-sized matmul.
 GQA repetition (``repeat_kv``'s unsqueeze/expand/reshape, ``repeat_interleave``) is looked
-through, so the cache holds KV heads only; the mask the model built goes dead and is removed.
+through, so the cache holds KV heads only. The mask the model built is recognized by what it
+computes, not by how: its subgraph is run on positions ``0..T-1`` and must equal the causal mask or
+a causal sliding window (``window``, taken from the result); anything else is refused, naming the
+layer. The mask then goes dead and is removed.
 Invariant: for any packing of sequences into steps, each token's logits equal the input
 program's on that token's whole sequence (float tolerance)."""
 
@@ -44,6 +47,69 @@ def kv_heads_source(kv: Node, q: Node) -> Node:
         if len(s) == 4 and s[0] == 1 and str(s[2]) == str(T) and s[3] == D and Hq % s[1] == 0:
             return node
     return kv
+
+
+MAX_MASK_PROBE = 8192  # longest probe a mask is evaluated on: windows up to this are recognized
+
+
+def _subgraph_module(gm: GraphModule, out: Node) -> GraphModule:
+    """The nodes ``out`` depends on (placeholders included) as a module of their own."""
+    needed, stack = set(), [out]
+    while stack:
+        n = stack.pop()
+        if n not in needed:
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+    g, env = torch.fx.Graph(), {}
+    for n in gm.graph.nodes:
+        if n in needed:
+            env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(env[out])
+    return GraphModule(gm, g)
+
+
+def _int_constants(sub: GraphModule) -> list[int]:
+    vals = []
+    for n in sub.graph.nodes:
+        for a in (*n.args, *n.kwargs.values()):
+            if isinstance(a, int) and not isinstance(a, bool) and 1 < abs(a) < 1 << 20:
+                vals.append(abs(a))
+    return vals
+
+
+def mask_window(gm: GraphModule, mask: Node, where: str) -> int:
+    """What the attention mask ``mask`` computes: 0 for causal, ``w > 0`` for a causal sliding window
+    of ``w`` keys (the query at ``p`` sees ``p - w < j <= p``). The mask's subgraph runs on ``T``
+    tokens at positions ``0..T-1``, ``T`` past every integer constant in it (a window's size is
+    one), up to ``MAX_MASK_PROBE``; any other pattern raises ``ValueError`` naming ``where``."""
+    sub = _subgraph_module(gm, mask)
+    T = min(max([62, *_int_constants(sub)]) + 2, MAX_MASK_PROBE)
+    args = []
+    for n in sub.graph.nodes:
+        if n.op == "placeholder":
+            v = n.meta.get("val")
+            args.append(torch.arange(T, device=v.device) if v is not None and v.dtype == torch.int64
+                        else torch.zeros(T, dtype=getattr(v, "dtype", torch.float32), device=v.device))
+    with torch.no_grad():
+        m = sub(*args)
+    m = torch.broadcast_to(m, (*m.shape[:-2], T, T)).reshape(-1, T, T)
+    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    if not bool((allowed == allowed[:1]).all()):
+        raise ValueError(f"{where}: its attention mask differs between batch rows or heads: the paged rewrite "
+                         "cannot reproduce it")
+    if m.dtype != torch.bool and bool((m[allowed] != 0).any()):
+        raise ValueError(f"{where}: its attention mask adds a bias to the scores (ALiBi-style): the paged rewrite "
+                         "cannot reproduce it")
+    allowed = allowed[0]
+    i, j = torch.arange(T, device=m.device)[:, None], torch.arange(T, device=m.device)[None, :]
+    causal = j <= i
+    if torch.equal(allowed, causal):
+        return 0
+    w = int(allowed[-1].sum())
+    if 0 < w < T and torch.equal(allowed, causal & (j > i - w)):
+        return w
+    raise ValueError(f"{where}: its attention mask is neither causal nor a causal sliding window (checked on {T} "
+                     "positions): the paged rewrite cannot reproduce it")
 
 
 def _tokens_major(gm: GraphModule, x: Node) -> Node:
@@ -104,11 +170,19 @@ def paged_attention(gm: GraphModule) -> GraphModule:
         for name in reversed(PAGED_INPUTS):
             inputs[name] = gm.graph.placeholder(name)
             inputs[name].meta["val"] = examples[name]
+    windows, seen = [], {}
     for layer, node in enumerate(sdpas):
         q, k, v = node.args[:3]
         kw = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"), node.args[3:]), **node.kwargs)
-        if kw.get("attn_mask") is None and not kw.get("is_causal", False):
+        mask = kw.get("attn_mask")
+        if mask is None and not kw.get("is_causal", False):
             raise ValueError(f"{node.name}: attention without a mask and not causal: not a decoder's self-attention")
+        if mask is not None and kw.get("is_causal", False):
+            raise ValueError(f"layer {layer} ({node.name}): attention with both a mask and is_causal")
+        if mask is not None and mask not in seen:
+            seen[mask] = mask_window(gm, mask, f"layer {layer} ({node.name})")
+        window = seen[mask] if mask is not None else 0
+        windows.append(window)
         if kw.get("dropout_p", 0.0):
             raise ValueError(f"{node.name}: attention dropout {kw['dropout_p']} in an inference program")
         scale = kw.get("scale") or 1.0 / math.sqrt(_shape(q)[3])
@@ -119,10 +193,11 @@ def paged_attention(gm: GraphModule) -> GraphModule:
             insert_call(gm, qc.reshape_and_cache.default, (inputs["kv_cache"], layer, k3, v3, inputs["slot_mapping"]))
             o = insert_call(gm, qc.paged_attention.default,
                             (q3, inputs["kv_cache"], layer, inputs["block_tables"], inputs["seq_lens"],
-                             inputs["query_start_loc"], float(scale)))
+                             inputs["query_start_loc"], float(scale), *([window] if window else [])))
             o4 = insert_call(gm, aten.unsqueeze.default, (insert_call(gm, aten.permute.default, (o, [1, 0, 2])), 0))
         node.replace_all_uses_with(o4)
         gm.graph.erase_node(node)
     _select_logit_rows(gm, inputs["logits_indices"])
-    gm.meta["qc_paged"] = {"num_layers": len(sdpas), "num_kv_heads": Hkv0, "head_dim": D}
+    gm.meta["qc_paged"] = {"num_layers": len(sdpas), "num_kv_heads": Hkv0, "head_dim": D,
+                           **({"windows": windows} if any(windows) else {})}
     return finish(gm)

@@ -155,6 +155,13 @@ def print_summary(rep, model: str) -> None:
             return f"int{v['bits']} per-channel" if per_channel else f"g{v['group_size']}"
         mix = Counter(label(v) for v in grouped)
         print(f"  {'groups':<12} " + ", ".join(f"{g}: {n}" for g, n in mix.most_common()))
+    paged = rep.manifest["program"]["paged"]
+    windows = paged.get("windows") or [0] * paged["num_layers"]
+    cfg = rep.manifest["model"]["config"]
+    arch = (cfg.get("architectures") or [cfg.get("model_type") or "custom model"])[0]
+    print(f"  {'attention':<12} {arch}: {paged['num_layers']} layers, {paged['num_kv_heads']} KV heads x "
+          f"{paged['head_dim']}; " + ", ".join(f"sliding window {w}: {n} layers" if w else f"causal: {n} layers"
+                                               for w, n in sorted(Counter(windows).items())))
     if q:
         n = sum(v["shape"][0] * v["shape"][1] for v in q)
         bits = 8 * sum(_layer_bytes(rep, v) for v in q) / n

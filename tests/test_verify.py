@@ -1,13 +1,16 @@
 """Translation validation (``qcompiler.verify``): every pass of every target is checked on probe
 inputs and recorded; the recorded figures are the artifact's own; an exact pass that changes the
 program fails the compile with one line; a probe runs past any declared attention window."""
+import json
 import math
+import sys
 
 import pytest
 import torch
 
 from qcompiler.calibration import load_calibration
 from qcompiler.capture import capture, max_tokens_of
+from qcompiler.artifact import MANIFEST
 from qcompiler.cli import main
 from qcompiler.loader import load
 from qcompiler.pipeline import PIPELINES, Pass
@@ -106,17 +109,21 @@ def test_broken_exact_pass_fails_the_compile_in_one_line(monkeypatch, capsys, tm
     assert all("check" not in r for r in manifest["passes"])
 
 
-def test_a_dropped_sliding_window_fails_the_compile(monkeypatch, capsys, tmp_path):
-    """The paged rewrite treats every masked attention as causal, so a model attending within a
-    window compiles to a different program. Only the probe past the declared window sees it: the
-    random probes are shorter than this model's window."""
+def test_a_rewrite_that_drops_the_window_fails_the_compile(monkeypatch, capsys, tmp_path):
+    """The paged rewrite keeps this model's window (the manifest records it). One that took the
+    mask for causal would compile a different program, and only the probe past the declared window
+    sees it: the random probes are shorter than this model's window."""
     model = tmp_path / "windowed.py"
     model.write_text(WINDOWED_MODEL)
-    assert main([str(model), "--target", "float", "-q", "-o", str(tmp_path / "a")]) == 1
+    assert main([str(model), "--target", "float", "-q", "-o", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / MANIFEST).read_text())["program"]["paged"]["windows"] == [144, 144]
+    capsys.readouterr()
+    monkeypatch.setattr(sys.modules["qcompiler.passes.paged_attention"], "mask_window", lambda *a: 0)
+    assert main([str(model), "--target", "float", "-q", "-o", str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("qcompile: error: pass paged_attention changed the program's outputs")
     monkeypatch.setattr("qcompiler.compiler.declared_window", lambda config: None)
-    assert main([str(model), "--target", "float", "-q", "-o", str(tmp_path / "b")]) == 0
+    assert main([str(model), "--target", "float", "-q", "-o", str(tmp_path / "c")]) == 0
 
 
 def test_declared_window():

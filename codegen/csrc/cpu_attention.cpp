@@ -1,13 +1,14 @@
 // qc_cpu::paged_decode: decode attention (one query per sequence) straight from the paged KV
 // cache, on x86 CPUs with AVX-512 (F), fp32.
 //
-//   out[s, h] = softmax(scale * q[s, h] . K[s, :L_s, h / rep]) @ V[s, :L_s, h / rep]
+//   out[s, h] = softmax(scale * q[s, h] . K[s, F_s:L_s, h / rep]) @ V[s, F_s:L_s, h / rep]
 //
+// with F_s = max(0, L_s - window) for a sliding window (window > 0), else 0.
 // with K and V read in place through the block table (no gathered copy, no mask). One work item
 // is a sequence, a KV head and up to kHeads of its query heads: their query vectors stay in
 // registers while the keys stream once, and the weighted sum of V keeps their outputs in
 // registers. exp: ``exp512`` (qc_avx512.h). Cache layout:
-// [layers, 2, blocks, block_size, kv_heads, head_dim] (DESIGN.md).
+// [layers, 2, blocks, block_size, kv_heads, head_dim] (codegen/attention.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -35,15 +36,16 @@ struct Cache {
   int64_t block_size, block_stride, token_stride, num_blocks;
 };
 
-// R query heads (rows of q, D floats apart) against one KV head over L cached tokens.
+// R query heads (rows of q, D floats apart) against one KV head over the L cached tokens from ``first``.
 template <int D, int R, typename KV>
-QC_AVX512 void attend(const float* q, const Cache<KV>& c, int64_t head_off, const int64_t* table, int64_t L, float scale,
-                      float* scores, float* out) {
+QC_AVX512 void attend(const float* q, const Cache<KV>& c, int64_t head_off, const int64_t* table, int64_t first,
+                      int64_t L, float scale, float* scores, float* out) {
   constexpr int C = D / 16;
   __m512 qv[R][C];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < C; ++i) qv[r][i] = _mm512_mul_ps(_mm512_loadu_ps(q + r * D + 16 * i), _mm512_set1_ps(scale));
   auto token = [&](const KV* plane, int64_t t) {
+    t += first;
     const int64_t blk = table[t / c.block_size];
     TORCH_CHECK(blk >= 0 && blk < c.num_blocks, "qc_cpu::paged_decode: block ", blk, " outside the cache's ", c.num_blocks);
     return plane + blk * c.block_stride + (t % c.block_size) * c.token_stride + head_off;
@@ -90,7 +92,8 @@ QC_AVX512 void attend(const float* q, const Cache<KV>& c, int64_t head_off, cons
 }
 
 template <typename KV>
-using AttendFn = void (*)(const float*, const Cache<KV>&, int64_t, const int64_t*, int64_t, float, float*, float*);
+using AttendFn = void (*)(const float*, const Cache<KV>&, int64_t, const int64_t*, int64_t, int64_t, float, float*,
+                          float*);
 
 // query heads per work item: their query and output vectors fit the 32 vector registers
 template <int D>
@@ -112,7 +115,7 @@ AttendFn<KV> pick(int R) {
 // query rows and outputs in Q (fp32 or bf16), staged through fp32 buffers per work item
 template <int D, typename Q, typename KV>
 void run(const at::Tensor& q, const Cache<KV>& c, int64_t Hkv, const at::Tensor& tables, const at::Tensor& lens,
-         double scale, at::Tensor& out) {
+         double scale, int64_t window, at::Tensor& out) {
   const int64_t S = q.size(0), Hq = q.size(1), rep = Hq / Hkv, nb = tables.size(1);
   constexpr int RM = max_heads<D>();
   const int64_t chunks = (rep + RM - 1) / RM;
@@ -133,7 +136,9 @@ void run(const at::Tensor& q, const Cache<KV>& c, int64_t Hkv, const at::Tensor&
       const int R = static_cast<int>(std::min<int64_t>(RM, rep - h0));
       const int64_t row = (s * Hq + h * rep + h0) * D;
       for (int64_t j = 0; j < R * D; ++j) qf[j] = static_cast<float>(qp[row + j]);
-      pick<D, KV>(R)(qf.data(), c, h * D, tp + s * nb, lp[s], static_cast<float>(scale), scores.data(), of.data());
+      const int64_t first = window > 0 ? std::max<int64_t>(0, lp[s] - window) : 0;
+      pick<D, KV>(R)(qf.data(), c, h * D, tp + s * nb, first, lp[s] - first, static_cast<float>(scale), scores.data(),
+                     of.data());
       for (int64_t j = 0; j < R * D; ++j) op[row + j] = static_cast<Q>(of[j]);
     }
   });
@@ -141,21 +146,21 @@ void run(const at::Tensor& q, const Cache<KV>& c, int64_t Hkv, const at::Tensor&
 
 template <int D>
 void dispatch(const at::Tensor& q, const at::Tensor& kv_cache, int64_t layer, int64_t Hkv, const at::Tensor& tables,
-              const at::Tensor& lens, double scale, at::Tensor& out) {
+              const at::Tensor& lens, double scale, int64_t window, at::Tensor& out) {
   const int64_t blocks = kv_cache.size(2), bs = kv_cache.size(3), plane = blocks * bs * Hkv * D;
   auto go = [&](auto kv0) {
     using KV = std::remove_const_t<std::remove_pointer_t<decltype(kv0)>>;
     const KV* base = kv0 + layer * 2 * plane;
     const Cache<KV> c{base, base + plane, bs, bs * Hkv * D, Hkv * D, blocks};
-    if (q.scalar_type() == at::kFloat) run<D, float>(q, c, Hkv, tables, lens, scale, out);
-    else run<D, at::BFloat16>(q, c, Hkv, tables, lens, scale, out);
+    if (q.scalar_type() == at::kFloat) run<D, float>(q, c, Hkv, tables, lens, scale, window, out);
+    else run<D, at::BFloat16>(q, c, Hkv, tables, lens, scale, window, out);
   };
   if (kv_cache.scalar_type() == at::kFloat) go(kv_cache.data_ptr<float>());
   else go(kv_cache.data_ptr<at::BFloat16>());
 }
 
 at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& kv_cache, int64_t layer, const at::Tensor& block_tables,
-                        const at::Tensor& seq_lens, double scale) {
+                        const at::Tensor& seq_lens, double scale, int64_t window) {
   TORCH_CHECK(__builtin_cpu_supports("avx512f"), "qc_cpu::paged_decode needs a CPU with AVX-512");
   const auto f32_or_bf16 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16; };
   TORCH_CHECK(query.dim() == 3 && f32_or_bf16(query) && query.is_contiguous(),
@@ -174,12 +179,12 @@ at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& kv_cache, int
   at::Tensor out = at::empty_like(query);
   if (S == 0) return out;
   switch (D) {
-    case 16: dispatch<16>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, out); break;
-    case 32: dispatch<32>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, out); break;
-    case 64: dispatch<64>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, out); break;
-    case 96: dispatch<96>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, out); break;
-    case 128: dispatch<128>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, out); break;
-    case 256: dispatch<256>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, out); break;
+    case 16: dispatch<16>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, out); break;
+    case 32: dispatch<32>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, out); break;
+    case 64: dispatch<64>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, out); break;
+    case 96: dispatch<96>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, out); break;
+    case 128: dispatch<128>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, out); break;
+    case 256: dispatch<256>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, out); break;
     default: TORCH_CHECK(false, "head_dim ", D, " not built: 16, 32, 64, 96, 128 or 256");
   }
   return out;
@@ -188,7 +193,8 @@ at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& kv_cache, int
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qc_cpu, m) {
-  m.def("paged_decode(Tensor query, Tensor kv_cache, int layer, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
+  m.def("paged_decode(Tensor query, Tensor kv_cache, int layer, Tensor block_tables, Tensor seq_lens, float scale, "
+        "int window=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qc_cpu, CPU, m) { m.impl("paged_decode", &paged_decode); }
