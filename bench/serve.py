@@ -253,7 +253,11 @@ def soak(tok, eos: int, n: int, threads: int, compile_: bool) -> None:
             reqs.append((tok.decode(ids[start:start + p]), rng.randint(4, 32)))
         asyncio.run(run_level(srv.url, reqs[:64], 64, eos))  # warm-up: allocator and caches settle
         rss0 = srv.rss_mib()
-        results, wall = asyncio.run(run_level(srv.url, reqs, 64, eos, abandon=0.1))
+        results, wall, rss = [], 0.0, []
+        for i in range(0, n, 500):  # in quarters of 500: does resident memory keep growing?
+            r, w = asyncio.run(run_level(srv.url, reqs[i:i + 500], 64, eos, abandon=0.1, seed=i))
+            results, wall = results + r, wall + w
+            rss.append(srv.rss_mib())
         time.sleep(1.0)
         m = {}
         for line in httpx.get(srv.url + "/metrics").text.splitlines():
@@ -265,7 +269,8 @@ def soak(tok, eos: int, n: int, threads: int, compile_: bool) -> None:
         print(f"\nsoak: {n} requests (≤ 32 new tokens) at concurrency 64, {abandoned} abandoned mid-stream, "
               f"{wall:.0f} s: errors {errors}; after: running {m['qcompiler:num_requests_running']:.0f}, waiting "
               f"{m['qcompiler:num_requests_waiting']:.0f}, KV usage {m['qcompiler:kv_cache_usage_perc']:.3f}; "
-              f"RSS {rss0:.0f} -> {rss1:.0f} MiB ({100 * (rss1 / rss0 - 1):+.1f}%)")
+              f"RSS {rss0:.0f} -> {rss1:.0f} MiB ({100 * (rss1 / rss0 - 1):+.1f}%); after each 500: "
+              + ", ".join(f"{x:.0f}" for x in rss))
     finally:
         print(f"server exit status {srv.stop()}")
 

@@ -11,7 +11,7 @@ its parameters, seconds and, when a ``Checker`` is given, its check on probe inp
 (``qcompiler.verify``). A pass marked ``exact`` must keep the program's outputs; the others are
 lossy by design. Calibrated passes receive the calibration samples."""
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable, NamedTuple, Optional
 
@@ -21,7 +21,7 @@ from torch.fx import GraphModule
 from qcompiler.passes import (awq, fuse_weight_only, gptq, imatrix, normalize, paged_attention, quantize_fp8,
                               quantize_w8a8, quantize_weights, smoothquant)
 
-from .targets import FP8, W8A8, Float, Target, WeightOnly
+from .targets import AUTO_METHOD, FP8, W8A8, Float, Target, WeightOnly
 from .verify import Checker
 
 
@@ -99,6 +99,10 @@ PIPELINES: dict[type, Callable[[Target, bool, Samples], list[Pass]]] = {
 
 
 def passes_for(target: Target, progress: bool = False, samples: Samples = None) -> list[Pass]:
+    """The target's passes. A weight-only ``method="auto"`` runs imatrix when given samples, else
+    rtn (``compiler.resolve_method`` decides it, with a warning, before calibration data is loaded)."""
+    if getattr(target, "method", None) == AUTO_METHOD:
+        target = replace(target, method="imatrix" if samples else "rtn")
     if target.needs_calibration and not samples:
         raise ValueError(f"{target.name} with {target.scheme} needs calibration samples")
     for cls in type(target).__mro__:

@@ -245,6 +245,9 @@ def test_auto_method_is_imatrix_given_calibration_data_else_rtn(tmp_path, caplog
     with pytest.raises(ValueError, match="searches its ranges itself"):
         W4A16(clip=True)
     assert CalibrationConfig(samples=3).samples_for("imatrix") == CalibrationConfig(samples=3).samples_for("gptq") == 3
+    from qcompiler.pipeline import passes_for  # a pipeline run directly resolves "auto" by its samples
+    assert "imatrix" not in [p.name for p in passes_for(W4A16())]
+    assert "imatrix" in [p.name for p in passes_for(W4A16(), samples=[torch.ones(4).long()])]
 
 
 @pytest.mark.parametrize("method", ["imatrix", "gptq"])
