@@ -5,20 +5,8 @@ import pytest
 import torch
 
 from qcompiler import LLM, SamplingParams
-from qcompiler.compiler import compile_model
-from qcompiler.models import load_source
 from qcompiler.runtime.sampling import process_logits
-from tests_paths import FIXTURES
-from test_engine import VOCAB, check_pool, greedy_ref, prompts
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    from qcompiler.targets import Float
-    src = load_source(str(FIXTURES / "plain_lm.py"))
-    out = tmp_path_factory.mktemp("engine-api") / "plain-float"
-    compile_model(src, Float(), out)
-    return out, src.model
+from test_engine import VOCAB, artifact, check_pool, greedy_ref, prompts  # noqa: F401  (artifact: a fixture)
 
 
 def eager_logprobs(model, ids):
