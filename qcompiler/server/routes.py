@@ -47,31 +47,22 @@ class OpenAIRoutes:
                                 "finish_reason": "length" if hidden else c["finish"]})
         return envelope(rid, "text_completion", self.name, choices, self._usage(handles, completion_tokens))
 
-    async def _stream_completion(self, body, rid, handles, q, hidden):
-        n, completion_tokens, echoed = body.n, 0, set()
-        async for h, deltas in self._events(handles, q):
-            if deltas is None:
-                if h.error:
-                    yield _error_event(h.error)
-                continue
-            chunks = []
-            for d in deltas:
-                text, lp_ids, lp_entries = ("" if hidden else d.text), d.token_ids, d.logprobs
-                if hidden:
-                    lp_ids, lp_entries = [], []
-                if body.echo and (h.tag, d.index) not in echoed:
-                    echoed.add((h.tag, d.index))
-                    text = self._prompt_text(h) + text
-                    if body.logprobs is not None:
-                        lp_ids, lp_entries = h.prompt_ids + lp_ids, h.req.prompt_logprobs + lp_entries
-                completion_tokens += 0 if hidden else len(d.token_ids)
-                lp = completion_logprobs(self.tok, lp_ids, lp_entries) if body.logprobs is not None else None
-                finish = ("length" if hidden else d.finish_reason) if d.finish_reason else None
-                chunks.append({"index": h.tag * n + d.index, "text": text, "logprobs": lp, "finish_reason": finish})
-            yield sse(envelope(rid, "text_completion", self.name, chunks))
-        if body.include_usage:
-            yield sse(envelope(rid, "text_completion", self.name, [], self._usage(handles, completion_tokens)))
-        yield SSE_DONE
+    def _stream_completion(self, body, rid, handles, q, hidden):
+        echoed = set()
+
+        def chunk(h, d):
+            text, lp_ids, lp_entries = ("" if hidden else d.text), d.token_ids, d.logprobs
+            if hidden:
+                lp_ids, lp_entries = [], []
+            if body.echo and (h.tag, d.index) not in echoed:
+                echoed.add((h.tag, d.index))
+                text = self._prompt_text(h) + text
+                if body.logprobs is not None:
+                    lp_ids, lp_entries = h.prompt_ids + lp_ids, h.req.prompt_logprobs + lp_entries
+            lp = completion_logprobs(self.tok, lp_ids, lp_entries) if body.logprobs is not None else None
+            finish = ("length" if hidden else d.finish_reason) if d.finish_reason else None
+            return {"index": h.tag * body.n + d.index, "text": text, "logprobs": lp, "finish_reason": finish}
+        return self._stream(rid, "text_completion", handles, q, chunk, body.include_usage, count_tokens=not hidden)
 
     async def chat_completions(self, request: Request):
         body = await self._parse(request, ChatCompletionRequest)
@@ -101,25 +92,31 @@ class OpenAIRoutes:
                             "finish_reason": c["finish"]})
         return envelope(rid, "chat.completion", self.name, choices, self._usage(handles, completion_tokens))
 
-    async def _stream_chat(self, body, rid, handles, q):
-        started, completion_tokens = set(), 0
+    def _stream_chat(self, body, rid, handles, q):
+        started = set()
+
+        def chunk(h, d):
+            delta = {"content": d.text}
+            if d.index not in started:
+                started.add(d.index)
+                delta = {"role": "assistant", **delta}
+            lp = chat_logprobs(self.tok, d.token_ids, d.logprobs) if body.logprobs else None
+            return {"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
+        return self._stream(rid, "chat.completion.chunk", handles, q, chunk, body.include_usage)
+
+    async def _stream(self, rid, obj: str, handles, q, chunk, include_usage: bool, count_tokens: bool = True):
+        """Server-sent events: one chunk object per step (``chunk(handle, delta)`` per choice), an error
+        event for a request that failed, the usage chunk when asked, then ``[DONE]``."""
+        completion_tokens = 0
         async for h, deltas in self._events(handles, q):
             if deltas is None:
                 if h.error:
                     yield _error_event(h.error)
                 continue
-            chunks = []
-            for d in deltas:
-                delta = {"content": d.text}
-                if d.index not in started:
-                    started.add(d.index)
-                    delta = {"role": "assistant", **delta}
-                completion_tokens += len(d.token_ids)
-                lp = chat_logprobs(self.tok, d.token_ids, d.logprobs) if body.logprobs else None
-                chunks.append({"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason})
-            yield sse(envelope(rid, "chat.completion.chunk", self.name, chunks))
-        if body.include_usage:
-            yield sse(envelope(rid, "chat.completion.chunk", self.name, [], self._usage(handles, completion_tokens)))
+            completion_tokens += sum(len(d.token_ids) for d in deltas) if count_tokens else 0
+            yield sse(envelope(rid, obj, self.name, [chunk(h, d) for d in deltas]))
+        if include_usage:
+            yield sse(envelope(rid, obj, self.name, [], self._usage(handles, completion_tokens)))
         yield SSE_DONE
 
     def _prompt_text(self, h) -> str:
