@@ -9,6 +9,7 @@ from typing import Optional, Sequence as Seq, Union
 import torch
 
 from qcompiler.codegen.workspace import SplitKWorkspace
+from qcompiler.runtime.beam_search import BeamSearchParams, BeamSequence
 from qcompiler.runtime.engine import Engine, ModelRunner
 from qcompiler.runtime.memory import kv_cache_bytes, profile_step
 from qcompiler.runtime.sampling import SamplingParams
@@ -34,6 +35,15 @@ class GenerationOutput:
     logprobs: Optional[list] = None
     # SamplingParams(prompt_logprobs=k): the same per prompt token, None for the first
     prompt_logprobs: Optional[list] = None
+
+
+@dataclass
+class BeamSearchOutput:
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    sequences: list[BeamSequence]  # beam_width finished hypotheses, best score first
+    num_cached_tokens: int         # prompt tokens served from the prefix cache
+    error: Optional[str] = None
 
 
 class LLM:
@@ -136,6 +146,20 @@ class LLM:
         while not all(r.done for r in reqs):
             self.engine.step()
         return [self._output(p, r) for p, r in zip(prompts, reqs)]
+
+    def beam_search(self, prompts: Union[Prompt, Seq[Prompt]],
+                    params: Optional[BeamSearchParams] = None) -> list[BeamSearchOutput]:
+        """Beam search per prompt, as transformers' ``generate(num_beams=k, do_sample=False)``
+        (``runtime.beam_search``). Searches run together and beside any other requests, their
+        beams sharing KV blocks; ``stats()`` reports the blocks sharing saves."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or BeamSearchParams()
+        groups = [self.engine.add_beam_search(self._encode(p), params) for p in prompts]
+        while not all(g.done for g in groups):
+            self.engine.step()
+        return [BeamSearchOutput(p if isinstance(p, str) else None, g.prompt_ids, g.sequences, g.num_cached_tokens,
+                                 g.error) for p, g in zip(prompts, groups)]
 
     def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None):
         """Yields the text of one request as it is generated, then returns its output. A piece is

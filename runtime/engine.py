@@ -1,42 +1,18 @@
 """The engine: one step = schedule -> run the paged program -> sample and postprocess."""
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from qcompiler.codegen.workspace import SplitKWorkspace
 
+from .beam_search import BeamGroup, BeamSearching
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, decode
+from .request import Request
 from .sampling import SamplingParams, process_logits, sample_batch, top_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .step_inputs import step_inputs
-
-
-@dataclass
-class Request:
-    seq: Sequence
-    params: SamplingParams
-    generator: Optional[torch.Generator]
-    finish_reason: Optional[str] = None
-    error: Optional[str] = None
-    detok: Optional[IncrementalDetokenizer] = None  # text as it is generated: stop strings, streaming
-    text: str = ""  # the final text of a request that has ``detok``
-    num_cached_tokens: int = 0  # prompt tokens the prefix cache served at the last admission
-    children: list = field(default_factory=list)  # the other n - 1 completions, forked at the first token
-    forked: bool = False
-    # with params.logprobs: per generated token (its log-prob, [(token id, log-prob)] top alternatives)
-    logprobs: list = field(default_factory=list)
-    # with params.prompt_logprobs: the same per prompt token, None for the first
-    prompt_logprobs: list = field(default_factory=list)
-
-    @property
-    def done(self) -> bool:
-        if self.finish_reason == "abort":
-            return True
-        complete = self.forked or self.params.n == 1 or self.error is not None
-        return self.finish_reason is not None and complete and all(c.finish_reason for c in self.children)
 
 
 class ModelRunner:
@@ -69,7 +45,7 @@ class ModelRunner:
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
 
-class Engine:
+class Engine(BeamSearching):
     def __init__(self, runner: ModelRunner, num_blocks: int, block_size: int, tokenizer=None,
                  eos_token_ids: tuple[int, ...] = (), prefix_cache: bool = True, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, max_model_len: int = 1 << 30):
@@ -78,7 +54,9 @@ class Engine:
         self.bm = BlockManager(num_blocks, block_size, prefix_cache)
         self.scheduler = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens)
         self.requests: dict[int, Request] = {}
+        self.groups: dict[int, BeamGroup] = {}  # live beam searches, by id
         self.prompt_tokens = self.cached_tokens = 0
+        self.beam_block_steps = [0, 0]  # over steps with live beams: blocks they held, blocks unshared beams would
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, detokenize: bool = False) -> Request:
         """``detokenize``: keep the request's text up to date as tokens come (``req.detok``);
@@ -105,6 +83,9 @@ class Engine:
             req.finish_reason = "error"
             req.error = (f"the request needs {self.bm.blocks_needed(len(seq) + 1)} KV blocks; the pool has "
                          f"{self.bm.pool.num_blocks}: raise the KV cache budget or shorten the prompt")
+            if req.group is not None:
+                self.abort(req.group)
+                req.group.finish_reason, req.group.error, req = "error", req.error, req.group
             finished.append(req)
         if not sched.seqs:
             return finished
@@ -119,7 +100,7 @@ class Engine:
                           [s.seq.token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_new_tokens]
                            for s in sched.seqs], self.bm.block_size, every)
         logits = self.runner.run(inp)  # [N, V]: each sequence's last row (every row of those ``every`` flags)
-        last, row = [], 0  # each sequence's last row in ``logits``
+        last, row, searches = [], 0, {}  # each sequence's last row in ``logits``; beam searches with rows
         draws = []  # (logits row, request) for every request that gets a token now, forks included
         for i, s in enumerate(sched.seqs):
             seq = s.seq
@@ -136,8 +117,12 @@ class Engine:
             if seq.num_computed_tokens < len(seq):
                 continue  # a prompt chunk: nothing to sample yet
             req = self.requests[seq.seq_id]
+            if req.group is not None:  # the search moves on once every live beam has its row
+                req.group.rows[seq.seq_id] = logits[last[i]].to(torch.float32, copy=True)
+                searches[id(req.group)] = req.group
+                continue
             draws += [(last[i], r) for r in [req] + self._fork(req)]
-        tokens = self._sample(logits, draws)
+        tokens = self._sample(logits, draws) if draws else []
         for (_, r), tok in zip(draws, tokens):
             r.seq.token_ids.append(tok)
             reason = self._finish_reason(r, tok)
@@ -147,6 +132,12 @@ class Engine:
                     r.text = r.detok.finish()
                 self.scheduler.finish(r.seq)
                 finished.append(self.requests.pop(r.seq.seq_id))
+        for g in searches.values():
+            if g.ready():
+                self._beam_step(g)
+                if g.done:
+                    finished.append(g)
+        self._count_beam_blocks()
         return finished
 
     def _sample(self, logits: torch.Tensor, draws: list) -> list[int]:
@@ -191,6 +182,13 @@ class Engine:
         """Ends ``req`` (and its forks) wherever it is: waiting, prefilling or decoding. Its blocks
         return at once (computed full blocks to the prefix cache, unlocked); ``finish_reason`` is
         "abort". A request already finished is left as it is."""
+        if isinstance(req, BeamGroup):
+            if not req.done:
+                for b in req.beams:
+                    self._end_beam(b)
+                req.beams, req.finish_reason, req.sequences = [], "abort", req.state.sequences()
+                self.groups.pop(id(req), None)
+            return
         for r in [req, *req.children]:
             if r.finish_reason is not None:
                 continue
@@ -243,4 +241,4 @@ class Engine:
                 "prefix_cache_hit_rate": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
                 "num_preemptions": self.scheduler.num_preemptions,
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                **bm.slot_usage(self.scheduler.running)}
+                **bm.slot_usage(self.scheduler.running), **self.beam_stats()}

@@ -47,6 +47,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget == 0:  # preempted earlier in this loop
                 continue
+            if seq.num_computed_tokens == len(seq):  # a beam waiting for its search's other beams
+                continue
             while not self.bm.can_append(seq):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -111,7 +113,8 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: Sequence, cache: bool = True) -> None:
+        """``cache``: its computed full blocks enter the prefix cache (False for a dropped beam)."""
         self.running.remove(seq)
         seq.status = Status.FINISHED
-        self.bm.deallocate(seq)
+        self.bm.deallocate(seq, cache)
