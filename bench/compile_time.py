@@ -7,7 +7,6 @@ checks' cost as a share of the compile without them.
     .venv/bin/python bench/compile_time.py [--rounds 3] [--threads 2] [--group-size 64] [--symmetric] [--method rtn]
 """
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -15,16 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def med(xs: list[float]) -> str:
@@ -43,6 +32,8 @@ def main() -> int:
     from qcompiler.compiler import compile_model
     from qcompiler.models import load_source
     from qcompiler.targets import W4A16
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serving import cpu_name
     src = load_source(str(Path(__file__).resolve().parents[1] / "examples" / "smollm2.py"))
     target = W4A16(group_size=a.group_size if a.group_size == "auto" else int(a.group_size), symmetric=a.symmetric,
                    method=a.method)

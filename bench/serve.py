@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "bench"))
 import smollm2  # noqa: E402
-from serving import artifact, sharegpt_lengths  # noqa: E402
+from serving import artifact, cpu_name, sharegpt_lengths  # noqa: E402
 
 from qcompiler.data import britannica_text  # noqa: E402
 
@@ -180,13 +180,6 @@ def offline_step_ms(threads: int, compile_: bool, tok) -> float:
             llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
             times[n] = time.perf_counter() - t0
     return 1000 * (times[129] - times[1]) / 128
-
-
-def cpu_name() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def main():

@@ -19,6 +19,7 @@ Artifacts are compiled into ``build/`` when missing. Prompts are slices of the B
 """
 import argparse
 import math
+import platform
 import random
 import statistics
 import sys
@@ -41,6 +42,23 @@ ARTIFACTS = {"w4a16": (ROOT / "build/smollm2-w4a16", dict(group_size=64, symmetr
              "w4a16-h8": (ROOT / "build/smollm2-w4a16-h8", dict(group_size=64, symmetric=False, lm_head_bits=8)),
              "float": (ROOT / "build/smollm2-float", {})}
 DECODE_PROMPT, DECODE_TOKENS, PREFILL_TOKENS = 32, 128, 512
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the vector extensions that decide our kernels' speed."""
+    name, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("avx512_bf16", "AVX512-BF16"),
+                                     ("amx_tile", "AMX")) if flag in flags]
+    return f"{name} ({', '.join(isa) or 'no AVX-512'})"
 
 
 def artifact(name: str) -> str:

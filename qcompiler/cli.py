@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the text before this string (repeatable)")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    g.add_argument("--beam-width", type=int, default=None, metavar="K",
+                   help="beam search of width K (transformers' num_beams): prints the K hypotheses, best first")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="with --beam-width: scores are cum log-prob / "
+                                                                    "length ** this (default 1.0)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--compile", action="store_true",
                    help="run the program through torch.compile: faster decode after an Inductor compile (minutes the first "
@@ -257,6 +261,8 @@ def cmd_generate(a) -> int:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                    add_generation_prompt=True)
     t0 = time.perf_counter()
+    if a.beam_width is not None:
+        return _beam_search(a, llm, prompt, t0)
     if a.stream:
         it = llm.stream(prompt, params)
         try:
@@ -273,6 +279,21 @@ def cmd_generate(a) -> int:
     secs = time.perf_counter() - t0
     rate = f"{secs:.1f} s with the compile" if a.compile else f"{len(out.token_ids) / secs:.1f} tok/s"
     print(f"[{len(out.token_ids)} tokens, {out.finish_reason}, {rate}]", file=sys.stderr)
+    return 0
+
+
+def _beam_search(a, llm, prompt, t0: float) -> int:
+    from . import BeamSearchParams
+    if a.stream or a.temperature or a.seed is not None or a.top_p != 1.0 or a.top_k:
+        raise ValueError("--beam-width is deterministic and prints at the end: drop --stream and the sampling options")
+    out = llm.beam_search([prompt], BeamSearchParams(beam_width=a.beam_width, max_tokens=a.max_tokens,
+                                                     length_penalty=a.length_penalty, stop=tuple(a.stop)))[0]
+    if out.error:
+        raise ValueError(out.error)
+    for i, s in enumerate(out.sequences):
+        print(f"[{i}] score {s.score:.4f}, {len(s.token_ids)} tokens, {s.finish_reason}: {s.text}")
+    print(f"[beam width {a.beam_width}, {time.perf_counter() - t0:.1f} s, KV blocks saved by sharing "
+          f"{100 * llm.stats()['beam_kv_saved']:.0f}%]", file=sys.stderr)
     return 0
 
 

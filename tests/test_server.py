@@ -95,6 +95,27 @@ def test_seeds_repeat_and_n_differs(client):
     assert len({c.text for c in a.choices}) > 1  # the n completions are different draws
 
 
+def test_beam_search_equals_llm_beam_search(client, offline):
+    """vLLM's extension: ``use_beam_search`` with ``n`` as the width, the hypotheses best first as
+    the choices, streamed (all at the end) or not; chat through the template."""
+    from qcompiler import BeamSearchParams
+    ref = offline.beam_search(PROMPT, BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.7))[0]
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=6, n=3, temperature=0.0,
+              extra_body={"use_beam_search": True, "length_penalty": 0.7})
+    r = client.completions.create(**kw)
+    assert [c.text for c in r.choices] == [s.text for s in ref.sequences] and len(set(s.text for s in ref.sequences)) > 1
+    assert [c.finish_reason for c in r.choices] == [s.finish_reason for s in ref.sequences]
+    assert r.usage.completion_tokens == sum(len(s.token_ids) for s in ref.sequences)
+    streamed = {}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert [streamed[i] for i in range(3)] == [s.text for s in ref.sequences]
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                          n=2, extra_body={"use_beam_search": True})
+    assert len(chat.choices) == 2 and chat.choices[0].message.content != chat.choices[1].message.content
+
+
 def eager_logprobs(model, ids):
     with torch.no_grad():
         out = model(input_ids=torch.tensor(ids)[None], position_ids=torch.arange(len(ids))[None])
@@ -188,6 +209,8 @@ BAD = [  # (body or raw bytes, status, words the message must hold)
     ({"prompt": PROMPT, "best_of": 3}, 400, "best_of"),
     ({"prompt": PROMPT, "logit_bias": {"abc": 1}}, 400, "logit_bias"),
     ({"prompt": PROMPT, "min_tokens": 10, "max_tokens": 5}, 400, "min_tokens"),
+    ({"prompt": PROMPT, "use_beam_search": True, "temperature": 0.8}, 400, "temperature does not apply to beam"),
+    ({"prompt": PROMPT, "use_beam_search": True, "logprobs": 2}, 400, "logprobs does not apply to beam"),
     ({"model": "gpt-9", "prompt": PROMPT}, 404, "does not exist"),
     ({"prompt": PROMPT, "max_tokens": 2, "x": "y" * 70000}, 413, "limit"),
 ]

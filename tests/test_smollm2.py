@@ -81,7 +81,7 @@ CHATS = ["What is the capital of France?", "Name a colour.", "Write one word tha
 
 
 @pytest.mark.parametrize("k,length_penalty,ignore_eos", [(2, 1.0, False), (4, 0.6, False), (4, 1.0, True)])
-def test_smollm2_float_beam_search_equals_transformers(float_artifact, k, length_penalty, ignore_eos):
+def test_smollm2_float_beam_search_equals_transformers(float_artifact, k, length_penalty, ignore_eos, capsys):
     """Beam search over chat prompts, whose answers end with the model's EOS within the budget
     (so hypotheses finish at different lengths), equals transformers' ``generate(num_beams=k)``:
     the same hypotheses in the same order, the same scores."""
@@ -110,4 +110,11 @@ def test_smollm2_float_beam_search_equals_transformers(float_artifact, k, length
         ended += sum(s.finish_reason == "stop" for s in o.sequences)
         assert o.sequences[0].text == src.tokenizer.decode(o.sequences[0].token_ids, skip_special_tokens=True)
     assert (ended == 0) if ignore_eos else (ended > 0)
+    if k == 2:  # the CLI prints the same hypotheses
+        capsys.readouterr()
+        assert main(["generate", str(out), CHATS[0], "--chat", "--beam-width", "2", "--max-tokens", "24",
+                     "--length-penalty", str(length_penalty)]) == 0
+        printed = capsys.readouterr().out
+        assert printed == "".join(f"[{i}] score {s.score:.4f}, {len(s.token_ids)} tokens, {s.finish_reason}: {s.text}\n"
+                                  for i, s in enumerate(outs[0].sequences))
 

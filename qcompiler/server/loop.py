@@ -10,9 +10,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
+from qcompiler.runtime.beam_search import BeamGroup, BeamSearchParams
 from qcompiler.runtime.engine import Engine, Request
+from qcompiler.runtime.sequence import Sequence
 from qcompiler.runtime.sampling import SamplingParams
 
 
@@ -30,12 +32,12 @@ class Handle:
     """One prompt of an HTTP request, as the event loop sees it. Events on ``queue``:
     ``(tag, "delta", [ChoiceDelta])`` and finally ``(tag, "done", Handle)``."""
     prompt_ids: list[int]
-    params: SamplingParams
+    params: Union[SamplingParams, BeamSearchParams]
     aloop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     tag: int = 0                                  # which prompt of the HTTP request
     prompt_text: Optional[str] = None             # the prompt as the client sent it, when text
-    req: Optional[Request] = None                 # set by the loop thread
+    req: Union[Request, BeamGroup, None] = None   # set by the loop thread
     cancelled: bool = False
     error: Optional[str] = None
     arrival: float = field(default_factory=time.monotonic)
@@ -48,7 +50,16 @@ class Handle:
         self.aloop.call_soon_threadsafe(self.queue.put_nowait, (self.tag, kind, payload))
 
     def choices(self) -> list[Request]:
+        """The request's completions; a beam search's hypotheses, best first, once it is done."""
+        if isinstance(self.req, BeamGroup):
+            return [Request(Sequence(self.prompt_ids + s.token_ids, len(self.prompt_ids)), self.params, None,
+                            finish_reason=s.finish_reason, text=s.text) for s in self.req.sequences]
         return [self.req, *self.req.children] if self.req is not None else []
+
+    def started(self) -> bool:
+        if isinstance(self.req, BeamGroup):
+            return self.req.state.generated > 0 or self.req.done
+        return self.req.seq.num_computed_tokens > 0
 
 
 class EngineLoop:
@@ -139,9 +150,17 @@ class EngineLoop:
                     h.post("done", h)
                     continue
                 try:
-                    h.req = self.engine.add_request(h.prompt_ids, h.params, detokenize=self.engine.tokenizer is not None)
+                    if isinstance(h.params, BeamSearchParams):
+                        h.req = self.engine.add_beam_search(h.prompt_ids, h.params)
+                    else:
+                        h.req = self.engine.add_request(h.prompt_ids, h.params,
+                                                        detokenize=self.engine.tokenizer is not None)
                 except ValueError as e:
                     h.error = str(e)
+                    h.post("done", h)
+                    continue
+                if h.req.error:  # a beam search that can never fit the pool
+                    h.error = h.req.error
                     h.post("done", h)
                     continue
                 self.active[id(h)] = h
@@ -160,7 +179,7 @@ class EngineLoop:
 
     def _publish_one(self, h: Handle, now: float) -> None:
         deltas = []
-        if h.admitted is None and h.req.seq.num_computed_tokens > 0:
+        if h.admitted is None and h.started():
             h.admitted = now
             if self.metrics:
                 self.metrics.queue_time.observe(now - h.arrival)

@@ -1,13 +1,15 @@
 """The OpenAI request bodies the server takes, validated into engine ``SamplingParams``.
 
 Fields follow OpenAI's completions and chat completions APIs plus vLLM's extensions (``top_k``,
-``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``min_tokens``). A field outside them
+``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``min_tokens``; ``use_beam_search`` with
+``n`` as the beam width, ``length_penalty``, ``early_stopping``). A field outside them
 is accepted only at its default (None, false, 0, empty: clients send defaults for many fields);
 any other value is a 400 that names it."""
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from qcompiler.runtime.beam_search import BeamSearchParams
 from qcompiler.runtime.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 16
@@ -51,6 +53,9 @@ class _Request(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None
     min_tokens: int = Field(0, ge=0)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool = False
 
     @model_validator(mode="after")
     def _unsupported(self):
@@ -71,7 +76,9 @@ class _Request(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.get("include_usage"))
 
     def sampling_params(self, max_tokens: int, logprobs: Optional[int], prompt_logprobs: Optional[int] = None,
-                        vocab_size: Optional[int] = None) -> SamplingParams:
+                        vocab_size: Optional[int] = None) -> Union[SamplingParams, BeamSearchParams]:
+        if self.use_beam_search:
+            return self.beam_search_params(max_tokens, logprobs, prompt_logprobs)
         bias = {}
         for k, v in (self.logit_bias or {}).items():
             try:
@@ -95,6 +102,24 @@ class _Request(BaseModel):
             min_tokens=self.min_tokens, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             logit_bias=bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+
+    def beam_search_params(self, max_tokens: int, logprobs: Optional[int],
+                           prompt_logprobs: Optional[int]) -> BeamSearchParams:
+        """Beam search is deterministic and keeps no per-token log-probs: sampling fields must stay
+        at their defaults."""
+        sampling = {"temperature": self.temperature or 0, "top_p": (self.top_p or 1) != 1, "top_k": self.top_k or 0,
+                    "seed": self.seed is not None, "presence_penalty": self.presence_penalty,
+                    "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty != 1,
+                    "logit_bias": self.logit_bias, "min_tokens": self.min_tokens,
+                    "logprobs": logprobs is not None or prompt_logprobs is not None}
+        for name, value in sampling.items():
+            if value and value != -1:
+                raise APIError(400, f"{name} does not apply to beam search (use_beam_search)", param=name)
+        return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, length_penalty=self.length_penalty,
+                                early_stopping=self.early_stopping, ignore_eos=self.ignore_eos,
+                                stop=tuple([self.stop] if isinstance(self.stop, str) else self.stop or ()),
+                                stop_token_ids=tuple(self.stop_token_ids or ()))
 
 
 class CompletionRequest(_Request):
