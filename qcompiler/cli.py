@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .targets import TARGETS
 
-SUBCOMMANDS = ("compile", "eval", "generate", "report", "serve")
+SUBCOMMANDS = ("compile", "eval", "export", "generate", "report", "serve")
 PER_CHANNEL = "channel"  # --group-size channel: one group per output channel
 DESCRIPTION = """Compile a PyTorch language model into a quantized artifact, or evaluate one.
 
@@ -22,6 +22,7 @@ DESCRIPTION = """Compile a PyTorch language model into a quantized artifact, or 
   qcompile generate ARTIFACT "PROMPT"        generate text with the paged runtime
   qcompile report ARTIFACT [-o report.png]   draw an artifact: per-layer error, pass checks, size
   qcompile serve ARTIFACT [--port 8000]      an OpenAI-compatible server (/v1/completions, /v1/chat/completions)
+  qcompile export ARTIFACT -o DIR            a compressed-tensors model directory for vLLM and SGLang
 
 MODEL is a model.py defining build_model(), a Hugging Face model directory, or a .gguf file.
 Targets:
@@ -133,9 +134,28 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="draw an artifact (PNG) and print the same facts")
     r.add_argument("artifact")
     r.add_argument("-o", "--output", default=None, help="PNG path (default: ARTIFACT-report.png beside the artifact)")
+    x = sub.add_parser("export", help="write an artifact as a Hugging Face directory in the compressed-tensors "
+                                      "format (vLLM, SGLang, transformers load it)")
+    x.add_argument("artifact")
+    x.add_argument("-o", "--output", required=True, help="a new or empty directory")
+    x.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
     from .server.cli import add_parser
     add_parser(sub)
     return p
+
+
+def cmd_export(a) -> int:
+    from .export import export_compressed_tensors
+    t0 = time.perf_counter()
+    q = export_compressed_tensors(a.artifact, a.output)
+    groups = ", ".join(f"{g['weights']['num_bits']}-bit {g['weights']['type']} {g['weights']['strategy']}"
+                       + (f" {g['weights']['group_size']}" if g['weights']['group_size'] else "")
+                       for g in q["config_groups"].values())
+    print(f"{a.output}: {q['format']} ({groups}; kept float: {', '.join(q['ignore']) or 'none'}) "
+          f"in {time.perf_counter() - t0:.1f} s")
+    print(f"  vllm serve {a.output} --tensor-parallel-size N  |  "
+          f"python -m sglang.launch_server --model-path {a.output} --tp N")
+    return 0
 
 
 def _mb(n: int) -> str:
@@ -324,8 +344,8 @@ def main(argv=None) -> int:
     from .artifact import ArtifactError
     try:
         from .server.cli import cmd_serve
-        return {"compile": cmd_compile, "eval": cmd_eval, "generate": cmd_generate, "report": cmd_report,
-                "serve": cmd_serve}[a.command](a)
+        return {"compile": cmd_compile, "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate,
+                "report": cmd_report, "serve": cmd_serve}[a.command](a)
     except (ValueError, OSError, ArtifactError) as e:
         if os.environ.get("QCOMPILE_DEBUG"):
             raise

@@ -12,7 +12,7 @@ from torch.export.graph_signature import OutputKind
 from .artifact import check_output_dir, save_artifact
 from .calibration import CalibrationConfig, load_calibration
 from .capture import FlatTokenModule, capture, export_paged, max_tokens_of
-from .models import DTYPES, ModelSource, load_source, source_kind
+from .models import DTYPES, ModelSource, hf_checkpoint_facts, load_source, source_kind
 from .pipeline import run_pipeline
 from .targets import AUTO_METHOD, Target
 from .verify import Checker, declared_window, make_probes
@@ -145,7 +145,7 @@ def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, 
     manifest = {
         "target": target.to_dict(),
         "model": {"source": src.kind, "path": str(Path(src.path).resolve()), "config": src.config,
-                  "dtype": dtype, "float_bytes": _state_bytes(src.model)},
+                  "dtype": dtype, "float_bytes": _state_bytes(src.model), "hf": hf_checkpoint_facts(src.model)},
         "program": {"inputs": {"input_ids": "int64[T]", "positions": "int64[T]",
                                "kv_cache": "[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]",
                                "slot_mapping": "int64[T]", "block_tables": "int64[S, max_blocks]",

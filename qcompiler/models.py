@@ -47,6 +47,20 @@ def _hf_config_dict(model) -> dict:
     return {k: d[k] for k in keep if k in d}
 
 
+def hf_checkpoint_facts(model) -> Optional[dict]:
+    """What a Hugging Face directory of ``model`` needs besides its weights (``qcompile export``):
+    the full config, naming its architecture, and the generation config. None for a model that is
+    not a transformers ``PreTrainedModel``."""
+    from transformers import PreTrainedModel
+    if not isinstance(model, PreTrainedModel):
+        return None
+    cfg = json.loads(model.config.to_json_string(use_diff=False))
+    cfg["architectures"] = [type(model).__name__]
+    cfg.pop("quantization_config", None)
+    gen = getattr(model, "generation_config", None)
+    return {"config": cfg, "generation_config": json.loads(gen.to_json_string(use_diff=True)) if gen else None}
+
+
 def _prepare(model: torch.nn.Module, dtype: Optional[torch.dtype]) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"build_model() must return a torch.nn.Module, got {type(model).__name__}")
