@@ -91,11 +91,12 @@ def quantizable(gm: GraphModule, bits: int, group_size: GroupSize, include_lm_he
 
 def quantize_weights(gm: GraphModule, *, bits: int, group_size: GroupSize, symmetric: bool,
                      include_lm_head: bool = False, clip: bool = False, progress: bool = False,
-                     lm_head_only: bool = False) -> GraphModule:
+                     lm_head_only: bool = False, only_coded: bool = False) -> GraphModule:
     """RTN (``clip``: with the ranges ``quantization.search_qparams`` picks by weight error), unless a
     calibration pass left codes in ``gm.meta["qc_codes"]`` (weight name -> (``QuantizedWeight``,
-    the original weight's record)): then those codes are used as they are. ``lm_head_only``: the
-    output projections alone (a scheme of their own, run before the one for every other linear)."""
+    the original weight's record)): then those codes are used as they are, their groups with them.
+    ``lm_head_only``: the output projections alone (a scheme of their own, run before the one for
+    every other linear). ``only_coded``: linears without codes stay float (a checkpoint's own)."""
     layers = gm.meta.setdefault("qc_layers", {})
     # the lm_head-only pass runs first and leaves the other weights' codes to the pass after it
     codes = gm.meta.get("qc_codes", {}) if lm_head_only else gm.meta.pop("qc_codes", {})
@@ -110,6 +111,10 @@ def quantize_weights(gm: GraphModule, *, bits: int, group_size: GroupSize, symme
         N, K = w.shape
         G = layer_group(group_size, K) or K
         reason = skip_reason(node, K, heads, bits, group_size, include_lm_head)
+        if only_coded and fqn not in codes and fqn not in done:
+            reason = "float in the checkpoint"
+        elif only_coded:
+            reason = None
         if reason:
             if node not in heads and reason not in warned:
                 log.warning("%s: %s; such layers stay float", name, reason)
@@ -119,6 +124,7 @@ def quantize_weights(gm: GraphModule, *, bits: int, group_size: GroupSize, symme
         if fqn not in done:
             if fqn in codes:
                 qw, record = codes.pop(fqn)
+                G = K // qw.scales.shape[-1]
             else:
                 qw = quantize_weight(w, bits, layer_group(group_size, K), symmetric,
                                      search_qparams(w, bits, G, symmetric) if clip else None)

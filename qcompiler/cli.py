@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile MODEL into an artifact (the default action)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("model", help="model.py, Hugging Face model directory, or .gguf file")
-    c.add_argument("--target", "-t", default="w4a16", help=f"one of {', '.join(TARGETS)} (default w4a16)")
+    c.add_argument("--target", "-t", default=None, help=f"one of {', '.join(TARGETS)} (default w4a16; a "
+                                                         "compressed-tensors checkpoint: its own scheme and codes)")
+    c.add_argument("--requantize", action="store_true",
+                   help="a compressed-tensors checkpoint for another --target: its codes decoded, then quantized again")
     c.add_argument("--group-size", "-g", type=_group_size, default=None,
                    help="input channels per scale: a power of two >= 16 (layers it does not divide stay float); "
                         "'auto' (w4a16 default): per layer, the largest of 128, 64, 32 dividing its input size "
@@ -216,7 +219,14 @@ def _layer_bytes(rep, v) -> float:
 def cmd_compile(a) -> int:
     from .calibration import CalibrationConfig
     from .compiler import compile_model
+    from .checkpoint import quantization_config
     from .targets import make_target
+    checkpoint = Path(a.model).is_dir() and (Path(a.model) / "config.json").exists() and \
+        quantization_config(Path(a.model)) is not None
+    if a.target is None and not checkpoint:
+        a.target = "w4a16"
+    if a.requantize and (not checkpoint or a.target is None):
+        raise ValueError("--requantize applies to a compressed-tensors checkpoint compiled for another --target")
     group_size = a.group_size
     if group_size == PER_CHANNEL:
         if a.target != "w8a16":
@@ -224,15 +234,14 @@ def cmd_compile(a) -> int:
         group_size = None
     if a.no_smoothquant and a.smoothquant_alpha is not None:
         raise ValueError("--smoothquant-alpha and --no-smoothquant exclude each other")
-    target = make_target(a.target, group_size=group_size, symmetric=a.symmetric, method=a.method,
-                         quantize_lm_head=a.quantize_lm_head, lm_head_bits=a.lm_head_bits, act_order=a.act_order,
-                         clip=a.clip,
-                         smoothquant_alpha=a.smoothquant_alpha, observer=a.observer,
-                         no_smoothquant=a.no_smoothquant or None)
+    target = None if a.target is None else make_target(
+        a.target, group_size=group_size, symmetric=a.symmetric, method=a.method, quantize_lm_head=a.quantize_lm_head,
+        lm_head_bits=a.lm_head_bits, act_order=a.act_order, clip=a.clip, smoothquant_alpha=a.smoothquant_alpha,
+        observer=a.observer, no_smoothquant=a.no_smoothquant or None)
     calib = CalibrationConfig(samples=a.calib_samples, seq_len=a.calib_seq_len, file=a.calib_file)
-    out = a.output or f"build/{Path(a.model).stem.lower()}-{target.name}"
+    out = a.output or f"build/{Path(a.model).stem.lower()}-{a.target or 'checkpoint'}"
     rep = compile_model(a.model, target, out, dtype=a.dtype, progress=not a.quiet, calibration=calib,
-                        verify=a.verify)
+                        verify=a.verify, requantize=a.requantize)
     print_summary(rep, a.model)
     return 0
 

@@ -4,6 +4,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from .calibration import CalibrationConfig, load_calibration
 from .capture import FlatTokenModule, capture, export_paged, max_tokens_of
 from .models import DTYPES, ModelSource, hf_checkpoint_facts, load_source, source_kind
 from .pipeline import run_pipeline
-from .targets import AUTO_METHOD, Target
+from .targets import AUTO_METHOD, W4A16, Target
 from .verify import Checker, declared_window, make_probes
 
 log = logging.getLogger("qcompiler")
@@ -102,15 +103,33 @@ def resolve_method(target: Target, src: ModelSource, cfg: CalibrationConfig) -> 
     return replace(target, method="rtn")
 
 
-def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, dtype: str | None = None,
+def resolve_checkpoint(target: Optional[Target], src: ModelSource, requantize: bool) -> Target:
+    """A compressed-tensors checkpoint compiles with its own scheme and codes (method ``checkpoint``)
+    when ``target`` is None or of the same kind; another target needs ``requantize`` (its decoded
+    weights are quantized again). Any other source: ``target``, W4A16 when None."""
+    ck = src.checkpoint
+    if ck is None or requantize:
+        if requantize and ck is not None:
+            log.warning("%s: the checkpoint's codes are decoded to float and quantized again for %s",
+                        src.path, target.name)
+        return target if target is not None else W4A16()
+    if target is None or target.name == ck.target.name:
+        return ck.target
+    raise ValueError(f"{src.path} is a {ck.target.name} checkpoint ({ck.target.scheme}): compile it as it is "
+                     f"(no --target, or --target {ck.target.name}) or pass --requantize to quantize its decoded "
+                     f"weights for {target.name}")
+
+
+def compile_model(model: str | ModelSource, target: Optional[Target], out: str | Path, *, dtype: str | None = None,
                   progress: bool = False, calibration: CalibrationConfig | None = None,
-                  verify: bool = True) -> CompileReport:
+                  verify: bool = True, requantize: bool = False) -> CompileReport:
     """Compiles ``model`` (a path or a loaded ``ModelSource``) for ``target`` into the artifact ``out``;
     ``calibration`` says which samples the calibrated methods use (default: 64 × 512 tokens, 16 × 512
     for imatrix). A weight-only target's ``method="auto"`` is resolved first (``resolve_method``); the
     report and the manifest carry the resolved target.
     ``verify`` checks every pass on probe inputs (``qcompiler.verify``): an exact pass that changes
-    the program's outputs raises ``VerificationError``; the checks go into the manifest."""
+    the program's outputs raises ``VerificationError``; the checks go into the manifest.
+    A compressed-tensors checkpoint keeps its codes (``resolve_checkpoint``; ``target`` None: its scheme)."""
     out = Path(out).resolve()
     if not isinstance(model, ModelSource):
         source_kind(str(model))  # bad input fails before anything is created
@@ -124,7 +143,8 @@ def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, 
     with _stage(stages, "capture"):
         ep = capture(src.model, max_tokens)
     calib, cfg = None, calibration or CalibrationConfig()
-    target = resolve_method(target, src, cfg)
+    target = resolve_method(resolve_checkpoint(target, src, requantize), src, cfg)
+    codes = src.checkpoint.codes if src.checkpoint is not None and not requantize else None
     if target.needs_calibration:
         with _stage(stages, "calibration data"):
             calib = load_calibration(src, cfg, src.config.get("vocab_size"), getattr(target, "method", None))
@@ -133,7 +153,7 @@ def compile_model(model: str | ModelSource, target: Target, out: str | Path, *, 
     if verify:
         checker, verification = _checker(ep, src, max_tokens, samples)
     with torch.no_grad():
-        result = run_pipeline(ep, target, progress=progress, samples=samples, checker=checker)
+        result = run_pipeline(ep, target, progress=progress, samples=samples, checker=checker, codes=codes)
     for rec in result.records:
         stages[f"pass:{rec['name']}"] = rec["seconds"]
     if checker is not None:

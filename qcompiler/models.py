@@ -31,6 +31,7 @@ class ModelSource:
     calibration_data: Optional[Callable[[], list[torch.Tensor]]] = None
     eval_text: Optional[Callable[[], str]] = None
     config: dict = field(default_factory=dict)  # model facts for the manifest
+    checkpoint: Any = None  # a compressed-tensors checkpoint's codes (``checkpoint.CheckpointCodes``)
 
 
 def _hf_config_dict(model) -> dict:
@@ -99,6 +100,12 @@ def load_model_py(path: Path, dtype=None) -> ModelSource:
 
 def load_hf_dir(path: Path, dtype=None) -> ModelSource:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import load_model, quantization_config
+    if quantization_config(path) is not None:  # quantized already: the float its codes stand for, and the codes
+        model, tok, ck = load_model(path, dtype)
+        return ModelSource(model=_prepare(model, None), kind="hf", path=str(path), tokenizer=tok,
+                           config=_hf_config_dict(model), checkpoint=ck)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa")
         tok = None

@@ -2,9 +2,11 @@
 
     capture ─► normalize ─► [calibrated passes] ─► quantize ─► [fuse] ─► paged_attention ─► export
 
-    w4a16/w8a16   [imatrix | gptq | awq] ─► quantize_weights ─► fuse_weight_only
-    w8a8          [smoothquant] ─► [gptq] ─► quantize_w8a8 (static scales: an observer)
-    fp8           [gptq] ─► quantize_fp8
+    w4a16/w8a16   [imatrix | gptq | awq | checkpoint_codes] ─► quantize_weights ─► fuse_weight_only
+    w8a8          [smoothquant] ─► [gptq | checkpoint_codes] ─► quantize_w8a8 (static scales: an observer)
+    fp8           [gptq | checkpoint_codes] ─► quantize_fp8
+
+Method ``checkpoint``: a compressed-tensors checkpoint's own codes (``qcompiler.checkpoint``), kept.
 
 Dispatch is on the target's config type; the manifest records every pass that ran, with
 its parameters, seconds and, when a ``Checker`` is given, its check on probe inputs
@@ -18,10 +20,10 @@ from typing import Callable, NamedTuple, Optional
 from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
-from qcompiler.passes import (awq, fuse_weight_only, gptq, imatrix, normalize, paged_attention, quantize_fp8,
-                              quantize_w8a8, quantize_weights, smoothquant)
+from qcompiler.passes import (awq, checkpoint_codes, fuse_weight_only, gptq, imatrix, normalize, paged_attention,
+                              quantize_fp8, quantize_w8a8, quantize_weights, smoothquant)
 
-from .targets import AUTO_METHOD, FP8, W8A8, Float, Target, WeightOnly
+from .targets import AUTO_METHOD, CHECKPOINT, FP8, W8A8, Float, Target, WeightOnly
 from .verify import Checker
 
 
@@ -33,9 +35,10 @@ class Pass(NamedTuple):
 
 
 Samples = Optional[list]
+Codes = Optional[dict]  # a checkpoint's codes: module name -> QuantizedWeight
 
 
-def _float_passes(t: Float, progress: bool, samples: Samples) -> list[Pass]:
+def _float_passes(t: Float, progress: bool, samples: Samples, codes: Codes) -> list[Pass]:
     return []
 
 
@@ -44,8 +47,18 @@ def _gptq_pass(samples: Samples, progress: bool, **params) -> Pass:
     return Pass("gptq", partial(gptq, samples=samples, **params, progress=progress), params)
 
 
-def _weight_only_passes(t: WeightOnly, progress: bool, samples: Samples) -> list[Pass]:
+def _checkpoint_pass(codes: Codes, every_linear: bool = False) -> Pass:
+    assert codes, "method 'checkpoint' needs the checkpoint's codes"
+    return Pass("checkpoint_codes", partial(checkpoint_codes, codes=codes, every_linear=every_linear),
+                {"layers": len(codes)})
+
+
+def _weight_only_passes(t: WeightOnly, progress: bool, samples: Samples, codes: Codes) -> list[Pass]:
     params = dict(bits=t.bits, group_size=t.group_size, symmetric=t.symmetric, include_lm_head=t.quantize_lm_head)
+    if t.method == CHECKPOINT:
+        return [_checkpoint_pass(codes),
+                Pass("quantize_weights", partial(quantize_weights, **params, only_coded=True), {"method": t.method, **params}),
+                Pass("fuse_weight_only", fuse_weight_only, {}, exact=True)]
     calibrated = {
         "rtn": [],
         "imatrix": [Pass("imatrix", partial(imatrix, samples=samples, **params, progress=progress), params)],
@@ -67,9 +80,9 @@ def _weight_only_passes(t: WeightOnly, progress: bool, samples: Samples) -> list
     ]
 
 
-def _w8a8_passes(t: W8A8, progress: bool, samples: Samples) -> list[Pass]:
+def _w8a8_passes(t: W8A8, progress: bool, samples: Samples, codes: Codes) -> list[Pass]:
     head = dict(include_lm_head=t.quantize_lm_head)
-    out = []
+    out = [_checkpoint_pass(codes, every_linear=True)] if t.method == CHECKPOINT else []
     if t.smoothquant_alpha is not None:
         out.append(Pass("smoothquant", partial(smoothquant, samples=samples, alpha=t.smoothquant_alpha, **head,
                                                progress=progress), {"alpha": t.smoothquant_alpha}, exact=True))
@@ -80,9 +93,9 @@ def _w8a8_passes(t: W8A8, progress: bool, samples: Samples) -> list[Pass]:
     return out
 
 
-def _fp8_passes(t: FP8, progress: bool, samples: Samples) -> list[Pass]:
+def _fp8_passes(t: FP8, progress: bool, samples: Samples, codes: Codes) -> list[Pass]:
     head = dict(include_lm_head=t.quantize_lm_head)
-    out = []
+    out = [_checkpoint_pass(codes, every_linear=True)] if t.method == CHECKPOINT else []
     if t.method == "gptq":
         out.append(_gptq_pass(samples, progress, bits=8, group_size=None, symmetric=True, act_order=True, fp8=True,
                               **head))
@@ -90,7 +103,7 @@ def _fp8_passes(t: FP8, progress: bool, samples: Samples) -> list[Pass]:
     return out
 
 
-PIPELINES: dict[type, Callable[[Target, bool, Samples], list[Pass]]] = {
+PIPELINES: dict[type, Callable[[Target, bool, Samples, Codes], list[Pass]]] = {
     Float: _float_passes,
     WeightOnly: _weight_only_passes,
     W8A8: _w8a8_passes,
@@ -98,7 +111,7 @@ PIPELINES: dict[type, Callable[[Target, bool, Samples], list[Pass]]] = {
 }
 
 
-def passes_for(target: Target, progress: bool = False, samples: Samples = None) -> list[Pass]:
+def passes_for(target: Target, progress: bool = False, samples: Samples = None, codes: Codes = None) -> list[Pass]:
     """The target's passes. A weight-only ``method="auto"`` runs imatrix when given samples, else
     rtn (``compiler.resolve_method`` decides it, with a warning, before calibration data is loaded)."""
     if getattr(target, "method", None) == AUTO_METHOD:
@@ -107,7 +120,7 @@ def passes_for(target: Target, progress: bool = False, samples: Samples = None) 
         raise ValueError(f"{target.name} with {target.scheme} needs calibration samples")
     for cls in type(target).__mro__:
         if cls in PIPELINES:
-            return [Pass("normalize", normalize, {}, exact=True), *PIPELINES[cls](target, progress, samples),
+            return [Pass("normalize", normalize, {}, exact=True), *PIPELINES[cls](target, progress, samples, codes),
                     Pass("paged_attention", paged_attention, {}, exact=True)]
     raise TypeError(f"no pipeline for target type {type(target).__name__}")
 
@@ -123,12 +136,12 @@ class PipelineResult:
 
 
 def run_pipeline(ep: ExportedProgram, target: Target, progress: bool = False, samples: Samples = None,
-                 checker: Optional[Checker] = None) -> PipelineResult:
+                 checker: Optional[Checker] = None, codes: Codes = None) -> PipelineResult:
     """Runs the target's passes in order; with a ``checker``, each pass's program is
     checked against the one before it, and an exact pass that changes the outputs raises
     ``VerificationError``."""
     prog, records = ep, []
-    for p in passes_for(target, progress, samples):
+    for p in passes_for(target, progress, samples, codes):
         t0 = time.perf_counter()
         prog = p.fn(prog)
         rec = {"name": p.name, "params": p.params, "seconds": round(time.perf_counter() - t0, 3), "exact": p.exact}

@@ -104,3 +104,88 @@ def test_refusals(tiny_artifacts, artifact, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "not a transformers model" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "plain").exists()
+
+
+# --- in: checkpoints compressed-tensors wrote ----------------------------------------------------
+
+INT = dict(type="int", dynamic=False)
+SCHEMES = {
+    "w4a16-g32-asym": (dict(num_bits=4, symmetric=False, strategy="group", group_size=32, **INT), None),
+    "w4a16-g64-sym": (dict(num_bits=4, symmetric=True, strategy="group", group_size=64, **INT), None),
+    "w8a16-channel": (dict(num_bits=8, symmetric=True, strategy="channel", **INT), None),
+    "w8a8": (dict(num_bits=8, symmetric=True, strategy="channel", **INT),
+             dict(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)),
+    "fp8": (dict(num_bits=8, type="float", symmetric=True, strategy="channel"),
+            dict(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True)),
+}
+FORMATS = {"w8a8": "int-quantized", "fp8": "float-quantized"}
+
+
+def ct_checkpoint(out, key):
+    """The tiny Llama quantized and saved by compressed-tensors itself (its qparams, its compressor)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from tests_paths import EXAMPLES
+    from qcompiler.models import load_source
+    model = load_source(str(EXAMPLES / "tiny_llama.py")).model
+    w_args, a_args = SCHEMES[key]
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**w_args),
+                                input_activations=QuantizationArgs(**a_args) if a_args else None)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    for mod in model.modules():
+        if hasattr(mod, "weight_scale"):
+            args = mod.quantization_scheme.weights
+            w = mod.weight.detach()
+            wg = w.reshape(w.shape[0], -1, args.group_size or w.shape[1])
+            s, z = calculate_qparams(wg.amin(-1), wg.amax(-1), args)
+            mod.weight_scale.data.copy_(s.reshape(mod.weight_scale.shape))
+            if hasattr(mod, "weight_zero_point"):
+                mod.weight_zero_point.data.copy_(z.reshape(mod.weight_zero_point.shape))
+    comp = ModelCompressor.from_pretrained_model(model, quantization_format=FORMATS.get(key, "pack-quantized"))
+    comp.compress_model(model)
+    model.save_pretrained(out)
+    comp.update_config(out)
+    return out
+
+
+@pytest.mark.parametrize("key", list(SCHEMES))
+def test_a_compressed_tensors_checkpoint_compiles_with_its_own_codes(tmp_path, key):
+    """Compiled with no target: the checkpoint's scheme, its codes kept (method ``checkpoint``); the
+    artifact gives transformers' logits for it and serves."""
+    from qcompiler import LLM, SamplingParams
+    from qcompiler.compiler import compile_model
+    ck = ct_checkpoint(tmp_path / "ct", key)
+    assert main([str(ck), "-q", "-o", str(tmp_path / "art")]) == 0
+    man = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert man["target"]["name"] == key.split("-")[0] and man["target"]["method"] == "checkpoint"
+    assert [n for n, L in man["layers"].items() if L["status"] != "quantized"] == ["lm_head"]
+    ours, theirs = logits_pair(tmp_path / "art", ck)
+    # W8A8: transformers quantizes activations at absmax/127.5 per token, our op (as vLLM's) at /127
+    assert sqnr(ours, theirs) >= (30 if key == "w8a8" else 40), sqnr(ours, theirs)
+    out = LLM(tmp_path / "art").generate([[5, 17, 300, 42]], SamplingParams(max_tokens=4, temperature=0.0))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 4
+    with pytest.raises(ValueError, match="checkpoint .*--requantize"):
+        compile_model(str(ck), qcompiler.make_target("w8a8" if key != "w8a8" else "w4a16"), tmp_path / "other")
+
+
+def test_round_trip_keeps_every_tensor_bit_for_bit(tiny_artifacts, tmp_path):
+    """artifact -> export -> qcompile of the export: the same weights, bit for bit, for every target."""
+    from qcompiler.compiler import compile_model
+    for key in ("w4a16", "w4a16-gptq", "w8a16", "w8a8", "fp8"):
+        art = tiny_artifacts[1][key].out
+        export_compressed_tensors(art, tmp_path / f"{key}-ct")
+        rep = compile_model(str(tmp_path / f"{key}-ct"), None, tmp_path / f"{key}-again", verify=False)
+        a, b = load_file(art / "weights.safetensors"), load_file(rep.out / "weights.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a), key
+
+
+def test_requantize_and_unsupported_schemes(tmp_path, caplog):
+    from qcompiler.compiler import compile_model
+    ck = ct_checkpoint(tmp_path / "ct", "w4a16-g32-asym")
+    rep = compile_model(str(ck), qcompiler.make_target("w8a16"), tmp_path / "re", requantize=True, verify=False)
+    assert rep.manifest["target"]["method"] == "rtn" and "quantized again" in caplog.text
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] = "tensor"
+    (ck / "config.json").write_text(json.dumps(cfg))
+    assert main([str(ck), "-q", "-o", str(tmp_path / "bad")]) == 1
