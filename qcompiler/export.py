@@ -93,19 +93,21 @@ def _targets(names: list[str], everyone: list[str]) -> list[str]:
     leaf = lambda n: n.rsplit(".", 1)[-1]  # noqa: E731
     mine, others = {leaf(n) for n in names}, {leaf(n) for n in everyone if n not in names}
     if not mine & others:
-        return [f"re:.*\\.{re.escape(s)}$" for s in sorted(mine)]
+        return [f"re:(.*\\.)?{re.escape(s)}$" for s in sorted(mine)]
     return sorted(names)
 
 
-def _expected_keys(config: dict) -> tuple[set[str], bool]:
-    """The state-dict keys of the source architecture (built on the meta device), and whether
-    ``lm_head`` is tied to the embeddings."""
+def _expected_keys(config: dict) -> tuple[set[str], Optional[str], Optional[str]]:
+    """The state-dict keys of the source architecture (built on the meta device), and the keys of
+    its input and output embeddings."""
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.for_model(**config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    return set(model.state_dict()), tied
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    key = lambda m: f"{names[id(m)]}.weight" if m is not None and id(m) in names else None  # noqa: E731
+    return set(model.state_dict()), key(emb), key(head)
 
 
 def export_compressed_tensors(artifact: str | Path, out: str | Path, shard_bytes: int = SHARD_BYTES) -> dict:
@@ -120,8 +122,16 @@ def export_compressed_tensors(artifact: str | Path, out: str | Path, shard_bytes
     target = man["target"]["name"]
     config = dict(hf["config"])
     weights = {k.removeprefix(PREFIX): v for k, v in load_file(art / WEIGHTS).items()}
-    expected, tied = _expected_keys(config)
+    expected, emb, head = _expected_keys(config)
     quantized = {n: L for n, L in man["layers"].items() if L["status"] == "quantized"}
+    head_module = head.rsplit(".", 1)[0] if head else None
+    if config.get("tie_word_embeddings") and emb and head:
+        # one tensor under two names; the program keeps one of them
+        if emb not in weights and head in weights:
+            weights[emb] = weights[head]
+        if emb in weights and (head_module in quantized or not torch.equal(weights.get(head, weights[emb]),
+                                                                          weights[emb])):
+            config["tie_word_embeddings"] = False  # a quantized (or different) head is a module of its own
     tensors, groups = {}, {}
     for name, layer in quantized.items():
         if f"{name}.weight" not in expected:
@@ -129,19 +139,12 @@ def export_compressed_tensors(artifact: str | Path, out: str | Path, shard_bytes
         w, a, fmt = _weight_args(layer, target)
         groups.setdefault((json.dumps(w, sort_keys=True), json.dumps(a, sort_keys=True), fmt), []).append(name)
         tensors.update(_layer_tensors(weights, name, layer, target))
-    lm_head_float = "lm_head.weight" in expected and "lm_head" not in quantized
-    if tied and not lm_head_float:
-        config["tie_word_embeddings"] = False  # a quantized lm_head is a module of its own
     for key in sorted(expected):
         module = key.rsplit(".", 1)[0]
         if module in quantized and key.endswith(".weight"):
             continue
-        if key == "lm_head.weight" and config.get("tie_word_embeddings") and lm_head_float:
-            emb = next((k for k in expected if k.endswith("embed_tokens.weight")), None)
-            src = weights.get(key, weights.get(emb))
-            if emb is not None and src is not None and torch.equal(src, weights[emb]):
-                continue  # tied: the embeddings serve
-            config["tie_word_embeddings"] = False
+        if key == head and config.get("tie_word_embeddings"):
+            continue  # tied: the embeddings serve
         if key not in weights:
             raise ExportError(f"{art}: has no tensor for {key} of {config['architectures'][0]}; this artifact's "
                               "weights do not map onto its source architecture")

@@ -25,8 +25,8 @@ def sqnr(ref, x):
     return float(10 * torch.log10(ref.pow(2).sum() / (ref - x).pow(2).sum()))
 
 
-def logits_pair(art, out):
-    ids = torch.randint(0, 1024, (1, 48), generator=torch.Generator().manual_seed(0))
+def logits_pair(art, out, vocab=1024):
+    ids = torch.randint(0, vocab, (1, 48), generator=torch.Generator().manual_seed(0))
     ours = qcompiler.load(art, fast=False)(ids, torch.arange(48)[None])[0]
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
@@ -189,3 +189,29 @@ def test_requantize_and_unsupported_schemes(tmp_path, caplog):
     cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] = "tensor"
     (ck / "config.json").write_text(json.dumps(cfg))
     assert main([str(ck), "-q", "-o", str(tmp_path / "bad")]) == 1
+
+
+@pytest.mark.parametrize("lm_head_bits", [None, 8])
+def test_tied_embeddings(tmp_path, lm_head_bits):
+    """A model whose lm_head is the embedding table (the program keeps one name for both): a float
+    head stays tied; an int8 head becomes a quantized module of its own, the table float."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qcompiler.compiler import compile_model
+    from qcompiler.models import ModelSource, hf_checkpoint_facts  # noqa: F401
+    from qcompiler.targets import W4A16
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                         attn_implementation="sdpa", use_cache=False)).eval()
+    src = ModelSource(model=model, kind="hf", path="tied", config=model.config.to_dict())
+    rep = compile_model(src, W4A16(method="rtn", lm_head_bits=lm_head_bits), tmp_path / "art", verify=False)
+    qcfg = export_compressed_tensors(rep.out, tmp_path / "ct")
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    written = load_file(tmp_path / "ct" / "model.safetensors")
+    assert cfg["tie_word_embeddings"] == (lm_head_bits is None)
+    assert ("lm_head.weight_packed" in written) == (lm_head_bits == 8) and "lm_head.weight" not in written
+    assert torch.equal(written["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+    assert qcfg["ignore"] == ([] if lm_head_bits else ["lm_head"])
+    ours, theirs = logits_pair(rep.out, tmp_path / "ct", vocab=256)
+    assert sqnr(ours, theirs) >= 40, sqnr(ours, theirs)
