@@ -32,6 +32,7 @@ class Pass(NamedTuple):
     fn: Callable
     params: dict           # recorded in the manifest
     exact: bool = False    # must keep the program's outputs (float tolerance)
+    rounds_activations: bool = False  # from here on the program quantizes activations (verify.Checker)
 
 
 Samples = Optional[list]
@@ -89,7 +90,8 @@ def _w8a8_passes(t: W8A8, progress: bool, samples: Samples, codes: Codes) -> lis
     if t.method == "gptq":
         out.append(_gptq_pass(samples, progress, bits=8, group_size=None, symmetric=True, act_order=True, **head))
     out.append(Pass("quantize_w8a8", partial(quantize_w8a8, samples=samples, observer=t.observer, **head,
-                                         progress=progress), {"method": t.method, "observer": t.observer}))
+                                         progress=progress), {"method": t.method, "observer": t.observer},
+                    rounds_activations=True))
     return out
 
 
@@ -99,7 +101,7 @@ def _fp8_passes(t: FP8, progress: bool, samples: Samples, codes: Codes) -> list[
     if t.method == "gptq":
         out.append(_gptq_pass(samples, progress, bits=8, group_size=None, symmetric=True, act_order=True, fp8=True,
                               **head))
-    out.append(Pass("quantize_fp8", partial(quantize_fp8, **head), {"method": t.method}))
+    out.append(Pass("quantize_fp8", partial(quantize_fp8, **head), {"method": t.method}, rounds_activations=True))
     return out
 
 
@@ -146,6 +148,6 @@ def run_pipeline(ep: ExportedProgram, target: Target, progress: bool = False, sa
         prog = p.fn(prog)
         rec = {"name": p.name, "params": p.params, "seconds": round(time.perf_counter() - t0, 3), "exact": p.exact}
         if checker is not None:
-            rec["check"] = checker.check(p.name, prog, p.exact)
+            rec["check"] = checker.check(p.name, prog, p.exact, p.rounds_activations)
         records.append(rec)
     return PipelineResult(prog, records)

@@ -92,6 +92,11 @@ def test_equals_a_textbook_beam_search(artifact, kw):
         assert all(s.finish_reason == "length" for s in o.sequences)
     if "num_blocks" in kw:
         assert llm.stats()["num_preemptions"] > 0
+    if not kw:  # the prompt's full blocks went to the radix cache, as any prompt's do
+        i = max(range(3), key=lambda j: len(ps[j]))
+        again = llm.beam_search(ps[i], BeamSearchParams(beam_width=4, max_tokens=6, length_penalty=0.5))[0]
+        assert again.num_cached_tokens == (len(ps[i]) - 1) // 4 * 4 > 0
+        assert [s.token_ids for s in again.sequences] == [s.token_ids for s in outs[i].sequences]
     check_pool(llm)
 
 
@@ -172,3 +177,23 @@ def test_a_search_that_cannot_fit_and_bad_parameters(artifact):
             BeamSearchParams(**bad)
     with pytest.raises(ValueError, match="tokenizer"):
         llm.beam_search([[1, 2]], BeamSearchParams(stop="x"))
+
+
+def test_stop_strings_end_hypotheses(tmp_path):
+    """A hypothesis ends at the token that completes a stop string (``finish_reason`` "stop"), its
+    text cut before it; the others never hold it."""
+    from tests_paths import FIXTURES
+    src = load_source(str(FIXTURES / "chat_lm.py"))
+    compile_model(src, Float(), tmp_path / "chat", verify=False)
+    llm = LLM(tmp_path / "chat")
+    prompt = "The quick brown fox"
+    free = llm.beam_search(prompt, BeamSearchParams(beam_width=3, max_tokens=12, ignore_eos=True))[0]
+    stop = free.sequences[0].text[4:6]
+    o = llm.beam_search(prompt, BeamSearchParams(beam_width=3, max_tokens=12, ignore_eos=True, stop=stop))[0]
+    assert any(s.finish_reason == "stop" for s in o.sequences)
+    for s in o.sequences:
+        full = llm.engine.detokenize(s.token_ids)
+        if s.finish_reason == "stop":
+            assert stop not in llm.engine.detokenize(s.token_ids[:-1]) and s.text == full[:full.index(stop)]
+        else:
+            assert stop not in full and s.text == full

@@ -215,3 +215,19 @@ def test_tied_embeddings(tmp_path, lm_head_bits):
     assert qcfg["ignore"] == ([] if lm_head_bits else ["lm_head"])
     ours, theirs = logits_pair(rep.out, tmp_path / "ct", vocab=256)
     assert sqnr(ours, theirs) >= 40, sqnr(ours, theirs)
+
+
+def test_a_large_export_is_sharded(tiny_artifacts, tmp_path):
+    """Past ``shard_bytes`` the tensors go to model-0000i-of-0000n files with an index, as
+    transformers writes them; both transformers and ``qcompile`` read them back."""
+    from qcompiler.compiler import compile_model
+    art = tiny_artifacts[1]["w4a16-gptq"].out
+    export_compressed_tensors(art, tmp_path / "ct", shard_bytes=200_000)
+    shards = sorted(p.name for p in (tmp_path / "ct").glob("*.safetensors"))
+    index = json.loads((tmp_path / "ct" / "model.safetensors.index.json").read_text())
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    ours, theirs = logits_pair(art, tmp_path / "ct")
+    assert sqnr(ours, theirs) >= 40
+    again = compile_model(str(tmp_path / "ct"), None, tmp_path / "again", verify=False)
+    a, b = load_file(art / "weights.safetensors"), load_file(again.out / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

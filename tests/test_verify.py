@@ -47,7 +47,8 @@ def test_every_pass_is_checked_and_recorded(tiny_artifacts, key):
         c = rec["check"]
         assert CHECK_KEYS <= set(c) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in c.values())
         assert c["probe_tokens"] == ver["tokens"]
-        assert ("tolerance" in c) == rec["exact"], rec  # only an exact pass is held to a bound
+        # only an exact pass is held to a bound: max |Δ|, or once activations are rounded an SQNR
+        assert ("tolerance" in c or "tolerance_sqnr_db" in c) == rec["exact"], rec
     lossy = [r for r in m["passes"] if not r["exact"]]
     if key == "float":
         assert not lossy
@@ -90,7 +91,7 @@ def _drop_a_residual_add(gm, hidden: int):
 
 
 def test_broken_exact_pass_fails_the_compile_in_one_line(monkeypatch, capsys, tmp_path):
-    def broken(t, progress, samples):
+    def broken(t, progress, samples, codes):
         return [Pass("drop_residual", lambda gm: _drop_a_residual_add(gm, hidden=128), {}, exact=True)]
 
     monkeypatch.setitem(PIPELINES, Float, broken)
@@ -153,7 +154,7 @@ def test_a_pass_that_makes_outputs_non_finite_is_named(monkeypatch, capsys, tmp_
         getattr(gm.get_submodule(node.target.rsplit(".", 1)[0]), node.target.rsplit(".", 1)[1]).fill_(float("nan"))
         return gm
 
-    monkeypatch.setitem(PIPELINES, Float, lambda t, progress, samples: [Pass("nan_weights", nan_weights, {})])
+    monkeypatch.setitem(PIPELINES, Float, lambda t, progress, samples, codes: [Pass("nan_weights", nan_weights, {})])
     assert main([str(EXAMPLES / "tiny_llama.py"), "--target", "float", "-q", "-o", str(tmp_path / "nan")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["qcompile: error: pass nan_weights made the program's outputs non-finite (NaN or inf)"]
@@ -175,3 +176,31 @@ def test_a_failing_first_check_names_the_capture_when_export_changed_the_model()
     ep = capture(model, 128)
     rec = Checker(FlatTokenModule(model), ep, probes, torch.float32).check("normalize", normalize(ep), True)
     assert rec["max_abs_err"] <= rec["tolerance"]
+
+
+def test_after_rounded_activations_an_exact_pass_is_held_to_an_sqnr_margin():
+    """Past a pass that quantizes activations, an exact pass may move the logits by more than the
+    float tolerance (flipped roundings), but its change must stay ``ROUNDING_MARGIN_DB`` below the
+    quantization error; a change as large as that error fails."""
+    from qcompiler.verify import ROUNDING_MARGIN_DB, Checker, VerificationError
+    from tiny_models import Args, build
+    a = Args(vocab=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden=64)
+    model, probes = build(a, seed=0), make_probes(a.vocab, 128)
+
+    class Noisy(torch.nn.Module):  # the model's logits plus a fixed pattern of the given amplitude
+        def __init__(self, amp):
+            super().__init__()
+            self.amp = amp
+
+        def forward(self, ids, pos):
+            out = model(input_ids=ids[None], position_ids=pos[None])[0]
+            return out + self.amp * torch.sin(torch.arange(out.numel()).reshape(out.shape).float())
+
+    checker = Checker(Noisy(0.0), None, probes, torch.float32)
+    rec = checker.check("quantize_acts", Noisy(0.3), exact=False, rounds_activations=True)
+    q_db = rec["sqnr_db_vs_float"]
+    ok = checker.check("reorder", Noisy(0.3 + 0.02), exact=True)  # beyond RTOL, far below the noise
+    assert ok["max_abs_err"] > 1e-3 * 10 and ok["sqnr_db"] >= q_db + ROUNDING_MARGIN_DB
+    with pytest.raises(VerificationError, match="activations are rounded"):
+        checker.check("broken", Noisy(0.9), exact=True)
+
