@@ -23,8 +23,9 @@ from .targets import FP8, W4A16, W8A8, W8A16, Target
 
 @dataclass
 class CheckpointCodes:
-    target: Target                       # the checkpoint's scheme, method "checkpoint"
+    target: Target                       # the scheme the codes follow, method "checkpoint" (or "qat")
     codes: dict[str, QuantizedWeight]    # module name -> its codes, canonical layout
+    record: Optional[dict] = None        # for the manifest: how the codes were made (a QAT run)
 
 
 def quantization_config(path: Path) -> Optional[dict]:

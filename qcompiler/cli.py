@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .targets import TARGETS
 
-SUBCOMMANDS = ("compile", "eval", "export", "generate", "report", "serve")
+SUBCOMMANDS = ("compile", "eval", "export", "generate", "qat", "report", "serve")
 PER_CHANNEL = "channel"  # --group-size channel: one group per output channel
 DESCRIPTION = """Compile a PyTorch language model into a quantized artifact, or evaluate one.
 
@@ -23,6 +23,7 @@ DESCRIPTION = """Compile a PyTorch language model into a quantized artifact, or 
   qcompile report ARTIFACT [-o report.png]   draw an artifact: per-layer error, pass checks, size
   qcompile serve ARTIFACT [--port 8000]      an OpenAI-compatible server (/v1/completions, /v1/chat/completions)
   qcompile export ARTIFACT -o DIR            a compressed-tensors model directory for vLLM and SGLang
+  qcompile qat MODEL --target w4a16          quantization-aware training, then compile
 
 MODEL is a model.py defining build_model(), a Hugging Face model directory, or a .gguf file.
 Targets:
@@ -142,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("artifact")
     x.add_argument("-o", "--output", required=True, help="a new or empty directory")
     x.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
+    from .qat_cli import add_parser as add_qat
     from .server.cli import add_parser
+    add_qat(sub)
     add_parser(sub)
     return p
 
@@ -352,9 +355,10 @@ def main(argv=None) -> int:
     logging.getLogger("qcompiler").setLevel(logging.INFO)
     from .artifact import ArtifactError
     try:
+        from .qat_cli import cmd_qat
         from .server.cli import cmd_serve
         return {"compile": cmd_compile, "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate,
-                "report": cmd_report, "serve": cmd_serve}[a.command](a)
+                "qat": cmd_qat, "report": cmd_report, "serve": cmd_serve}[a.command](a)
     except (ValueError, OSError, ArtifactError) as e:
         if os.environ.get("QCOMPILE_DEBUG"):
             raise

@@ -174,6 +174,7 @@ def compile_model(model: str | ModelSource, target: Optional[Target], out: str |
                     "output": "logits[N, V]", "max_tokens": max_tokens, "paged": paged,
                     "vocab_size": _vocab_size(ep)},
         "calibration": calib.describe(cfg) if calib else None,
+        "training": src.checkpoint.record if codes is not None else None,
         "passes": result.records,
         "verification": verification,
         "layers": result.layers,

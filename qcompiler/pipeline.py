@@ -6,7 +6,8 @@
     w8a8          [smoothquant] ─► [gptq | checkpoint_codes] ─► quantize_w8a8 (static scales: an observer)
     fp8           [gptq | checkpoint_codes] ─► quantize_fp8
 
-Method ``checkpoint``: a compressed-tensors checkpoint's own codes (``qcompiler.checkpoint``), kept.
+Methods ``checkpoint`` and ``qat``: codes that come with the model (a compressed-tensors checkpoint's,
+``qcompiler.checkpoint``; trained ones, ``qcompiler.qat``), kept as they are.
 
 Dispatch is on the target's config type; the manifest records every pass that ran, with
 its parameters, seconds and, when a ``Checker`` is given, its check on probe inputs
@@ -23,7 +24,7 @@ from torch.fx import GraphModule
 from qcompiler.passes import (awq, checkpoint_codes, fuse_weight_only, gptq, imatrix, normalize, paged_attention,
                               quantize_fp8, quantize_w8a8, quantize_weights, smoothquant)
 
-from .targets import AUTO_METHOD, CHECKPOINT, FP8, W8A8, Float, Target, WeightOnly
+from .targets import AUTO_METHOD, CODED, FP8, W8A8, Float, Target, WeightOnly
 from .verify import Checker
 
 
@@ -56,7 +57,7 @@ def _checkpoint_pass(codes: Codes, every_linear: bool = False) -> Pass:
 
 def _weight_only_passes(t: WeightOnly, progress: bool, samples: Samples, codes: Codes) -> list[Pass]:
     params = dict(bits=t.bits, group_size=t.group_size, symmetric=t.symmetric, include_lm_head=t.quantize_lm_head)
-    if t.method == CHECKPOINT:
+    if t.method in CODED:
         return [_checkpoint_pass(codes),
                 Pass("quantize_weights", partial(quantize_weights, **params, only_coded=True), {"method": t.method, **params}),
                 Pass("fuse_weight_only", fuse_weight_only, {}, exact=True)]
@@ -83,7 +84,7 @@ def _weight_only_passes(t: WeightOnly, progress: bool, samples: Samples, codes: 
 
 def _w8a8_passes(t: W8A8, progress: bool, samples: Samples, codes: Codes) -> list[Pass]:
     head = dict(include_lm_head=t.quantize_lm_head)
-    out = [_checkpoint_pass(codes, every_linear=True)] if t.method == CHECKPOINT else []
+    out = [_checkpoint_pass(codes, every_linear=True)] if t.method in CODED else []
     if t.smoothquant_alpha is not None:
         out.append(Pass("smoothquant", partial(smoothquant, samples=samples, alpha=t.smoothquant_alpha, **head,
                                                progress=progress), {"alpha": t.smoothquant_alpha}, exact=True))
@@ -97,7 +98,7 @@ def _w8a8_passes(t: W8A8, progress: bool, samples: Samples, codes: Codes) -> lis
 
 def _fp8_passes(t: FP8, progress: bool, samples: Samples, codes: Codes) -> list[Pass]:
     head = dict(include_lm_head=t.quantize_lm_head)
-    out = [_checkpoint_pass(codes, every_linear=True)] if t.method == CHECKPOINT else []
+    out = [_checkpoint_pass(codes, every_linear=True)] if t.method in CODED else []
     if t.method == "gptq":
         out.append(_gptq_pass(samples, progress, bits=8, group_size=None, symmetric=True, act_order=True, fp8=True,
                               **head))

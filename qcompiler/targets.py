@@ -8,6 +8,8 @@ METHODS = ("rtn", "imatrix", "gptq", "awq")
 AUTO_METHOD = "auto"
 # the codes a compressed-tensors checkpoint brings, kept as they are (qcompiler.checkpoint)
 CHECKPOINT = "checkpoint"
+QAT = "qat"  # codes trained by quantization-aware training (qcompiler.qat), kept as they are
+CODED = (CHECKPOINT, QAT)  # methods whose codes come with the model
 OBSERVERS = ("minmax", "percentile", "mse")
 AUTO = "auto"  # per layer, the largest of 128, 64, 32 dividing its input size (passes.quantize_weights)
 GroupSize = Union[int, str, None]
@@ -84,7 +86,7 @@ class WeightOnly(Target):
             raise ValueError(f"lm_head_bits must be 8 or None (lm_head float), got {self.lm_head_bits!r}")
         if self.lm_head_bits and self.quantize_lm_head:
             raise ValueError("lm_head_bits and quantize_lm_head both set: choose one scheme for lm_head")
-        _check_method(self.method, (*METHODS, AUTO_METHOD, CHECKPOINT))
+        _check_method(self.method, (*METHODS, AUTO_METHOD, *CODED))
         if self.act_order is None:
             object.__setattr__(self, "act_order", self.method == "gptq")
         if self.clip is None:
@@ -97,7 +99,7 @@ class WeightOnly(Target):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method not in ("rtn", AUTO_METHOD, CHECKPOINT)
+        return self.method not in ("rtn", AUTO_METHOD, *CODED)
 
     @property
     def scheme(self) -> str:
@@ -138,10 +140,10 @@ class W8A8(Target):
     quantize_lm_head: bool = False
 
     def __post_init__(self):
-        _check_method(self.method, ("rtn", "gptq", CHECKPOINT))
+        _check_method(self.method, ("rtn", "gptq", *CODED))
         _check_bools(self, "quantize_lm_head")
-        if self.method == CHECKPOINT and (self.smoothquant_alpha is not None or self.observer is not None):
-            raise ValueError("a checkpoint's codes are kept as they are: no smoothquant_alpha or observer")
+        if self.method in CODED and (self.smoothquant_alpha is not None or self.observer is not None):
+            raise ValueError(f"method {self.method!r} brings its own codes: no smoothquant_alpha or observer")
         a = self.smoothquant_alpha
         if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1):
             raise ValueError(f"smoothquant_alpha must be in [0, 1] (or None: no SmoothQuant), got {a!r}")

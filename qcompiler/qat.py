@@ -1,0 +1,248 @@
+"""Quantization-aware training: fake quantization with a straight-through estimator (STE) on
+every linear a target quantizes, trained by self-distillation (or next-token cross entropy), then
+converted into the ordinary pipeline's codes (method ``qat``), which keeps them as they are.
+
+    model = prepare(model, W4A16(group_size=64, symmetric=True))   # FakeQuantLinear everywhere
+    train(model, teacher, samples, steps=200)                       # or your own loop
+    codes = convert(model)                                          # module name -> QuantizedWeight
+    compile_model(ModelSource(..., checkpoint=codes), None, "build/qat")
+
+The grid is the compile passes' own (``codegen.quant``: groups, symmetric or with integer zero
+points, codes in ``[qmin, qmax]``, ``w = (q - zero) * scale``); rounding and clamping pass gradients
+straight through inside the range and none outside it. Scales are learned too (``learn_scales``,
+LSQ-style); zero points stay the integers they were initialized to. W8A8 also fake-quantizes each
+linear's input per token (int8, absmax / 127, as ``qc::w8a8_linear``). Exactness: the artifact's
+reference ops compute what the fake-quantized model computes, weights bit for bit."""
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qcompiler.codegen.quant import QuantizedWeight, compute_qparams, pack_int4, qrange
+
+from .targets import QAT, W8A8, Target, WeightOnly
+
+log = logging.getLogger("qcompiler")
+SCALE_LR = 0.1  # scales learn at a tenth of the weights' rate: Adam's steps are relative to neither
+
+
+def ste_round(x: Tensor) -> Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize(w: Tensor, scale: Tensor, zero: Optional[Tensor], bits: int) -> Tensor:
+    """``(clamp(round(w / s) + z, qmin, qmax) - z) * s`` per group (``scale [N, groups]``), the
+    rounding straight through, the clamp's gradient zero outside the range."""
+    N, K = w.shape
+    qmin, qmax = qrange(bits)
+    g = scale.shape[1]
+    s = scale.float().unsqueeze(-1)
+    q = ste_round(w.float().reshape(N, g, K // g) / s)
+    z = zero.float().unsqueeze(-1) if zero is not None else 0.0
+    q = torch.clamp(q + z, qmin, qmax)
+    return ((q - z) * s).reshape(N, K)
+
+
+def fake_quantize_per_token(x: Tensor) -> Tensor:
+    """int8 per token, symmetric, absmax / 127, codes in [-127, 127] (``qc::quantize_per_token``)."""
+    s = (x.detach().abs().amax(-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.clamp(ste_round(x / s), -127, 127) * s
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear whose weight is fake-quantized on the target's grid in every forward."""
+
+    def __init__(self, linear: nn.Linear, bits: int, group_size: Optional[int], symmetric: bool,
+                 quantize_input: bool = False, learn_scales: bool = True,
+                 init: Optional[QuantizedWeight] = None):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.bits, self.quantize_input = bits, quantize_input
+        G = group_size or linear.in_features
+        if init is None:
+            scale, zero = compute_qparams(linear.weight.detach(), bits, G, symmetric)
+        else:
+            scale, zero = init.scales.float(), init.zeros
+        self.scale = nn.Parameter(scale.float().clone(), requires_grad=learn_scales)
+        self.register_buffer("zero", None if zero is None else zero.clone())
+
+    def quantized_weight(self) -> Tensor:
+        return fake_quantize(self.weight, self.scale, self.zero, self.bits).to(self.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.quantize_input:
+            x = fake_quantize_per_token(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+def _check_target(target: Target) -> None:
+    if isinstance(target, W8A8):
+        if target.smoothquant_alpha is not None or target.observer is not None:
+            raise ValueError("QAT for w8a8 trains dynamic per-token activations without SmoothQuant: "
+                             "use --no-smoothquant and no --observer")
+        return
+    if not isinstance(target, WeightOnly):
+        raise ValueError(f"QAT supports w4a16, w8a16 and w8a8, not {target.name}")
+    if target.lm_head_bits or target.quantize_lm_head:
+        raise ValueError("QAT keeps lm_head float: drop --lm-head-bits / --quantize-lm-head")
+
+
+def linears_to_train(model: nn.Module, target: Target) -> dict[str, nn.Linear]:
+    """The linears the target quantizes: every ``nn.Linear`` but the output projection, whose
+    input size the group divides (the compile's rule, ``passes.quantize_weights``)."""
+    from qcompiler.passes.quantize_weights import layer_group
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or mod is head or name.endswith("lm_head"):
+            continue
+        if isinstance(target, WeightOnly):
+            G = layer_group(target.group_size, mod.in_features) or mod.in_features
+            if mod.in_features % G or (target.bits == 4 and mod.in_features % 2):
+                continue
+        out[name] = mod
+    return out
+
+
+def _grid(target: Target, K: int) -> tuple[int, Optional[int], bool]:
+    from qcompiler.passes.quantize_weights import layer_group
+    if isinstance(target, W8A8):
+        return 8, None, True
+    return target.bits, layer_group(target.group_size, K), target.symmetric
+
+
+def prepare(model: nn.Module, target: Target, learn_scales: bool = True,
+            init: Optional[dict[str, QuantizedWeight]] = None) -> nn.Module:
+    """Swaps each linear the target quantizes for a ``FakeQuantLinear`` (in place; returns the
+    model). ``init``: codes by module name (a PTQ method's) to start from; RTN's otherwise."""
+    _check_target(target)
+    for name, mod in linears_to_train(model, target).items():
+        bits, G, sym = _grid(target, mod.in_features)
+        start = (init or {}).get(name)
+        if start is not None:  # the weight becomes what the codes decode to, so round(w / s) + z gives them back
+            with torch.no_grad():
+                mod.weight.copy_(_decode(start, bits).to(mod.weight.dtype))
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf,
+                FakeQuantLinear(mod, bits, G, sym, isinstance(target, W8A8), learn_scales, start))
+    return model
+
+
+def _decode(qw: QuantizedWeight, bits: int) -> Tensor:
+    from qcompiler.codegen.quant import dequantize_weight_ref
+    if bits == 4 or qw.zeros is not None or qw.scales.shape[1] > 1:
+        return dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, bits)
+    return qw.qweight.float() * qw.scales.float()
+
+
+def convert(model: nn.Module) -> dict[str, QuantizedWeight]:
+    """Back to plain linears whose weights are what the fake quantization computed; returns
+    their codes (module name -> canonical ``QuantizedWeight``) for the pipeline (method ``qat``)."""
+    codes = {}
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, FakeQuantLinear):
+            continue
+        with torch.no_grad():
+            N, K = mod.weight.shape
+            qmin, qmax = qrange(mod.bits)
+            g = mod.scale.shape[1]
+            s = mod.scale.detach().float()
+            q = torch.round(mod.weight.detach().float().reshape(N, g, K // g) / s.unsqueeze(-1))
+            if mod.zero is not None:
+                q = q + mod.zero.float().unsqueeze(-1)
+            q = q.clamp(qmin, qmax).to(torch.int8).reshape(N, K)
+            w = mod.quantized_weight().detach()
+        codes[name] = QuantizedWeight(pack_int4(q) if mod.bits == 4 else q, s, mod.zero)
+        linear = nn.Linear(K, N, bias=mod.bias is not None, dtype=mod.weight.dtype, device=mod.weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if mod.bias is not None:
+                linear.bias.copy_(mod.bias)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, linear)
+    return codes
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    loss_first: float
+    loss_last: float      # mean of the last tenth of the steps
+    curve: list           # (step, loss) at about 20 points
+    data_sha256: str
+
+
+def _logits(model: nn.Module, ids: Tensor) -> Tensor:
+    out = model(input_ids=ids, position_ids=torch.arange(ids.shape[1]).expand_as(ids))
+    return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+
+
+def qat_loss(student: nn.Module, teacher: Optional[nn.Module], ids: Tensor, loss: str) -> Tensor:
+    """``kd``: KL(teacher || student) over the next-token distributions, mean per token; ``ce``:
+    next-token cross entropy on ``ids``."""
+    logits = _logits(student, ids).float()
+    if loss == "ce":
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    with torch.no_grad():
+        t = F.log_softmax(_logits(teacher, ids).float(), -1)
+    return F.kl_div(F.log_softmax(logits, -1).reshape(-1, logits.shape[-1]), t.reshape(-1, t.shape[-1]),
+                    log_target=True, reduction="batchmean")
+
+
+def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor], steps: int, lr: float = 1e-5,
+          batch: int = 4, loss: str = "kd", progress: bool = False) -> TrainResult:
+    """AdamW on the fake-quantized linears' weights and scales (everything else frozen), ``batch``
+    samples a step, cycling through ``samples``."""
+    if steps < 1:
+        raise ValueError(f"QAT steps must be >= 1, got {steps}")
+    if loss not in ("kd", "ce"):
+        raise ValueError(f"unknown QAT loss {loss!r}; available: kd, ce")
+    if not samples:
+        raise ValueError("QAT needs training data: --train-file, or a model file with calibration_texts() "
+                         "or calibration_data()")
+    from tqdm import tqdm
+    fq = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
+    weights, scales = [m.weight for m in fq], [m.scale for m in fq if m.scale.requires_grad]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in weights + scales:
+        p.requires_grad_(True)
+    groups = [{"params": weights, "lr": lr}] + ([{"params": scales, "lr": lr * SCALE_LR}] if scales else [])
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    h, losses, tokens, t0 = hashlib.sha256(), [], 0, time.perf_counter()
+    for s in samples:
+        h.update(s.numpy().tobytes())
+    model.train()
+    bar = tqdm(range(steps), desc="qat", unit="step", disable=None if progress else True)
+    for i in bar:
+        ids = torch.stack([samples[(i * batch + j) % len(samples)] for j in range(batch)])
+        value = qat_loss(model, teacher, ids, loss)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(value))
+        tokens += ids.numel()
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    every = max(1, steps // 20)
+    tail = losses[-max(1, steps // 10):]
+    return TrainResult(steps, tokens, round(time.perf_counter() - t0, 1), round(losses[0], 5),
+                       round(sum(tail) / len(tail), 5), [(i, round(v, 5)) for i, v in enumerate(losses)][::every],
+                       h.hexdigest())
+
+
+def qat_target(target: Target) -> Target:
+    """The target the converted codes compile under: the same scheme, method ``qat``."""
+    return replace(target, method=QAT)

@@ -1,0 +1,89 @@
+"""``qcompile qat``: quantization-aware training of a model file, then the ordinary compile of its
+trained codes (``qcompiler.qat``)."""
+import copy
+import time
+from dataclasses import replace
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    q = sub.add_parser("qat", help="quantization-aware training (straight-through estimator), then compile")
+    q.add_argument("model", help="model.py, Hugging Face model directory, or .gguf file")
+    q.add_argument("--target", "-t", default="w4a16", help="w4a16 (default), w8a16 or w8a8 (dynamic per-token "
+                                                           "activations, no SmoothQuant)")
+    q.add_argument("--group-size", "-g", default=None, help="as for compile: a power of two, 'auto' or 'channel'")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", default=None)
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true")
+    q.add_argument("--init", default="rtn", choices=["rtn", "imatrix", "gptq"],
+                   help="start from this PTQ method's codes (default rtn)")
+    q.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    q.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate, cosine to 0 (default 1e-5)")
+    q.add_argument("--batch-tokens", type=int, default=2048, help="tokens per step (default 2048)")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default 512)")
+    q.add_argument("--loss", default="kd", choices=["kd", "ce"],
+                   help="kd (default): KL divergence to the float model's next-token distribution; ce: cross entropy")
+    q.add_argument("--train-file", default=None, help="UTF-8 text to train on (default: the model file's "
+                                                      "calibration texts)")
+    q.add_argument("--fixed-scales", action="store_true", help="train the weights only, not the scales")
+    q.add_argument("-o", "--output", default=None, help="artifact directory (default build/<model>-<target>-qat)")
+    q.add_argument("--no-verify", dest="verify", action="store_false", help="skip the compile's checks")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def ptq_codes(src, target, method: str, cfg) -> dict:
+    """The codes a calibrated PTQ method gives the model (module name -> ``QuantizedWeight``)."""
+    from .calibration import load_calibration
+    from .capture import capture, max_tokens_of
+    from .passes.quantize_weights import layer_name
+    from .pipeline import passes_for
+    t = replace(target, method=method)
+    calib = load_calibration(src, cfg, src.config.get("vocab_size"), method)
+    prog = capture(src.model, max_tokens_of(src.model))
+    for p in passes_for(t, samples=calib.samples)[:2]:  # normalize, then the method's own pass
+        prog = p.fn(prog)
+    return {layer_name(fqn): qw for fqn, (qw, _) in prog.meta["qc_codes"].items()}
+
+
+def cmd_qat(a) -> int:
+    from .calibration import CalibrationConfig, load_calibration
+    from .checkpoint import CheckpointCodes
+    from .cli import PER_CHANNEL, _group_size, print_summary
+    from .compiler import compile_model
+    from .models import load_source
+    from .qat import convert, prepare, qat_target, train
+    from .targets import W8A8, make_target
+    if a.target not in ("w4a16", "w8a16", "w8a8"):
+        raise ValueError(f"qcompile qat trains w4a16, w8a16 or w8a8, not {a.target}")
+    if a.steps < 1 or a.batch_tokens < a.seq_len or a.seq_len < 2:
+        raise ValueError(f"--steps must be >= 1 and --batch-tokens >= --seq-len >= 2, got {a.steps}, "
+                         f"{a.batch_tokens}, {a.seq_len}")
+    group = None if a.group_size == PER_CHANNEL else (_group_size(a.group_size) if a.group_size else None)
+    target = (W8A8(smoothquant_alpha=None) if a.target == "w8a8" else
+              make_target(a.target, group_size=group, symmetric=a.symmetric, method="rtn"))
+    if a.init != "rtn" and isinstance(target, W8A8):
+        raise ValueError("--init applies to w4a16 and w8a16")
+    src = load_source(a.model)
+    if not (a.train_file or src.calibration_data or src.calibration_texts):
+        raise ValueError(f"{a.model}: no training data: pass --train-file TEXT, or define calibration_texts() or "
+                         "calibration_data() in the model file")
+    batch = a.batch_tokens // a.seq_len
+    cfg = CalibrationConfig(samples=a.steps * batch, seq_len=a.seq_len, file=a.train_file, seed=1)
+    data = load_calibration(src, cfg, src.config.get("vocab_size"), "qat")
+    init = ptq_codes(src, target, a.init, CalibrationConfig(file=a.train_file)) if a.init != "rtn" else None
+    teacher = copy.deepcopy(src.model) if a.loss == "kd" else None
+    t0 = time.perf_counter()
+    prepare(src.model, target, learn_scales=not a.fixed_scales, init=init)
+    res = train(src.model, teacher, data.samples, a.steps, a.lr, batch, a.loss, progress=not a.quiet)
+    codes = convert(src.model)
+    record = {"init": a.init, "loss": a.loss, "steps": res.steps, "tokens": res.tokens, "lr": a.lr,
+              "batch_tokens": batch * a.seq_len, "learn_scales": not a.fixed_scales, "seconds": res.seconds,
+              "loss_first": res.loss_first, "loss_last": res.loss_last, "curve": res.curve,
+              "data": {"source": data.source, "sha256": res.data_sha256}}
+    src.checkpoint = CheckpointCodes(qat_target(target), codes, record)
+    out = a.output or f"build/{Path(a.model).stem.lower()}-{target.name}-qat"
+    rep = compile_model(src, None, out, progress=not a.quiet, verify=a.verify)
+    print(f"qat: {res.steps} steps, {res.tokens} tokens, {a.loss} loss {res.loss_first:.4f} -> {res.loss_last:.4f} "
+          f"in {time.perf_counter() - t0:.0f} s")
+    print_summary(rep, a.model)
+    return 0

@@ -1,0 +1,112 @@
+"""Quantization-aware training: the straight-through estimator's gradients, prepare -> convert ->
+compile exact for every supported target (weights bit for bit, outputs within float tolerance),
+a short run that beats RTN on held-out data, and ``qcompile qat`` with its bad input."""
+import json
+
+import pytest
+import torch
+
+from qcompiler import load
+from qcompiler.checkpoint import CheckpointCodes
+from qcompiler.cli import main
+from qcompiler.compiler import compile_model
+from qcompiler.models import load_source
+from qcompiler.qat import FakeQuantLinear, convert, fake_quantize, fake_quantize_per_token, prepare, qat_target, train
+from qcompiler.targets import W4A16, W8A8, W8A16
+from safetensors.torch import load_file
+from tests_paths import EXAMPLES
+
+TARGETS = {"w4a16-g32-sym": W4A16(group_size=32, symmetric=True, method="rtn"),
+           "w4a16-g64-asym": W4A16(group_size=64, symmetric=False, method="rtn"),
+           "w8a16": W8A16(), "w8a8": W8A8(smoothquant_alpha=None)}
+
+
+def test_ste_passes_gradients_inside_the_range_and_none_outside():
+    scale, zero = torch.tensor([[0.1]]), torch.tensor([[2]], dtype=torch.int8)
+    # 4 bits: codes in [-8, 7]; w / s + z inside for w in [-1.0, 0.5], clamped beyond
+    w = torch.tensor([[-2.0, -0.95, -0.31, 0.0, 0.22, 0.44, 0.9, 3.0]], requires_grad=True)
+    fake_quantize(w, scale, zero, 4).sum().backward()
+    inside = ((w.detach() / 0.1 + 2) >= -8) & ((w.detach() / 0.1 + 2) <= 7)
+    assert torch.equal(w.grad, inside.float()) and inside.any() and (~inside).any()
+    # finite differences see a step function; the estimator's slope is 1 inside, 0 where clamped
+    eps = 1e-3
+    fd = (fake_quantize(w.detach() + eps, scale, zero, 4) - fake_quantize(w.detach() - eps, scale, zero, 4)) / (2 * eps)
+    assert torch.all(fd[~inside] == 0)
+    x = torch.randn(3, 16, requires_grad=True)
+    fake_quantize_per_token(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # absmax / 127: every value inside the range
+
+
+def _ids(n=40, seed=0):
+    return torch.randint(0, 1024, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("key", list(TARGETS))
+def test_prepare_convert_compile_is_exact(tmp_path, key):
+    target = TARGETS[key]
+    src = load_source(str(EXAMPLES / "tiny_llama.py"))
+    prepare(src.model, target)
+    fq = [m for m in src.model.modules() if isinstance(m, FakeQuantLinear)]
+    assert len(fq) == 14
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # as training would leave them: weights and scales moved
+        for m in fq:
+            m.weight.add_(0.01 * torch.randn(m.weight.shape, generator=g))
+            m.scale.mul_(1.02)
+    ids = _ids()
+    with torch.no_grad():
+        want = src.model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None]).logits[0]
+    codes = convert(src.model)
+    src.checkpoint = CheckpointCodes(qat_target(target), codes)
+    rep = compile_model(src, None, tmp_path / "art", verify=False)
+    assert rep.manifest["target"]["method"] == "qat"
+    weights = {k.removeprefix("model."): v for k, v in load_file(rep.out / "weights.safetensors").items()}
+    for name, qw in codes.items():
+        stored = weights[f"{name}.qweight"]
+        assert stored.dtype == qw.qweight.dtype and torch.equal(stored, qw.qweight), name
+        scale = weights[f"{name}.scales" if f"{name}.scales" in weights else f"{name}.weight_scale"]
+        assert torch.equal(scale.reshape(qw.scales.shape).float(), qw.scales.float()), name
+    got = load(rep.out, fast=False)(ids, torch.arange(ids.shape[1])[None])[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def kl_to_float(teacher, model_fn, ids):
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None]).logits[0], -1)
+        s = torch.log_softmax(model_fn(ids), -1)
+    return float(torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean"))
+
+
+def test_a_short_run_lowers_held_out_kd_loss_and_beats_rtn(tmp_path):
+    import copy
+    target = TARGETS["w4a16-g32-sym"]
+    src = load_source(str(EXAMPLES / "tiny_llama.py"))
+    teacher = copy.deepcopy(src.model)
+    samples = [torch.randint(0, 1024, (64,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    held = _ids(64, seed=100)
+    rtn = compile_model(load_source(str(EXAMPLES / "tiny_llama.py")), target, tmp_path / "rtn", verify=False)
+    prepare(src.model, target)
+    res = train(src.model, teacher, samples, steps=40, lr=1e-4, batch=2)
+    assert res.loss_last < res.loss_first and res.tokens == 40 * 2 * 64 and len(res.curve) >= 4
+    src.checkpoint = CheckpointCodes(qat_target(target), convert(src.model))
+    qat = compile_model(src, None, tmp_path / "qat", verify=False)
+    run = lambda art: (lambda ids: load(art, fast=False)(ids, torch.arange(ids.shape[1])[None])[0])  # noqa: E731
+    assert kl_to_float(teacher, run(qat.out), held) < 0.8 * kl_to_float(teacher, run(rtn.out), held)
+
+
+def test_qcompile_qat_and_its_bad_input(tmp_path, capsys):
+    model = str(EXAMPLES / "tiny_llama.py")
+    args = ["--steps", "3", "--batch-tokens", "64", "--seq-len", "32", "-g", "32", "--symmetric", "-q"]
+    assert main(["qat", model, "-o", str(tmp_path / "art"), *args]) == 0
+    man = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert man["target"]["method"] == "qat" and man["training"]["steps"] == 3
+    assert man["training"]["tokens"] == 3 * 64 and man["training"]["data"]["source"] == "calibration_data()"
+    capsys.readouterr()
+    for bad, words in ((["--target", "fp8"], "trains w4a16, w8a16 or w8a8"), (["--steps", "0"], "--steps must be"),
+                       (["--target", "w8a8", "--init", "gptq"], "--init applies")):
+        assert main(["qat", model, "-o", str(tmp_path / "bad"), *args, *bad]) == 1
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    plain = str(EXAMPLES.parent / "tests" / "fixtures" / "plain_lm.py")
+    assert main(["qat", plain, "-o", str(tmp_path / "bad"), *args]) == 1
+    assert "no training data" in capsys.readouterr().err
