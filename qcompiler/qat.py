@@ -230,7 +230,7 @@ def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor],
         value.backward()
         opt.step()
         sched.step()
-        losses.append(float(value))
+        losses.append(float(value.detach()))
         tokens += ids.numel()
         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
     model.eval()

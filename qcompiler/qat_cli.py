@@ -31,13 +31,18 @@ def add_parser(sub) -> None:
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def ptq_target(target, method: str):
+    """``target`` with ``method`` and that method's own defaults (GPTQ: act-order, clipped ranges)."""
+    return replace(target, method=method, act_order=None, clip=None)
+
+
 def ptq_codes(src, target, method: str, cfg) -> dict:
     """The codes a calibrated PTQ method gives the model (module name -> ``QuantizedWeight``)."""
     from .calibration import load_calibration
     from .capture import capture, max_tokens_of
     from .passes.quantize_weights import layer_name
     from .pipeline import passes_for
-    t = replace(target, method=method)
+    t = ptq_target(target, method)
     calib = load_calibration(src, cfg, src.config.get("vocab_size"), method)
     prog = capture(src.model, max_tokens_of(src.model))
     for p in passes_for(t, samples=calib.samples)[:2]:  # normalize, then the method's own pass

@@ -110,3 +110,13 @@ def test_qcompile_qat_and_its_bad_input(tmp_path, capsys):
     plain = str(EXAMPLES.parent / "tests" / "fixtures" / "plain_lm.py")
     assert main(["qat", plain, "-o", str(tmp_path / "bad"), *args]) == 1
     assert "no training data" in capsys.readouterr().err
+
+
+def test_init_takes_the_methods_own_defaults():
+    """``--init gptq`` starts from the GPTQ the compile would run (act-order, clipped ranges), not
+    from a GPTQ with the options of the RTN target QAT was asked for."""
+    from qcompiler.qat_cli import ptq_target
+    t = ptq_target(W4A16(group_size=64, symmetric=True, method="rtn"), "gptq")
+    assert t.method == "gptq" and t.act_order is True and t.clip is True
+    assert ptq_target(W4A16(method="rtn"), "imatrix").clip is False
+
