@@ -231,3 +231,13 @@ def test_a_large_export_is_sharded(tiny_artifacts, tmp_path):
     again = compile_model(str(tmp_path / "ct"), None, tmp_path / "again", verify=False)
     a, b = load_file(art / "weights.safetensors"), load_file(again.out / "weights.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_constant_the_format_cannot_hold_is_refused(tiny_artifacts, tmp_path, monkeypatch):
+    """A tensor outside the architecture's weights (a pass's runtime scale) is not silently dropped."""
+    import qcompiler.export as ex
+    real = ex.load_file
+    monkeypatch.setattr(ex, "load_file", lambda p: {**real(p), "model.model.layers.0.act_scale": torch.ones(128)})
+    with pytest.raises(ExportError, match="act_scale, which LlamaForCausalLM has no place for"):
+        export_compressed_tensors(tiny_artifacts[1]["w8a8"].out, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
