@@ -102,8 +102,7 @@ def read_checkpoint(path: Path, model: torch.nn.Module, tensors: dict[str, torch
         sizes.add(gs)
         qw = _decode(tensors, name, kind, bits, sym, mod.weight.shape)
         codes[name] = qw
-        w = (dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, bits) if kind in ("w4a16", "w8a16")
-             else qw.qweight.float() * qw.scales)
+        w = dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, bits)
         with torch.no_grad():
             mod.weight.copy_(w.to(mod.weight.dtype))
     if len(kinds) != 1:

@@ -14,7 +14,6 @@ LSQ-style); zero points stay the integers they were initialized to. W8A8 also fa
 linear's input per token (int8, absmax / 127, as ``qc::w8a8_linear``). Exactness: the artifact's
 reference ops compute what the fake-quantized model computes, weights bit for bit."""
 import hashlib
-import logging
 import math
 import time
 from dataclasses import dataclass, replace
@@ -24,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qcompiler.codegen.quant import QuantizedWeight, compute_qparams, pack_int4, qrange
+from qcompiler.codegen.quant import (QuantizedWeight, compute_qparams, dequantize_weight_ref, pack_int4, qrange,
+                                    quantize)
 
 from .targets import QAT, W8A8, Target, WeightOnly
 
-log = logging.getLogger("qcompiler")
 SCALE_LR = 0.1  # scales learn at a tenth of the weights' rate: Adam's steps are relative to neither
 
 
@@ -127,18 +126,12 @@ def prepare(model: nn.Module, target: Target, learn_scales: bool = True,
         start = (init or {}).get(name)
         if start is not None:  # the weight becomes what the codes decode to, so round(w / s) + z gives them back
             with torch.no_grad():
-                mod.weight.copy_(_decode(start, bits).to(mod.weight.dtype))
+                w = dequantize_weight_ref(start.qweight, start.scales, start.zeros, bits)
+                mod.weight.copy_(w.to(mod.weight.dtype))
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf,
                 FakeQuantLinear(mod, bits, G, sym, isinstance(target, W8A8), learn_scales, start))
     return model
-
-
-def _decode(qw: QuantizedWeight, bits: int) -> Tensor:
-    from qcompiler.codegen.quant import dequantize_weight_ref
-    if bits == 4 or qw.zeros is not None or qw.scales.shape[1] > 1:
-        return dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, bits)
-    return qw.qweight.float() * qw.scales.float()
 
 
 def convert(model: nn.Module) -> dict[str, QuantizedWeight]:
@@ -150,13 +143,8 @@ def convert(model: nn.Module) -> dict[str, QuantizedWeight]:
             continue
         with torch.no_grad():
             N, K = mod.weight.shape
-            qmin, qmax = qrange(mod.bits)
-            g = mod.scale.shape[1]
             s = mod.scale.detach().float()
-            q = torch.round(mod.weight.detach().float().reshape(N, g, K // g) / s.unsqueeze(-1))
-            if mod.zero is not None:
-                q = q + mod.zero.float().unsqueeze(-1)
-            q = q.clamp(qmin, qmax).to(torch.int8).reshape(N, K)
+            q = quantize(mod.weight.detach(), s, mod.zero, mod.bits, K // s.shape[1])  # fake_quantize's codes
             w = mod.quantized_weight().detach()
         codes[name] = QuantizedWeight(pack_int4(q) if mod.bits == 4 else q, s, mod.zero)
         linear = nn.Linear(K, N, bias=mod.bias is not None, dtype=mod.weight.dtype, device=mod.weight.device)

@@ -118,6 +118,7 @@ class BeamGroup:
     prompt_ids: list[int]
     params: BeamSearchParams
     state: BeamState
+    stop_ids: frozenset = frozenset()  # tokens that end a hypothesis: stop_token_ids, and EOS unless ignored
     beams: list[Request] = field(default_factory=list)
     rows: dict = field(default_factory=dict)
     sequences: list[BeamSequence] = field(default_factory=list)
@@ -145,8 +146,8 @@ class BeamSearching:
             raise ValueError("empty prompt: at least one token is needed")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this artifact has none")
-        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
-        g = BeamGroup(list(prompt_ids), params, BeamState(params, len(stops)))
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos))
+        g = BeamGroup(list(prompt_ids), params, BeamState(params, len(stops)), stops)
         bs, n = self.bm.block_size, len(prompt_ids)
         need = n // bs + params.beam_width * self.bm.blocks_needed(n % bs + params.max_tokens) + 1
         if need > self.bm.pool.num_blocks:
@@ -171,11 +172,10 @@ class BeamSearching:
             g.num_cached_tokens = beams[0].num_cached_tokens
         rows = torch.stack([g.rows.pop(b.seq.seq_id) for b in beams]).log_softmax(-1)
         history = [b.seq.completion_token_ids for b in beams]
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
         n_prompt = len(g.prompt_ids)
 
         def stops(i: int, tok: int, generated: int) -> Optional[str]:
-            if tok in stop_ids or (p.stop and self._hits_stop(history[i], tok, p.stop)):
+            if tok in g.stop_ids or (p.stop and self._hits_stop(history[i], tok, p.stop)):
                 return "stop"
             if generated >= p.max_tokens or n_prompt + generated >= self.max_model_len:
                 return "length"
