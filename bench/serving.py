@@ -18,6 +18,7 @@
 Artifacts are compiled into ``build/`` when missing. Prompts are slices of the Britannica text.
 """
 import argparse
+import json
 import math
 import platform
 import random
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT / "examples"))  # the bundled model file, imported a
 
 import smollm2  # noqa: E402
 from qcompiler import LLM, SamplingParams  # noqa: E402
+from qcompiler.artifact import FORMAT_VERSION  # noqa: E402
 from qcompiler.compiler import compile_model  # noqa: E402
 from qcompiler.data import britannica_text  # noqa: E402
 from qcompiler.targets import make_target  # noqa: E402
@@ -62,8 +64,12 @@ def cpu_name() -> str:
 
 
 def artifact(name: str) -> str:
+    """The artifact's path, compiled first when missing, of an older format, or of other options."""
     path, opts = ARTIFACTS[name]
-    if not (path / "manifest.json").exists():
+    man = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").exists() else {}
+    same = man.get("format_version") == FORMAT_VERSION and all(
+        man["target"].get(k) == v for k, v in opts.items() if k in man.get("target", {}))
+    if not same:
         print(f"compiling {path} ...", flush=True)
         compile_model(str(ROOT / "examples/smollm2.py"), make_target(name.split("-")[0], **opts), path)
     return str(path)

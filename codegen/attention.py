@@ -8,7 +8,13 @@ token ``p`` of a sequence lives in slot ``block_tables[s, p // block_size] * blo
 p % block_size``. A step's tokens are packed: sequence ``s`` owns query rows
 ``query_start_loc[s]:query_start_loc[s + 1]``, which are its last tokens: ``seq_lens[s]``
 counts every token of ``s`` including them. Heads are grouped (GQA): query head ``h``
-reads KV head ``h // (num_heads // num_kv_heads)``."""
+reads KV head ``h // (num_heads // num_kv_heads)``.
+
+A quantized cache (dtype int8 or float8_e4m3fn) stores each token's head vector as one row of
+``D + 2`` bytes, ``kv_cache [L, 2, blocks, block_size, H_kv, D + 2]``: ``D`` codes, then the row's
+scale as bfloat16 (little endian), ``x ~= code * scale``. int8: codes in ``[-127, 127]``, scale
+``absmax / 127``; fp8 (e4m3): codes ``x / scale`` rounded to e4m3, scale ``absmax / 448``. The
+scales live in the rows, so a block copied, forked, evicted or recomputed carries its own."""
 from typing import Optional
 
 import torch
@@ -18,10 +24,68 @@ from torch import Tensor
 from . import cpu_native
 
 
+QUANT_MAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}  # quantized cache dtypes: largest code
+SCALE_BYTES = 2  # a quantized row's bf16 scale
+
+
+def is_quantized(kv_cache: Tensor) -> bool:
+    return kv_cache.dtype in QUANT_MAX
+
+
+def row_width(head_dim: int, dtype: torch.dtype) -> int:
+    """Elements in one cached head vector: ``head_dim``, plus the scale's bytes when quantized."""
+    return head_dim + (SCALE_BYTES if dtype in QUANT_MAX else 0)
+
+
+def cache_head_dim(kv_cache: Tensor) -> int:
+    return kv_cache.shape[-1] - (SCALE_BYTES if is_quantized(kv_cache) else 0)
+
+
+def new_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device=None) -> Tensor:
+    return torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, row_width(head_dim, dtype), dtype=dtype,
+                       device=device)
+
+
+def quantize_kv(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x [..., D]`` -> rows ``[..., D + 2]`` of ``dtype`` (the layout above): the scale is rounded
+    to bf16 first and the codes are taken against the rounded scale."""
+    qmax = QUANT_MAX[dtype]
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / qmax).clamp_min(2.0 ** -100).to(torch.bfloat16)
+    # the rounded scale back through its bits: compiled code may skip a bf16 -> fp32 round trip
+    rounded = (scale.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
+    y = (xf / rounded).clamp(-qmax, qmax)
+    codes = y.round().to(torch.int8) if dtype == torch.int8 else y.to(dtype)
+    return torch.cat([codes.view(torch.uint8), scale.view(torch.uint8)], -1).view(dtype)
+
+
+def dequantize_kv(rows: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Quantized rows ``[..., D + 2]`` -> ``[..., D]`` in ``dtype`` (code times scale, in fp32)."""
+    D = rows.shape[-1] - SCALE_BYTES
+    scale = rows[..., D:].view(torch.bfloat16).float()
+    return (rows[..., :D].float() * scale).to(dtype)
+
+
+def _plain(kv_cache: Tensor) -> Tensor:
+    """The cache as the dtype its copies and gathers run in (bytes for a quantized cache: not
+    every op takes fp8)."""
+    return kv_cache.view(torch.uint8) if is_quantized(kv_cache) else kv_cache
+
+
+def _to_cache(x: Tensor, kv_cache: Tensor) -> Tensor:
+    return quantize_kv(x, kv_cache.dtype).view(torch.uint8) if is_quantized(kv_cache) else x.to(kv_cache.dtype)
+
+
+def _from_cache(x: Tensor, cache_dtype: torch.dtype, dtype: torch.dtype) -> Tensor:
+    return dequantize_kv(x.view(cache_dtype), dtype) if cache_dtype in QUANT_MAX else x.to(dtype)
+
+
 def _check_cache(kv_cache: Tensor, layer: int, key: Tensor) -> None:
     assert kv_cache.dim() == 6 and kv_cache.shape[1] == 2, f"kv_cache must be [L, 2, blocks, block, H_kv, D], got {tuple(kv_cache.shape)}"
     assert 0 <= layer < kv_cache.shape[0], f"layer {layer} outside {kv_cache.shape[0]} layers"
-    assert key.shape[1:] == kv_cache.shape[4:], f"key [T, H_kv, D] {tuple(key.shape)} vs cache heads {tuple(kv_cache.shape[4:])}"
+    assert key.shape[1:] == (kv_cache.shape[4], cache_head_dim(kv_cache)), \
+        f"key [T, H_kv, D] {tuple(key.shape)} vs cache heads {tuple(kv_cache.shape[4:])}"
 
 
 def reshape_and_cache_impl(kv_cache: Tensor, layer: int, key: Tensor, value: Tensor, slot_mapping: Tensor) -> None:
@@ -30,9 +94,10 @@ def reshape_and_cache_impl(kv_cache: Tensor, layer: int, key: Tensor, value: Ten
     if slot_mapping.numel() and bool(slot_mapping.min() < 0):  # padding rows: rare, pay for the mask then
         keep = slot_mapping >= 0
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    H, D = kv_cache.shape[4:]
-    kv_cache[layer, 0].view(-1, H, D).index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    kv_cache[layer, 1].view(-1, H, D).index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+    H, W = kv_cache.shape[4:]
+    cache = _plain(kv_cache)
+    cache[layer, 0].view(-1, H, W).index_copy_(0, slot_mapping, _to_cache(key, kv_cache))
+    cache[layer, 1].view(-1, H, W).index_copy_(0, slot_mapping, _to_cache(value, kv_cache))
 
 
 reshape_and_cache = torch.library.custom_op("qc::reshape_and_cache", reshape_and_cache_impl, mutates_args=("kv_cache",))
@@ -53,22 +118,30 @@ def reshape_and_cache_for_compile(kv_cache: Tensor, layer: int, key: Tensor, val
     bs = kv_cache.shape[3]
     block, offset = slot_mapping // bs, slot_mapping % bs
     at_layer = torch.full_like(block, layer)
-    kv_cache.index_put_((at_layer, torch.zeros_like(block), block, offset), key.to(kv_cache.dtype))
-    kv_cache.index_put_((at_layer, torch.ones_like(block), block, offset), value.to(kv_cache.dtype))
+    cache = _plain(kv_cache)
+    cache.index_put_((at_layer, torch.zeros_like(block), block, offset), _to_cache(key, kv_cache))
+    cache.index_put_((at_layer, torch.ones_like(block), block, offset), _to_cache(value, kv_cache))
 
 
-def gather_kv(kv_cache: Tensor, layer: int, block_table: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
-    """One sequence's keys and values ``[seq_len, H_kv, D]`` in token order."""
+def gather_kv(kv_cache: Tensor, layer: int, block_table: Tensor, seq_len: int,
+              dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """One sequence's keys and values ``[seq_len, H_kv, D]`` in token order, in ``dtype`` (default:
+    the cache's, fp32 for a quantized cache)."""
     bs = kv_cache.shape[3]
     blocks = block_table[: -(-seq_len // bs)]
-    k = kv_cache[layer, 0].index_select(0, blocks).flatten(0, 1)[:seq_len]
-    v = kv_cache[layer, 1].index_select(0, blocks).flatten(0, 1)[:seq_len]
-    return k, v
+    dtype = dtype or (torch.float32 if is_quantized(kv_cache) else kv_cache.dtype)
+    cache = _plain(kv_cache)
+    k = cache[layer, 0].index_select(0, blocks).flatten(0, 1)[:seq_len]
+    v = cache[layer, 1].index_select(0, blocks).flatten(0, 1)[:seq_len]
+    return _from_cache(k, kv_cache.dtype, dtype), _from_cache(v, kv_cache.dtype, dtype)
 
 
 def _compute_dtype(query: Tensor, kv_cache: Tensor) -> torch.dtype:
     """Attention runs in the narrower of the two (a 16-bit cache is not widened for fp32 queries),
-    except bf16 on a CPU without bf16 hardware: fp32 there (emulated bf16 is slower)."""
+    except bf16 on a CPU without bf16 hardware: fp32 there (emulated bf16 is slower). A quantized
+    cache is read into the query's dtype."""
+    if is_quantized(kv_cache):
+        return query.dtype
     emulated = kv_cache.dtype == torch.bfloat16 and query.device.type == "cpu" and not cpu_native.BF16_NATIVE
     return kv_cache.dtype if kv_cache.dtype.itemsize < query.dtype.itemsize and not emulated else query.dtype
 
@@ -82,7 +155,7 @@ def paged_attention_ref(query: Tensor, kv_cache: Tensor, layer: int, block_table
     out = torch.empty_like(query)
     for s in range(seq_lens.shape[0]):
         q0, q1, n = int(query_start_loc[s]), int(query_start_loc[s + 1]), int(seq_lens[s])
-        k, v = gather_kv(kv_cache, layer, block_tables[s], n)
+        k, v = gather_kv(kv_cache, layer, block_tables[s], n, torch.float32)
         for i in range(q0, q1):
             pos = n - (q1 - q0) + (i - q0)  # absolute position of this query
             lo = max(0, pos + 1 - window) if window > 0 else 0
@@ -116,8 +189,9 @@ def decode_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: 
         nb, masked = -(-L // bs), min(lens) != L or (window > 0 and L > window)
     idx = block_tables[:, :nb].reshape(-1)
     dt = _compute_dtype(query, kv_cache)
-    k = kv_cache[layer, 0].index_select(0, idx).view(S, nb * bs, Hkv, D)[:, :L].transpose(1, 2)  # [S, H_kv, L, D]
-    v = kv_cache[layer, 1].index_select(0, idx).view(S, nb * bs, Hkv, D)[:, :L].transpose(1, 2)
+    W, cache = kv_cache.shape[5], _plain(kv_cache)
+    k, v = (_from_cache(cache[layer, i].index_select(0, idx).view(S, nb * bs, Hkv, W)[:, :L], kv_cache.dtype, dt)
+            .transpose(1, 2) for i in (0, 1))  # [S, H_kv, L, D]
     mask = None
     if masked:
         keys = torch.arange(L, device=query.device)
@@ -160,7 +234,7 @@ def paged_attention_impl(query: Tensor, kv_cache: Tensor, layer: int, block_tabl
         q0, q1 = starts[s], starts[s + 1]
         if q1 == q0:
             continue
-        k, v = gather_kv(kv_cache, layer, block_tables[s], n)
+        k, v = gather_kv(kv_cache, layer, block_tables[s], n, dt)
         q = query[q0:q1].transpose(0, 1).unsqueeze(0).to(dt)     # [1, Hq, q_len, D]
         k, v = (t.transpose(0, 1).unsqueeze(0).to(dt) for t in (k, v))  # [1, Hkv, n, D]
         q_len = q1 - q0

@@ -86,12 +86,12 @@ DECODE_HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # built into qc_cpu::paged_decode
 
 
 def decode_supported(query: Tensor, kv_cache: Tensor) -> bool:
-    """Whether ``qc_cpu::paged_decode`` takes this step: query and cache on the CPU in fp32 or
-    bf16 (the arithmetic is fp32 either way), a head size it was built for, the kernels built
-    (``available()`` ran: ``qcompiler.load`` calls it for CPU programs)."""
+    """Whether ``qc_cpu::paged_decode`` takes this step: query on the CPU in fp32 or bf16, cache
+    fp32, bf16, int8 or fp8 e4m3 (the arithmetic is fp32 either way), a head size it was built
+    for, the kernels built (``available()`` ran: ``qcompiler.load`` calls it for CPU programs)."""
     ok = (torch.float32, torch.bfloat16)
-    return (_BUILT and query.device.type == "cpu" and query.dtype in ok and kv_cache.dtype in ok
-            and query.shape[-1] in DECODE_HEAD_DIMS)
+    return (_BUILT and query.device.type == "cpu" and query.dtype in ok
+            and kv_cache.dtype in ok + (torch.int8, torch.float8_e4m3fn) and query.shape[-1] in DECODE_HEAD_DIMS)
 
 
 def pack_native(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int) -> tuple[Tensor, Tensor, Tensor]:

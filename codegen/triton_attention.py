@@ -42,12 +42,12 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 def _check_metadata(query: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                     query_start_loc: Tensor) -> None:
-    assert query.dim() == 3 and query.shape[2] == kv_cache.shape[5], \
-        f"query must be [T, H, {kv_cache.shape[5]}], got {tuple(query.shape)}"
+    D = attention.cache_head_dim(kv_cache)
+    assert query.dim() == 3 and query.shape[2] == D, f"query must be [T, H, {D}], got {tuple(query.shape)}"
     assert query.shape[1] % kv_cache.shape[4] == 0, \
         f"{query.shape[1]} query heads not a multiple of {kv_cache.shape[4]} KV heads"
-    assert query.dtype in _FLOAT_DTYPES and kv_cache.dtype in _FLOAT_DTYPES, \
-        f"query {query.dtype} and kv_cache {kv_cache.dtype} must be float16, bfloat16 or float32"
+    assert query.dtype in _FLOAT_DTYPES and (kv_cache.dtype in _FLOAT_DTYPES or attention.is_quantized(kv_cache)), \
+        f"query {query.dtype} must be float16, bfloat16 or float32, kv_cache {kv_cache.dtype} that or int8/fp8"
     S = seq_lens.shape[0]
     assert block_tables.dim() == 2 and block_tables.shape[0] == S, \
         f"block_tables must be [{S}, max_blocks], got {tuple(block_tables.shape)}"
@@ -62,7 +62,8 @@ def _check_metadata(query: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_l
 
 def reshape_and_cache_triton(kv_cache: Tensor, layer: int, key: Tensor, value: Tensor, slot_mapping: Tensor) -> None:
     """Writes ``key``/``value`` ``[T, H_kv, D]`` into ``kv_cache[layer]`` at ``slot_mapping [T]``
-    (cast to the cache dtype; slots < 0 are skipped). In place, like ``reshape_and_cache_impl``."""
+    (cast to the cache dtype, or quantized into rows by ``attention.quantize_kv`` and copied as
+    bytes; slots < 0 are skipped). In place, like ``reshape_and_cache_impl``."""
     attention._check_cache(kv_cache, layer, key)
     assert value.shape == key.shape, f"value {tuple(value.shape)} vs key {tuple(key.shape)}"
     assert slot_mapping.shape == key.shape[:1] and not slot_mapping.is_floating_point(), \
@@ -70,9 +71,12 @@ def reshape_and_cache_triton(kv_cache: Tensor, layer: int, key: Tensor, value: T
     assert kv_cache.stride(-1) == 1, f"kv_cache head_dim must be contiguous, strides {kv_cache.stride()}"
     for t in (key, value, slot_mapping):
         assert t.device == kv_cache.device, f"inputs on {t.device}, kv_cache on {kv_cache.device}"
-    T, H, D = key.shape
-    if T == 0:
+    if key.shape[0] == 0:
         return
+    if attention.is_quantized(kv_cache):
+        key, value = (attention.quantize_kv(t, kv_cache.dtype).view(torch.uint8) for t in (key, value))
+        kv_cache = kv_cache.view(torch.uint8)
+    T, H, D = key.shape
     key, value, slot_mapping = _last_dim_contiguous(key), _last_dim_contiguous(value), slot_mapping.contiguous()
     k_cache, v_cache = kv_cache[layer, 0], kv_cache[layer, 1]  # [num_blocks, block_size, H_kv, D]
     BLOCK_H, BLOCK_D = _pow2(H, 1), _pow2(D, 1)
@@ -128,7 +132,8 @@ def paged_attention_triton(query: Tensor, kv_cache: Tensor, layer: int, block_ta
 
     Args:
         query: ``[T, H, D]``; sequence ``s`` owns rows ``query_start_loc[s]:query_start_loc[s + 1]``.
-        kv_cache: ``[num_layers, 2, num_blocks, block_size, H_kv, D]``, the step's keys already written.
+        kv_cache: ``[num_layers, 2, num_blocks, block_size, H_kv, D]``, the step's keys already written
+            (quantized: rows of ``D + 2``, ``codegen.attention``).
         layer: which layer's keys and values.
         block_tables: ``[S, max_blocks]`` block ids of each sequence.
         seq_lens: ``[S]`` tokens of each sequence, this step's included.
@@ -149,12 +154,15 @@ def paged_attention_triton(query: Tensor, kv_cache: Tensor, layer: int, block_ta
     if T == 0 or S == 0:
         return out
     query, seq_lens, query_start_loc = _last_dim_contiguous(query), seq_lens.contiguous(), query_start_loc.contiguous()
-    k_cache, v_cache = kv_cache[layer, 0], kv_cache[layer, 1]  # [num_blocks, block_size, H_kv, D], same strides
     dot_dtype = attention._compute_dtype(query, kv_cache)
+    kv_quant = {torch.int8: 1, torch.float8_e4m3fn: 2}.get(kv_cache.dtype, 0)
+    if kv_quant:
+        kv_cache = kv_cache.view(torch.uint8)
+    k_cache, v_cache = kv_cache[layer, 0], kv_cache[layer, 1]  # [num_blocks, block_size, H_kv, D], same strides
     group = Hq // Hkv
     BLOCK_D = _pow2(D)
     common = dict(HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_D=BLOCK_D, DOT_DTYPE=_TL_DTYPES[dot_dtype],
-                  DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32")
+                  DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", KV_QUANT=kv_quant)
     strides = (query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                out.stride(0), out.stride(1), block_tables.stride(0), block_tables.stride(1))
     wide = dot_dtype.itemsize * BLOCK_D  # bytes of one token's head

@@ -3,7 +3,10 @@ launch configurations and registration. Decode: flash-decoding, one program per 
 split) with the KV head's query heads as the rows of one ``tl.dot``, splits combined by
 ``_combine_splits_kernel``. Other steps: a causal flash-attention kernel over query tiles. Keys are
 gathered slot by slot through the block tables; softmax statistics and dot products accumulate in
-fp32. ``window`` (a sliding window of keys) as in ``codegen.attention``."""
+fp32. ``window`` (a sliding window of keys) as in ``codegen.attention``. A quantized cache
+(``KV_QUANT`` 1: int8, 2: fp8 e4m3) comes as bytes, rows of ``HEAD_DIM`` codes and a bf16 scale:
+codes are widened exactly to the dot's dtype, a key's scale multiplies its scores and a value's
+its softmax weights."""
 import triton
 import triton.language as tl
 
@@ -26,11 +29,33 @@ def _reshape_and_cache_kernel(Key, Value, KCache, VCache, SlotMapping,
 
 
 @triton.jit
+def _codes(x, KV_QUANT: tl.constexpr):
+    """Cached bytes -> fp32: int8 codes; fp8 e4m3 codes / 256 (sign and magnitude moved into an
+    fp16's bits, exact for normal and subnormal codes: ``_row_scale`` carries the 256)."""
+    if KV_QUANT == 1:
+        return x.to(tl.int8, bitcast=True).to(tl.float32)
+    b = x.to(tl.int16)
+    h = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
+    return h.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _row_scale(C, rows, ok, HEAD_DIM: tl.constexpr, KV_QUANT: tl.constexpr):
+    """The bf16 scale after each row's codes, as fp32 (0 where ``ok`` is False)."""
+    lo = tl.load(C + rows + HEAD_DIM, mask=ok, other=0).to(tl.int32)
+    hi = tl.load(C + rows + HEAD_DIM + 1, mask=ok, other=0).to(tl.int32)
+    s = ((hi << 24) | (lo << 16)).to(tl.float32, bitcast=True)
+    if KV_QUANT == 2:
+        s = s * 256.0
+    return s
+
+
+@triton.jit
 def _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, key_start, key_stop, q_pos, window,
                  scale_log2, stride_kb, stride_kt, offs_d,
                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, KV_QUANT: tl.constexpr):
     """One tile of BLOCK_N keys starting at token ``n0``, gathered slot by slot through the
     block table, folded into the online softmax of ``q [rows, BLOCK_D]``. MASK_KEYS: only keys in
     ``[key_start, key_stop)``; CAUSAL: only keys at or before each row's ``q_pos``; WINDOWED: only
@@ -54,7 +79,12 @@ def _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, key_sta
     else:
         mask = offs_d[None, :] < HEAD_DIM
         k = tl.load(K + ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
-    qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * scale_log2  # [rows, BLOCK_N]
+    if KV_QUANT:
+        k_ok = (pos < key_stop) & (pos >= key_start) if MASK_KEYS else pos >= 0
+        qk = tl.dot(q, tl.trans(_codes(k, KV_QUANT).to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+        qk = qk * (_row_scale(K, rows, k_ok, HEAD_DIM, KV_QUANT) * scale_log2)[None, :]
+    else:
+        qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * scale_log2  # [rows, BLOCK_N]
     if MASK_KEYS:
         visible = key_ok[None, :]
         if CAUSAL:
@@ -74,7 +104,12 @@ def _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, key_sta
         v = tl.load(V + ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
     else:
         v = tl.load(V + ptrs, eviction_policy="evict_first")
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    if KV_QUANT:
+        pv = p * _row_scale(V, rows, k_ok, HEAD_DIM, KV_QUANT)[None, :]
+        acc = acc * alpha[:, None] + tl.dot(pv.to(DOT_DTYPE), _codes(v, KV_QUANT).to(DOT_DTYPE),
+                                            input_precision=DOT_PRECISION)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -84,7 +119,7 @@ def _paged_decode_kernel(Q, K, V, Out, PartM, PartL, PartAcc, BlockTables, SeqLe
                          stride_bts, stride_btb,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_QUANT: tl.constexpr):
     """Program (sequence s, KV head, split): the GROUP query heads of that KV head against the
     tokens [split * split_size, (split + 1) * split_size) of s, from ``seq_len - window`` on (no
     window: ``window`` at least the longest sequence). One split writes the output, several write (max, sum, acc) partials for
@@ -114,16 +149,16 @@ def _paged_decode_kernel(Q, K, V, Out, PartM, PartL, PartAcc, BlockTables, SeqLe
     if first < key_start and first < full_stop:  # a full tile the window starts inside
         acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, first, key_start, stop, 0, 0,
                                      scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D,
-                                     True, False, False, DOT_DTYPE, DOT_PRECISION)
+                                     True, False, False, DOT_DTYPE, DOT_PRECISION, KV_QUANT)
         first += BLOCK_N
     for n0 in range(first, full_stop, BLOCK_N):
         acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, 0, stop, 0, 0,
                                      scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D,
-                                     False, False, False, DOT_DTYPE, DOT_PRECISION)
+                                     False, False, False, DOT_DTYPE, DOT_PRECISION, KV_QUANT)
     if full_stop < stop:  # the ragged last tile (the window may start inside it too)
         acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, full_stop, key_start, stop,
                                      0, 0, scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                     BLOCK_D, True, False, False, DOT_DTYPE, DOT_PRECISION)
+                                     BLOCK_D, True, False, False, DOT_DTYPE, DOT_PRECISION, KV_QUANT)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l_i == 0: an empty sequence, zeros
@@ -166,7 +201,8 @@ def _paged_prefill_kernel(Q, K, V, Out, BlockTables, SeqLens, QueryStartLoc, sca
                           stride_bts, stride_btb,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          WINDOWED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          WINDOWED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          KV_QUANT: tl.constexpr):
     """Program (query tile, sequence s, query head): causal attention of BLOCK_M of s's queries.
     Query i of q_len sits at position n - q_len + i and sees keys 0 ..= that position (WINDOWED:
     the last ``window`` of them)."""
@@ -199,16 +235,16 @@ def _paged_prefill_kernel(Q, K, V, Out, BlockTables, SeqLens, QueryStartLoc, sca
         for n0 in range(tl.maximum(lo - window + 1, 0) // BLOCK_N * BLOCK_N, hi, BLOCK_N):
             acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, 0, hi, q_pos, window,
                                          scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                         BLOCK_D, True, True, True, DOT_DTYPE, DOT_PRECISION)
+                                         BLOCK_D, True, True, True, DOT_DTYPE, DOT_PRECISION, KV_QUANT)
     else:
         for n0 in range(0, full_stop, BLOCK_N):
             acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, 0, hi, q_pos, 0,
                                          scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                         BLOCK_D, False, False, False, DOT_DTYPE, DOT_PRECISION)
+                                         BLOCK_D, False, False, False, DOT_DTYPE, DOT_PRECISION, KV_QUANT)
         for n0 in range(full_stop, hi, BLOCK_N):  # the diagonal
             acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, 0, hi, q_pos, 0,
                                          scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                         BLOCK_D, True, True, False, DOT_DTYPE, DOT_PRECISION)
+                                         BLOCK_D, True, True, False, DOT_DTYPE, DOT_PRECISION, KV_QUANT)
     if WINDOWED:  # padding rows may have seen no key
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]

@@ -22,7 +22,8 @@ from torch.export import ExportedProgram
 from . import __version__
 
 FORMAT = "qcompiler-artifact"
-FORMAT_VERSION = 2  # 2: the program takes logits_indices
+FORMAT_VERSION = 3  # 2: the program takes logits_indices; 3: and KV cache rows of any width (quantized caches)
+READS_VERSIONS = (2, 3)
 MANIFEST, WEIGHTS, PROGRAM = "manifest.json", "weights.safetensors", "program.pt2"
 log = logging.getLogger("qcompiler")
 
@@ -115,9 +116,9 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
         raise ArtifactError(f"{mpath}: not valid JSON ({e}); recompile the model") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READS_VERSIONS:
         raise ArtifactError(f"{mpath}: format version {manifest.get('format_version')} but this qcompiler "
-                            f"({__version__}) reads version {FORMAT_VERSION}; recompile the model")
+                            f"({__version__}) reads versions {READS_VERSIONS}; recompile the model")
     files = manifest.get("files")
     if not isinstance(files, dict) or not {WEIGHTS, PROGRAM} <= set(files) or \
             not all(isinstance(m, dict) and {"sha256", "bytes"} <= set(m) for m in files.values()):

@@ -68,10 +68,11 @@ def paged_example_inputs(paged: dict, dtype: torch.dtype, T: int = 16, device: t
 
 
 def export_paged(module: nn.Module, max_tokens: int, paged: dict, dtype: torch.dtype) -> ExportedProgram:
-    """Exports a program after the paged-attention pass, every runtime size dynamic, on the
-    device of its weights."""
+    """Exports a program after the paged-attention pass, every runtime size dynamic (the KV
+    cache's dtype is not guarded either), on the device of its weights."""
     T, S = Dim("T", min=1, max=max_tokens), Dim("num_seqs", min=1, max=max_tokens)  # NOTE: not "S": sympy's
-    kv = {2: Dim("num_blocks", min=1), 3: Dim("block_size", min=1, max=max_tokens)}
+    # the row: head_dim, or head_dim + the scale's bytes for a quantized cache (codegen.attention)
+    kv = {2: Dim("num_blocks", min=1), 3: Dim("block_size", min=1, max=max_tokens), 5: Dim("kv_row", min=1)}
     shapes = ({0: T}, {0: T}, kv, {0: T}, {0: S, 1: Dim("max_blocks", min=1)}, {0: S}, {0: S + 1},
               {0: Dim("num_logits", min=1, max=max_tokens)})
     with torch.no_grad():

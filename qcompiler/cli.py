@@ -1,5 +1,6 @@
 """``qcompile``: compile a model to an artifact (the default action), or evaluate one."""
 import argparse
+import json
 import logging
 import os
 import sys
@@ -114,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compare-float", action="store_true", help="also evaluate the float source model")
     e.add_argument("--reference", action="store_true", help="run the canonical reference ops, not the fast CPU kernels")
     e.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    e.add_argument("--kv-cache-dtype", default=None, metavar="DTYPE",
+                   help="auto, float32, bfloat16, float16, int8 or fp8: evaluate as served: prefill each window in chunks into a paged KV cache of this dtype "
+                        "(auto: the engine's default), attention reading the cache back (default: one prefill "
+                        "a window, the model's dtype)")
+    e.add_argument("--prefill-chunk", type=int, default=128, help="tokens per prefill chunk with --kv-cache-dtype "
+                                                                  "(default 128)")
+    e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     e.add_argument("-q", "--quiet", action="store_true")
     g = sub.add_parser("generate", help="generate text from an artifact (greedy unless --temperature)")
     g.add_argument("artifact")
@@ -131,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-penalty", type=float, default=1.0, help="with --beam-width: scores are cum log-prob / "
                                                                     "length ** this (default 1.0)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
+                   help="auto (default), float32, bfloat16, float16, int8 or fp8 (quantized: a scale per token and KV head)")
     g.add_argument("--compile", action="store_true",
                    help="run the program through torch.compile: faster decode after an Inductor compile (minutes the first "
                         "time, under a minute from Inductor's cache after that)")
@@ -254,6 +264,7 @@ def cmd_eval(a) -> int:
     from .capture import FlatTokenModule
     from .data import britannica_text
     from .evaluate import eval_tokens, perplexity
+    from .llm import KV_CACHE_DTYPES, kv_cache_dtype_of
     from .models import load_source
     if a.windows < 1 or a.window_len < 2:
         raise ValueError(f"need --windows >= 1 and --window-len >= 2, got {a.windows} and {a.window_len}")
@@ -268,16 +279,30 @@ def cmd_eval(a) -> int:
         rows.append(("float (source model, eager)", perplexity(flat, tokens, a.window_len, not a.quiet, "float"),
                      time.perf_counter() - t0))
     t0 = time.perf_counter()
-    name = m.manifest["target"]["name"]
-    rows.append((f"{name} (artifact)", perplexity(m.flat, tokens, a.window_len, not a.quiet, name), time.perf_counter() - t0))
+    name, fn, kv = m.manifest["target"]["name"], m.flat, None
+    if a.kv_cache_dtype is not None:
+        kv = kv_cache_dtype_of(m.manifest, a.kv_cache_dtype)
+        kv_name = next(k for k, v in KV_CACHE_DTYPES.items() if v == kv)  # "auto" resolved
+        fn = m.chunked(kv, a.prefill_chunk)
+        name += f", {kv_name} KV cache"
+    rows.append((f"{name} (artifact)", perplexity(fn, tokens, a.window_len, not a.quiet, name), time.perf_counter() - t0))
     print(f"\n{a.artifact}: {m.manifest['target']['name']}, passes as compiled")
     print_pass_checks(m.manifest)
     print(f"\nperplexity, {a.windows} windows x {a.window_len} tokens of "
-          f"{a.text_file or 'the bundled Britannica article'}:")
+          f"{a.text_file or 'the bundled Britannica article'}"
+          + (f", prefilled {a.prefill_chunk} tokens a chunk" if kv is not None else "") + ":")
     for label, ppl, secs in rows:
         print(f"  {label:<30} {ppl:8.3f}   ({secs:.0f} s)")
     if len(rows) == 2:
         print(f"  {'change':<30} {100 * (rows[1][1] / rows[0][1] - 1):+7.2f}%")
+    if a.json:
+        rec = {"artifact": str(a.artifact), "target": m.manifest["target"]["name"], "perplexity": round(rows[-1][1], 4),
+               "tokens": int(tokens.numel()), "windows": a.windows, "window_len": a.window_len,
+               "kv_cache_dtype": None if kv is None else kv_name,
+               "prefill_chunk": None if kv is None else a.prefill_chunk, "seconds": round(rows[-1][2], 1)}
+        if len(rows) == 2:
+            rec["float_perplexity"] = round(rows[0][1], 4)
+        print(json.dumps(rec))
     return 0
 
 
@@ -285,7 +310,7 @@ def cmd_generate(a) -> int:
     from . import LLM, SamplingParams
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             seed=a.seed, stop=tuple(a.stop))
-    llm = LLM(a.artifact, device=a.device, compile=a.compile)
+    llm = LLM(a.artifact, device=a.device, compile=a.compile, kv_cache_dtype=a.kv_cache_dtype)
     prompt = a.prompt
     if a.chat:
         if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):

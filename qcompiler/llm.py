@@ -8,6 +8,7 @@ from typing import Optional, Sequence as Seq, Union
 
 import torch
 
+from qcompiler.codegen.attention import row_width
 from qcompiler.codegen.workspace import SplitKWorkspace
 from qcompiler.runtime.beam_search import BeamSearchParams, BeamSequence
 from qcompiler.runtime.engine import Engine, ModelRunner
@@ -18,7 +19,25 @@ from .loader import CompiledModel, load
 from .lowering import A16_TARGETS
 
 Prompt = Union[str, list[int]]
-KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                   "int8": torch.int8, "fp8": torch.float8_e4m3fn}
+
+
+def check_kv_cache_dtype(name: str) -> None:
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {name!r}; available: {', '.join(KV_CACHE_DTYPES)}")
+
+
+def kv_cache_dtype_of(manifest: dict, name: str) -> torch.dtype:
+    """The KV cache dtype ``name`` means for an artifact: "auto" is bfloat16 for weight-only targets
+    (their programs run 16-bit activations), the model's dtype otherwise."""
+    check_kv_cache_dtype(name)
+    if name in ("int8", "fp8") and manifest.get("format_version", 3) < 3:
+        raise ValueError(f"a {name} KV cache needs an artifact of format 3 or later; this one is format "
+                         f"{manifest['format_version']} (its program fixes the cache's row width): recompile the model")
+    if KV_CACHE_DTYPES[name] is not None:
+        return KV_CACHE_DTYPES[name]
+    return torch.bfloat16 if manifest["target"]["name"] in A16_TARGETS else getattr(torch, manifest["model"]["dtype"])
 
 
 @dataclass
@@ -61,7 +80,10 @@ class LLM:
             budget is what chunks long prompts).
         compile: run the program through ``torch.compile``.
         kv_cache_dtype: "auto" (bfloat16 for weight-only artifacts, whose program runs 16-bit
-            activations; the model's dtype otherwise), "float32", "bfloat16" or "float16".
+            activations; the model's dtype otherwise), "float32", "bfloat16" or "float16"; or
+            quantized, about half a bf16 cache's bytes a token: "int8" (symmetric, a scale per
+            token and KV head) or "fp8" (e4m3, a scale per token and KV head), written quantized
+            and read back into the query's dtype (layout: ``codegen.attention``).
             Attention runs in the cache's dtype when it is the narrower one, except CPU decode
             steps with our kernel (``qc_cpu::paged_decode``), which read a bf16 cache into fp32.
         device: "cpu" or "cuda" (Triton kernels for the ``qc::`` ops).
@@ -77,17 +99,16 @@ class LLM:
         if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(f"block_size, max_num_seqs and max_num_batched_tokens must be >= 1, got "
                              f"{block_size}, {max_num_seqs}, {max_num_batched_tokens}")
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; available: {', '.join(KV_CACHE_DTYPES)}")
+        check_kv_cache_dtype(kv_cache_dtype)
         self.model = path if isinstance(path, CompiledModel) else load(path, compile=compile, device=device)
         if gpu_memory_utilization is not None and self.model.device.type != "cuda":
             raise ValueError("gpu_memory_utilization sizes the KV cache on a GPU (device='cuda'); "
                              "on the CPU give kv_cache_memory (bytes) or num_blocks")
         man = self.model.manifest
         paged = man["program"]["paged"]
-        dtype = KV_CACHE_DTYPES[kv_cache_dtype] or (
-            torch.bfloat16 if man["target"]["name"] in A16_TARGETS else getattr(torch, man["model"]["dtype"]))
-        per_block = paged["num_layers"] * 2 * block_size * paged["num_kv_heads"] * paged["head_dim"] * dtype.itemsize
+        dtype = kv_cache_dtype_of(man, kv_cache_dtype)
+        per_block = (paged["num_layers"] * 2 * block_size * paged["num_kv_heads"] * row_width(paged["head_dim"], dtype)
+                     * dtype.itemsize)
         max_len = man["program"]["max_tokens"]
         workspace = SplitKWorkspace()  # the engine's: the profiling step grows it as serving will
         if num_blocks is None and gpu_memory_utilization is not None:

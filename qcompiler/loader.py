@@ -6,6 +6,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.passes import move_to_device_pass
 
+from qcompiler.codegen.attention import new_kv_cache
 from qcompiler.codegen.workspace import SplitKWorkspace
 from qcompiler.runtime.step_inputs import single_sequence
 
@@ -55,6 +56,33 @@ class CompiledModel:
         args = single_sequence(input_ids.to(self.device), positions.to(self.device), prog["paged"], dtype)
         with self.workspace, torch.no_grad():
             return self.program(*args)
+
+    def chunked(self, kv_cache_dtype: torch.dtype, chunk: int, block_size: int = 16):
+        """A ``flat``-like function (``ids[T], positions[T] -> logits[T, V]``) that prefills the
+        sequence in chunks of ``chunk`` tokens into a paged cache of ``kv_cache_dtype``, as the
+        engine serves it: each chunk's attention reads every earlier token back from the cache."""
+        if chunk < 1:
+            raise ValueError(f"the prefill chunk must be >= 1 token, got {chunk}")
+        paged = self.manifest["program"]["paged"]
+
+        def run(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            T, d = input_ids.shape[0], self.device
+            nb = -(-T // block_size)
+            kv = new_kv_cache(paged["num_layers"], nb, block_size, paged["num_kv_heads"], paged["head_dim"],
+                              kv_cache_dtype, d)
+            table = torch.arange(nb, device=d).view(1, nb)
+            out = []
+            for c0 in range(0, T, chunk):
+                c1 = min(T, c0 + chunk)
+                if c1 > self.max_tokens:
+                    raise ValueError(f"{c1} tokens; this program takes 1 to {self.max_tokens}")
+                rows = torch.arange(c0, c1, device=d)
+                with self.workspace, torch.no_grad():
+                    out.append(self.program(input_ids[c0:c1].to(d), positions[c0:c1].to(d), kv, rows, table,
+                                            torch.tensor([c1], device=d), torch.tensor([0, c1 - c0], device=d),
+                                            rows - c0))
+            return torch.cat(out)
+        return run
 
     def __call__(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None, positions=None):
         pos = position_ids if position_ids is not None else positions

@@ -3,6 +3,7 @@ from typing import Optional
 
 import torch
 
+from qcompiler.codegen.attention import is_quantized, new_kv_cache
 from qcompiler.codegen.workspace import SplitKWorkspace
 
 from .beam_search import BeamGroup, BeamSearching
@@ -26,8 +27,8 @@ class ModelRunner:
                  max_blocks_per_seq: int = 0, workspace: Optional[SplitKWorkspace] = None):
         self.program, self.block_size = program, block_size
         self.workspace = workspace if workspace is not None else SplitKWorkspace()
-        self.kv_cache = torch.zeros(paged["num_layers"], 2, num_blocks, block_size, paged["num_kv_heads"],
-                                    paged["head_dim"], dtype=dtype, device=device)
+        self.kv_cache = new_kv_cache(paged["num_layers"], num_blocks, block_size, paged["num_kv_heads"],
+                                     paged["head_dim"], dtype, device)
         self.graphs = None
         if cuda_graph_max_batch and self.kv_cache.is_cuda:
             from .cuda_graphs import DecodeGraphs
@@ -41,8 +42,9 @@ class ModelRunner:
             return self.program(*inp.args(self.kv_cache))
 
     def copy_blocks(self, copies) -> None:
-        for src, dst in copies:
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        cache = self.kv_cache.view(torch.uint8) if is_quantized(self.kv_cache) else self.kv_cache
+        for src, dst in copies:  # a quantized block's rows carry their scales
+            cache[:, :, dst] = cache[:, :, src]
 
 
 class Engine(BeamSearching):

@@ -5,6 +5,8 @@ from typing import NamedTuple, Sequence as Seq
 import numpy as np
 import torch
 
+from qcompiler.codegen.attention import new_kv_cache
+
 
 class StepInputs(NamedTuple):
     input_ids: torch.Tensor        # [T]
@@ -35,8 +37,7 @@ def single_sequence(input_ids: torch.Tensor, positions: torch.Tensor, paged: dic
     call means."""
     T, d = input_ids.shape[0], input_ids.device
     nb = -(-T // block_size)
-    kv = torch.zeros(paged["num_layers"], 2, nb, block_size, paged["num_kv_heads"], paged["head_dim"], dtype=dtype,
-                     device=d)
+    kv = new_kv_cache(paged["num_layers"], nb, block_size, paged["num_kv_heads"], paged["head_dim"], dtype, d)
     return (input_ids, positions, kv, torch.arange(T, device=d), torch.arange(nb, device=d).view(1, nb),
             torch.tensor([T], device=d), torch.tensor([0, T], device=d), torch.arange(T, device=d))
 

@@ -2,7 +2,8 @@
 equal to ``reshape_and_cache_impl`` exactly; paged_attention within float tolerance of
 ``paged_attention_ref`` over block tables with holes (every slot no sequence wrote holds NaN,
 so a read past a sequence's tokens shows), decode (split and unsplit), prompts, chunks after
-cached tokens and mixed batches, GQA ratios 1, 3, 8, block sizes 1, 4, 5, 16. Without CUDA the
+cached tokens and mixed batches, GQA ratios 1, 3, 8, block sizes 1, 4, 5, 16, caches in fp32, fp16
+and quantized (int8, fp8: the kernels read the same rows the reference dequantizes). Without CUDA the
 kernels run in the Triton interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1);
 the bf16, opcheck and CUDA-graph tests need a GPU."""
 import itertools
@@ -12,16 +13,24 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qcompiler.codegen.attention import paged_attention_ref, reshape_and_cache_impl
+from qcompiler.codegen.attention import is_quantized, paged_attention_ref, reshape_and_cache_impl, row_width
 from qcompiler.codegen.triton_attention import (_MIN_TILES_PER_SPLIT, _SPLIT_TARGET_PER_SM, decode_split_plan,
                                                paged_attention_triton, reshape_and_cache_triton)
 
 # NOTE: the Triton 3.6 interpreter takes a loop bound's 1-element array as an index, which NumPy deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
-f16, f32, bf16 = torch.float16, torch.float32, torch.bfloat16
+f16, f32, bf16, i8, fp8 = torch.float16, torch.float32, torch.bfloat16, torch.int8, torch.float8_e4m3fn
 # compute dtype -> (atol, rtol): fp32 dots are exact products summed in fp32; 16-bit ones also round
 # the probabilities before P @ V, as flash attention does
 TOL = {f32: (1e-5, 1e-5), f16: (2e-3, 2e-3), bf16: (2e-2, 2e-2)}
+
+
+def nan_cache(shape, dtype):
+    """A cache every slot of which reads as NaN (a quantized row: all bytes 0xFF, its scale a NaN)."""
+    shape = (*shape[:-1], row_width(shape[-1], dtype))
+    if dtype in (i8, fp8):
+        return torch.full(shape, 255, dtype=torch.uint8).view(dtype)
+    return torch.full(shape, float("nan"), dtype=dtype)
 
 
 def make_step(device, Hkv, rep, D, bs, seq_lens, q_lens, q_dtype=f32, cache_dtype=f32, seed=0,
@@ -32,7 +41,7 @@ def make_step(device, Hkv, rep, D, bs, seq_lens, q_lens, q_dtype=f32, cache_dtyp
     max_blocks = max_blocks or max(-(-n // bs) for n in seq_lens) + 1  # the last column: a NaN block
     num_blocks = S * max_blocks + 3
     block_tables = torch.randperm(num_blocks, generator=g)[: S * max_blocks].view(S, max_blocks)
-    kv_cache = torch.full((2, 2, num_blocks, bs, Hkv, D), float("nan"), dtype=cache_dtype)
+    kv_cache = nan_cache((2, 2, num_blocks, bs, Hkv, D), cache_dtype)
     layer = 1
     for s, n in enumerate(seq_lens):
         slots = torch.tensor([int(block_tables[s, p // bs]) * bs + p % bs for p in range(n)])
@@ -49,6 +58,7 @@ def check_attention(args, **kw):
     out = paged_attention_triton(*args, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype
     dt = kv_cache.dtype if kv_cache.dtype.itemsize < q.dtype.itemsize else q.dtype  # what the op computes in
+    dt = q.dtype if is_quantized(kv_cache) else dt
     ref = paged_attention_ref(q.to(dt).to(q.dtype), *args[1:])  # fp32 math over the same rounded operands
     atol, rtol = TOL[dt]
     torch.testing.assert_close(out.cpu(), ref.cpu(), atol=atol, rtol=rtol)
@@ -56,11 +66,15 @@ def check_attention(args, **kw):
 
 # --- reshape_and_cache --------------------------------------------------------------------
 
-@pytest.mark.parametrize("bs, key_dtype, cache_dtype", [(1, f32, f32), (5, f32, f16), (4, f16, f32)])
+@pytest.mark.parametrize("bs, key_dtype, cache_dtype", [(1, f32, f32), (5, f32, f16), (4, f16, f32), (4, f32, i8),
+                                                        (3, f16, fp8)])
 def test_reshape_and_cache_equals_impl(kernel_device, bs, key_dtype, cache_dtype):
     g = torch.Generator().manual_seed(bs)
     T, H, D, num_blocks = 7, 3, 12, 8
-    kv = torch.randn(2, 2, num_blocks, bs, H, D, generator=g).to(cache_dtype)
+    if is_quantized(torch.empty(0, dtype=cache_dtype)):  # rows of arbitrary bytes
+        kv = torch.randint(0, 256, (2, 2, num_blocks, bs, H, D + 2), generator=g, dtype=torch.uint8).view(cache_dtype)
+    else:
+        kv = torch.randn(2, 2, num_blocks, bs, H, D, generator=g).to(cache_dtype)
     key = torch.randn(T, H, D, generator=g).to(key_dtype)
     value = torch.randn(T, H, D, generator=g).to(key_dtype)
     slots = torch.randperm(num_blocks * bs, generator=g)[:T]
@@ -69,7 +83,7 @@ def test_reshape_and_cache_equals_impl(kernel_device, bs, key_dtype, cache_dtype
     reshape_and_cache_impl(expect, 1, key, value, slots)
     got = kv.to(kernel_device)
     reshape_and_cache_triton(got, 1, key.to(kernel_device), value.to(kernel_device), slots.to(kernel_device))
-    assert torch.equal(got.cpu(), expect)
+    assert torch.equal(got.cpu().view(torch.uint8), expect.view(torch.uint8))
 
 
 def test_reshape_and_cache_strided_key(kernel_device):
@@ -92,7 +106,10 @@ def test_reshape_and_cache_strided_key(kernel_device):
     (3, 5, 8, f16, f16, [100, 1, 64], dict(num_splits=3, block_n=16)),         # splits, some empty
     (8, 1, 16, f32, f32, [1, 97], dict(num_splits=4, block_n=16)),
     (3, 4, 12, f32, f16, [33, 70], dict(num_splits=2, block_n=16)),            # fp32 queries, fp16 cache
-], ids=["mha-bs16", "gqa3-bs5-fp16-split3", "gqa8-bs1-split4", "fp16cache-D12-split2"])
+    (3, 4, 16, f32, i8, [33, 70], dict(num_splits=2, block_n=16)),             # int8 cache
+    (1, 5, 12, f16, fp8, [1, 100, 37], {}),                                    # fp8 cache, D 12
+], ids=["mha-bs16", "gqa3-bs5-fp16-split3", "gqa8-bs1-split4", "fp16cache-D12-split2", "int8cache-split2",
+        "fp8cache-fp16q-D12"])
 def test_decode_equals_ref(kernel_device, rep, bs, D, q_dtype, cache_dtype, seq_lens, split):
     args = make_step(kernel_device, 2, rep, D, bs, seq_lens, [1] * len(seq_lens), q_dtype, cache_dtype)
     check_attention(args, **split)
@@ -128,7 +145,10 @@ def test_decode_split_plan():
     (3, 16, 8, f16, f16, [90, 40], [13, 40], {}),                                   # chunk after 77 cached
     (8, 1, 16, f32, f32, [40, 9, 30, 2], [1, 9, 17, 1], dict(block_n=16)),          # mixed: decode, prompt, chunk
     (3, 5, 12, f32, f16, [23, 1, 50], [6, 1, 50], dict(block_n=16)),                # fp16 cache, D 12
-], ids=["mha-prompts", "gqa3-fp16-chunk", "gqa8-bs1-mixed", "fp16cache-bs5-mixed"])
+    (1, 4, 16, f16, i8, [20, 47], [20, 9], {}),                                     # int8 cache, a chunk
+    (3, 5, 12, f32, fp8, [23, 1, 50], [6, 1, 50], dict(block_n=16)),                # fp8 cache, mixed
+], ids=["mha-prompts", "gqa3-fp16-chunk", "gqa8-bs1-mixed", "fp16cache-bs5-mixed", "int8cache-chunk",
+        "fp8cache-bs5-mixed"])
 def test_prefill_equals_ref(kernel_device, rep, bs, D, q_dtype, cache_dtype, seq_lens, q_lens, kw):
     args = make_step(kernel_device, 2, rep, D, bs, seq_lens, q_lens, q_dtype, cache_dtype, seed=len(q_lens),
                      index_dtype=torch.int32)
@@ -144,7 +164,7 @@ def test_random_steps_equal_ref(kernel_device, data):
     seq_lens = data.draw(st.lists(st.integers(1, 40), min_size=1, max_size=4))
     decode = data.draw(st.booleans(), label="decode step")
     q_lens = [1] * len(seq_lens) if decode else [data.draw(st.integers(1, n)) for n in seq_lens]
-    q_dtype, cache_dtype = data.draw(st.sampled_from([(f32, f32), (f16, f16), (f32, f16)]))
+    q_dtype, cache_dtype = data.draw(st.sampled_from([(f32, f32), (f16, f16), (f32, f16), (f32, i8), (f16, fp8)]))
     kw = dict(block_n=data.draw(st.sampled_from([None, 16])))
     if decode:
         kw["num_splits"] = data.draw(st.sampled_from([None, 2, 3]))

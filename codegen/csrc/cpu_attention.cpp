@@ -8,7 +8,9 @@
 // is a sequence, a KV head and up to kHeads of its query heads: their query vectors stay in
 // registers while the keys stream once, and the weighted sum of V keeps their outputs in
 // registers. exp: ``exp512`` (qc_avx512.h). Cache layout:
-// [layers, 2, blocks, block_size, kv_heads, head_dim] (codegen/attention.py).
+// [layers, 2, blocks, block_size, kv_heads, head_dim] (codegen/attention.py); a quantized cache
+// (int8, or fp8 e4m3 stored as bytes) has rows of head_dim codes and a bf16 scale,
+// [..., head_dim + 2]: the key's scale multiplies its score, the value's its softmax weight.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,6 +18,7 @@
 #include "qc_avx512.h"
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -26,6 +29,38 @@ QC_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 QC_AVX512 inline __m512 load16(const at::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+QC_AVX512 inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// fp8 e4m3 codes, 256x too small: sign and magnitude moved into an fp16's bits (exponent bias 15
+// vs 7), exact for normal and subnormal codes alike; Fp8::kUnit folds the 256 into the scale.
+struct Fp8 { uint8_t bits; static constexpr float kUnit = 256.f; };
+QC_AVX512 inline __m512 load16(const Fp8* p) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8);
+  const __m256i mag = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7);
+  return _mm512_cvtph_ps(_mm256_or_si256(sign, mag));
+}
+
+template <typename KV>
+constexpr bool kQuantized = std::is_same_v<KV, int8_t> || std::is_same_v<KV, Fp8>;
+
+// a row's multiplier: its bf16 scale after the D codes (quantized caches), else 1
+template <int D, typename KV>
+inline float row_scale(const KV* row) {
+  if constexpr (kQuantized<KV>) {
+    uint16_t h;
+    std::memcpy(&h, reinterpret_cast<const uint8_t*>(row) + D, 2);
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    if constexpr (std::is_same_v<KV, Fp8>) return f * Fp8::kUnit;
+    else return f;
+  } else {
+    return 1.f;
+  }
 }
 
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
@@ -54,10 +89,11 @@ QC_AVX512 void attend(const float* q, const Cache<KV>& c, int64_t head_off, cons
     const KV* kp = token(c.k, t);
     __m512 kv[C];
     for (int i = 0; i < C; ++i) kv[i] = load16(kp + 16 * i);
+    const float ks = row_scale<D>(kp);
     for (int r = 0; r < R; ++r) {
       __m512 a = _mm512_mul_ps(qv[r][0], kv[0]);
       for (int i = 1; i < C; ++i) a = _mm512_fmadd_ps(qv[r][i], kv[i], a);
-      scores[r * L + t] = _mm512_reduce_add_ps(a);
+      scores[r * L + t] = _mm512_reduce_add_ps(a) * ks;
     }
   }
   float inv[R];
@@ -82,8 +118,9 @@ QC_AVX512 void attend(const float* q, const Cache<KV>& c, int64_t head_off, cons
     const KV* vp = token(c.v, t);
     __m512 vv[C];
     for (int i = 0; i < C; ++i) vv[i] = load16(vp + 16 * i);
+    const float vs = row_scale<D>(vp);
     for (int r = 0; r < R; ++r) {
-      const __m512 p = _mm512_set1_ps(scores[r * L + t]);
+      const __m512 p = _mm512_set1_ps(scores[r * L + t] * vs);
       for (int i = 0; i < C; ++i) o[r][i] = _mm512_fmadd_ps(p, vv[i], o[r][i]);
     }
   }
@@ -114,7 +151,7 @@ AttendFn<KV> pick(int R) {
 
 // query rows and outputs in Q (fp32 or bf16), staged through fp32 buffers per work item
 template <int D, typename Q, typename KV>
-void run(const at::Tensor& q, const Cache<KV>& c, int64_t Hkv, const at::Tensor& tables, const at::Tensor& lens,
+void run(const at::Tensor& q, const Cache<KV>& c, int64_t Hkv, int64_t W, const at::Tensor& tables, const at::Tensor& lens,
          double scale, int64_t window, at::Tensor& out) {
   const int64_t S = q.size(0), Hq = q.size(1), rep = Hq / Hkv, nb = tables.size(1);
   constexpr int RM = max_heads<D>();
@@ -137,7 +174,7 @@ void run(const at::Tensor& q, const Cache<KV>& c, int64_t Hkv, const at::Tensor&
       const int64_t row = (s * Hq + h * rep + h0) * D;
       for (int64_t j = 0; j < R * D; ++j) qf[j] = static_cast<float>(qp[row + j]);
       const int64_t first = window > 0 ? std::max<int64_t>(0, lp[s] - window) : 0;
-      pick<D, KV>(R)(qf.data(), c, h * D, tp + s * nb, first, lp[s] - first, static_cast<float>(scale), scores.data(),
+      pick<D, KV>(R)(qf.data(), c, h * W, tp + s * nb, first, lp[s] - first, static_cast<float>(scale), scores.data(),
                      of.data());
       for (int64_t j = 0; j < R * D; ++j) op[row + j] = static_cast<Q>(of[j]);
     }
@@ -147,29 +184,34 @@ void run(const at::Tensor& q, const Cache<KV>& c, int64_t Hkv, const at::Tensor&
 template <int D>
 void dispatch(const at::Tensor& q, const at::Tensor& kv_cache, int64_t layer, int64_t Hkv, const at::Tensor& tables,
               const at::Tensor& lens, double scale, int64_t window, at::Tensor& out) {
-  const int64_t blocks = kv_cache.size(2), bs = kv_cache.size(3), plane = blocks * bs * Hkv * D;
+  const int64_t blocks = kv_cache.size(2), bs = kv_cache.size(3), W = kv_cache.size(5), plane = blocks * bs * Hkv * W;
   auto go = [&](auto kv0) {
     using KV = std::remove_const_t<std::remove_pointer_t<decltype(kv0)>>;
     const KV* base = kv0 + layer * 2 * plane;
-    const Cache<KV> c{base, base + plane, bs, bs * Hkv * D, Hkv * D, blocks};
-    if (q.scalar_type() == at::kFloat) run<D, float>(q, c, Hkv, tables, lens, scale, window, out);
-    else run<D, at::BFloat16>(q, c, Hkv, tables, lens, scale, window, out);
+    const Cache<KV> c{base, base + plane, bs, bs * Hkv * W, Hkv * W, blocks};
+    if (q.scalar_type() == at::kFloat) run<D, float>(q, c, Hkv, W, tables, lens, scale, window, out);
+    else run<D, at::BFloat16>(q, c, Hkv, W, tables, lens, scale, window, out);
   };
-  if (kv_cache.scalar_type() == at::kFloat) go(kv_cache.data_ptr<float>());
-  else go(kv_cache.data_ptr<at::BFloat16>());
+  switch (kv_cache.scalar_type()) {
+    case at::kFloat: go(kv_cache.data_ptr<float>()); break;
+    case at::kBFloat16: go(kv_cache.data_ptr<at::BFloat16>()); break;
+    case at::kChar: go(kv_cache.data_ptr<int8_t>()); break;
+    default: go(reinterpret_cast<const Fp8*>(kv_cache.data_ptr()));  // Float8_e4m3fn, checked by the caller
+  }
 }
 
 at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& kv_cache, int64_t layer, const at::Tensor& block_tables,
                         const at::Tensor& seq_lens, double scale, int64_t window) {
   TORCH_CHECK(__builtin_cpu_supports("avx512f"), "qc_cpu::paged_decode needs a CPU with AVX-512");
   const auto f32_or_bf16 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16; };
+  const bool quantized = kv_cache.scalar_type() == at::kChar || kv_cache.scalar_type() == at::kFloat8_e4m3fn;
   TORCH_CHECK(query.dim() == 3 && f32_or_bf16(query) && query.is_contiguous(),
               "query must be contiguous fp32/bf16 [S, H, D], got ", query.scalar_type(), " ", query.sizes());
-  TORCH_CHECK(kv_cache.dim() == 6 && f32_or_bf16(kv_cache) && kv_cache.is_contiguous(),
-              "kv_cache must be contiguous fp32/bf16 [layers, 2, blocks, block_size, kv_heads, head_dim], got ",
+  TORCH_CHECK(kv_cache.dim() == 6 && (f32_or_bf16(kv_cache) || quantized) && kv_cache.is_contiguous(),
+              "kv_cache must be contiguous fp32/bf16/int8/fp8 [layers, 2, blocks, block_size, kv_heads, head_dim (+2)], got ",
               kv_cache.scalar_type(), " ", kv_cache.sizes());
   const int64_t S = query.size(0), Hq = query.size(1), D = query.size(2), Hkv = kv_cache.size(4);
-  TORCH_CHECK(kv_cache.size(5) == D && Hkv > 0 && Hq % Hkv == 0, "query heads ", Hq, " x ", D, " vs cache heads ", Hkv, " x ",
+  TORCH_CHECK(kv_cache.size(5) == D + (quantized ? 2 : 0) && Hkv > 0 && Hq % Hkv == 0, "query heads ", Hq, " x ", D, " vs cache heads ", Hkv, " x ",
               kv_cache.size(5));
   TORCH_CHECK(layer >= 0 && layer < kv_cache.size(0), "layer ", layer, " outside the cache's ", kv_cache.size(0));
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == S && block_tables.scalar_type() == at::kLong &&

@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
                    "(default: LLM's, 256M)")
     s.add_argument("--num-blocks", type=int, default=None, help="KV blocks (instead of --kv-cache-memory)")
     s.add_argument("--block-size", type=int, default=16)
-    s.add_argument("--kv-cache-dtype", default="auto")
+    s.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
+                   help="auto (default), float32, bfloat16, float16, int8 or fp8 (quantized: a scale per token and KV head)")
     s.add_argument("--no-prefix-cache", action="store_true", help="turn the radix prefix cache off")
     s.add_argument("--compile", action="store_true", help="run the program through torch.compile")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
