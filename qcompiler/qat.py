@@ -17,7 +17,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +50,9 @@ def fake_quantize(w: Tensor, scale: Tensor, zero: Optional[Tensor], bits: int) -
 
 def fake_quantize_per_token(x: Tensor) -> Tensor:
     """int8 per token, symmetric, absmax / 127, codes in [-127, 127] (``qc::quantize_per_token``)."""
-    s = (x.detach().abs().amax(-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.clamp(ste_round(x / s), -127, 127) * s
+    xf = x.float()  # fp32 under autocast too: the codes are what qc::quantize_per_token takes
+    s = (xf.detach().abs().amax(-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return (torch.clamp(ste_round(xf / s), -127, 127) * s).to(x.dtype)
 
 
 class FakeQuantLinear(nn.Module):
@@ -185,10 +186,35 @@ def qat_loss(student: nn.Module, teacher: Optional[nn.Module], ids: Tensor, loss
                     log_target=True, reduction="batchmean")
 
 
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """bf16 autocast where matmuls run it in hardware (CUDA; CPUs with AVX512-BF16 or AMX), else
+    None: fp32 (emulated bf16 is slower)."""
+    from qcompiler.codegen.cpu_native import BF16_NATIVE
+    return torch.bfloat16 if device.type == "cuda" or BF16_NATIVE else None
+
+
+def _keep_freed_memory() -> None:
+    """glibc: keep freed memory in the heap instead of returning it to the system, so each
+    step's activations reuse pages rather than fault new ones in (half a step's time on CPUs)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        libc.mallopt(M_TOP_PAD, 256 << 20)
+    except (OSError, AttributeError):  # not glibc: the allocator's own policy stands
+        pass
+
+
 def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor], steps: int, lr: float = 1e-5,
-          batch: int = 4, loss: str = "kd", progress: bool = False) -> TrainResult:
+          batch: int = 4, loss: str = "kd", progress: bool = False, autocast: Optional[torch.dtype] = None,
+          on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
     """AdamW on the fake-quantized linears' weights and scales (everything else frozen), ``batch``
-    samples a step, cycling through ``samples``."""
+    samples a step, cycling through ``samples``. ``autocast``: the dtype forward and backward
+    matmuls run in (master weights, scales and the fake quantization stay fp32). ``on_step(n)``
+    runs after the n-th step, in eval mode, its time not counted in ``seconds``."""
     if steps < 1:
         raise ValueError(f"QAT steps must be >= 1, got {steps}")
     if loss not in ("kd", "ce"):
@@ -206,27 +232,37 @@ def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor],
     groups = [{"params": weights, "lr": lr}] + ([{"params": scales, "lr": lr * SCALE_LR}] if scales else [])
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
-    h, losses, tokens, t0 = hashlib.sha256(), [], 0, time.perf_counter()
+    h, losses, tokens, t0, paused = hashlib.sha256(), [], 0, time.perf_counter(), 0.0
     for s in samples:
         h.update(s.numpy().tobytes())
     model.train()
+    device = weights[0].device
+    if device.type == "cpu":
+        _keep_freed_memory()
     bar = tqdm(range(steps), desc="qat", unit="step", disable=None if progress else True)
     for i in bar:
-        ids = torch.stack([samples[(i * batch + j) % len(samples)] for j in range(batch)])
-        value = qat_loss(model, teacher, ids, loss)
+        ids = torch.stack([samples[(i * batch + j) % len(samples)] for j in range(batch)]).to(device)
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            value = qat_loss(model, teacher, ids, loss)
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
         sched.step()
         losses.append(float(value.detach()))
         tokens += ids.numel()
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0 - paused):.0f}")
+        if on_step is not None:
+            t1 = time.perf_counter()
+            model.eval()
+            on_step(i + 1)
+            model.train()
+            paused += time.perf_counter() - t1
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     every = max(1, steps // 20)
     tail = losses[-max(1, steps // 10):]
-    return TrainResult(steps, tokens, round(time.perf_counter() - t0, 1), round(losses[0], 5),
+    return TrainResult(steps, tokens, round(time.perf_counter() - t0 - paused, 1), round(losses[0], 5),
                        round(sum(tail) / len(tail), 5), [(i, round(v, 5)) for i, v in enumerate(losses)][::every],
                        h.hexdigest())
 

@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     q.add_argument("--train-file", default=None, help="UTF-8 text to train on (default: the model file's "
                                                       "calibration texts)")
     q.add_argument("--fixed-scales", action="store_true", help="train the weights only, not the scales")
+    q.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="matmuls of the training steps: auto (default) = bf16 where the hardware has it "
+                        "(CUDA, AVX512-BF16/AMX CPUs), else fp32; weights, scales and fake quantization stay fp32")
     q.add_argument("-o", "--output", default=None, help="artifact directory (default build/<model>-<target>-qat)")
     q.add_argument("--no-verify", dest="verify", action="store_false", help="skip the compile's checks")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -50,13 +53,17 @@ def ptq_codes(src, target, method: str, cfg) -> dict:
     return {layer_name(fqn): qw for fqn, (qw, _) in prog.meta["qc_codes"].items()}
 
 
-def cmd_qat(a) -> int:
+def train_source(a, src, on_step=None):
+    """Quantization-aware training of ``src`` (a ``ModelSource``) as the parsed ``qcompile qat``
+    options ``a`` say; leaves the trained codes and the run's record in ``src.checkpoint``.
+    ``on_step(step)`` runs after each optimizer step (its time not counted as training).
+    Returns the ``TrainResult``."""
+    import torch
+
     from .calibration import CalibrationConfig, load_calibration
     from .checkpoint import CheckpointCodes
-    from .cli import PER_CHANNEL, _group_size, print_summary
-    from .compiler import compile_model
-    from .models import load_source
-    from .qat import convert, prepare, qat_target, train
+    from .cli import PER_CHANNEL, _group_size
+    from .qat import autocast_dtype, convert, prepare, qat_target, train
     from .targets import W8A8, make_target
     if a.target not in ("w4a16", "w8a16", "w8a8"):
         raise ValueError(f"qcompile qat trains w4a16, w8a16 or w8a8, not {a.target}")
@@ -68,7 +75,6 @@ def cmd_qat(a) -> int:
               make_target(a.target, group_size=group, symmetric=a.symmetric, method="rtn"))
     if a.init != "rtn" and isinstance(target, W8A8):
         raise ValueError("--init applies to w4a16 and w8a16")
-    src = load_source(a.model)
     if not (a.train_file or src.calibration_data or src.calibration_texts):
         raise ValueError(f"{a.model}: no training data: pass --train-file TEXT, or define calibration_texts() or "
                          "calibration_data() in the model file")
@@ -77,16 +83,29 @@ def cmd_qat(a) -> int:
     data = load_calibration(src, cfg, src.config.get("vocab_size"), "qat")
     init = ptq_codes(src, target, a.init, CalibrationConfig(file=a.train_file)) if a.init != "rtn" else None
     teacher = copy.deepcopy(src.model) if a.loss == "kd" else None
-    t0 = time.perf_counter()
     prepare(src.model, target, learn_scales=not a.fixed_scales, init=init)
-    res = train(src.model, teacher, data.samples, a.steps, a.lr, batch, a.loss, progress=not a.quiet)
+    device = next(src.model.parameters()).device
+    autocast = {"auto": autocast_dtype(device), "bf16": torch.bfloat16, "fp32": None}[a.precision]
+    res = train(src.model, teacher, data.samples, a.steps, a.lr, batch, a.loss, progress=not a.quiet,
+                autocast=autocast, on_step=on_step)
     codes = convert(src.model)
     record = {"init": a.init, "loss": a.loss, "steps": res.steps, "tokens": res.tokens, "lr": a.lr,
               "batch_tokens": batch * a.seq_len, "learn_scales": not a.fixed_scales, "seconds": res.seconds,
+              "precision": "bf16" if autocast is not None else "fp32",
               "loss_first": res.loss_first, "loss_last": res.loss_last, "curve": res.curve,
               "data": {"source": data.source, "sha256": res.data_sha256}}
     src.checkpoint = CheckpointCodes(qat_target(target), codes, record)
-    out = a.output or f"build/{Path(a.model).stem.lower()}-{target.name}-qat"
+    return res
+
+
+def cmd_qat(a) -> int:
+    from .cli import print_summary
+    from .compiler import compile_model
+    from .models import load_source
+    src = load_source(a.model)
+    t0 = time.perf_counter()
+    res = train_source(a, src)
+    out = a.output or f"build/{Path(a.model).stem.lower()}-{src.checkpoint.target.name}-qat"
     rep = compile_model(src, None, out, progress=not a.quiet, verify=a.verify)
     print(f"qat: {res.steps} steps, {res.tokens} tokens, {a.loss} loss {res.loss_first:.4f} -> {res.loss_last:.4f} "
           f"in {time.perf_counter() - t0:.0f} s")

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from qcompiler import LLM, BeamSearchParams, SamplingParams
 from qcompiler.codegen import cpu_native
-from qcompiler.codegen.attention import (dequantize_kv, new_kv_cache, paged_attention_impl, paged_attention_ref,
-                                         quantize_kv, reshape_and_cache_for_compile, reshape_and_cache_impl)
+from qcompiler.codegen.attention import (dequantize_kv, new_kv_cache, paged_attention_for_compile,
+                                         paged_attention_impl, paged_attention_ref, quantize_kv,
+                                         reshape_and_cache_for_compile, reshape_and_cache_impl)
 from qcompiler.compiler import compile_model
 from qcompiler.models import load_source
 from qcompiler.targets import Float
@@ -231,3 +232,17 @@ def test_quantized_cache_refuses_an_artifact_with_fixed_rows(tiny, tmp_path):
     assert len(LLM(old, kv_cache_dtype="bfloat16").generate([[1, 2, 3]], GREEDY)[0].token_ids) == 16
     with pytest.raises(ValueError, match="int8 KV cache needs an artifact of format 3 .* recompile the model"):
         LLM(old, kv_cache_dtype="int8")
+
+
+@pytest.mark.parametrize("dt", [I8, FP8])
+def test_compiled_decode_without_our_kernel(dt, monkeypatch):
+    """Where ``qc_cpu::paged_decode`` is not built, a compiled program traces decode attention
+    as ATen ops: the quantized rows are gathered and dequantized inside the graph."""
+    monkeypatch.setattr(cpu_native, "_BUILT", False)
+    g = torch.Generator().manual_seed(0)
+    kv = quantize_kv(torch.randn(2, 2, 12, 4, 2, 16, generator=g), dt)
+    tables, lens = torch.randperm(12, generator=g)[:9].view(3, 3), torch.tensor([5, 12, 9])
+    q = torch.randn(3, 6, 16, generator=g)
+    out = torch.compile(paged_attention_for_compile, dynamic=True)(q, kv, 1, tables, lens, torch.arange(4), 0.25)
+    torch.testing.assert_close(out, paged_attention_ref(q, kv, 1, tables, lens, torch.arange(4), 0.25),
+                               rtol=1e-5, atol=1e-5)
