@@ -208,7 +208,7 @@ def _keep_freed_memory() -> None:
         pass
 
 
-def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor], steps: int, lr: float = 1e-5,
+def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor], steps: int, lr: float = 1e-3,
           batch: int = 4, loss: str = "kd", progress: bool = False, autocast: Optional[torch.dtype] = None,
           on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
     """AdamW on the fake-quantized linears' weights and scales (everything else frozen), ``batch``

@@ -177,10 +177,11 @@ def test_random_steps_equal_ref(kernel_device, data):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("q_lens", [[1] * 6, [1, 100, 1, 64, 1, 1]], ids=["decode", "mixed"])
-@pytest.mark.parametrize("rep, bs", [(1, 16), (4, 16), (8, 5)])
-def test_bf16_on_cuda(rep, bs, q_lens):
+@pytest.mark.parametrize("rep, bs, cache_dtype", [(1, 16, bf16), (4, 16, bf16), (8, 5, bf16), (4, 16, i8),
+                                                  (8, 5, fp8)])
+def test_bf16_on_cuda(rep, bs, cache_dtype, q_lens):
     seq_lens = [1, 300, 2047, 129, 64, 700]
-    args = make_step("cuda", 4, rep, 128, bs, seq_lens, q_lens, bf16, bf16)
+    args = make_step("cuda", 4, rep, 128, bs, seq_lens, q_lens, bf16, cache_dtype)
     check_attention(args)
     if q_lens[0] == 1 and len(set(q_lens)) == 1:
         check_attention(args, num_splits=5)
