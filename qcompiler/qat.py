@@ -210,11 +210,12 @@ def _keep_freed_memory() -> None:
 
 def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor], steps: int, lr: float = 1e-3,
           batch: int = 4, loss: str = "kd", progress: bool = False, autocast: Optional[torch.dtype] = None,
-          on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
+          on_step: Optional[Callable[[int, float], None]] = None) -> TrainResult:
     """AdamW on the fake-quantized linears' weights and scales (everything else frozen), ``batch``
     samples a step, cycling through ``samples``. ``autocast``: the dtype forward and backward
-    matmuls run in (master weights, scales and the fake quantization stay fp32). ``on_step(n)``
-    runs after the n-th step, in eval mode, its time not counted in ``seconds``."""
+    matmuls run in (master weights, scales and the fake quantization stay fp32). ``on_step(n,
+    seconds)`` runs after the n-th step (``seconds`` of training so far), in eval mode, its own
+    time not counted."""
     if steps < 1:
         raise ValueError(f"QAT steps must be >= 1, got {steps}")
     if loss not in ("kd", "ce"):
@@ -254,7 +255,7 @@ def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor],
         if on_step is not None:
             t1 = time.perf_counter()
             model.eval()
-            on_step(i + 1)
+            on_step(i + 1, t1 - t0 - paused)
             model.train()
             paused += time.perf_counter() - t1
     model.eval()

@@ -58,7 +58,7 @@ def ptq_codes(src, target, method: str, cfg) -> dict:
 def train_source(a, src, on_step=None):
     """Quantization-aware training of ``src`` (a ``ModelSource``) as the parsed ``qcompile qat``
     options ``a`` say; leaves the trained codes and the run's record in ``src.checkpoint``.
-    ``on_step(step)`` runs after each optimizer step (its time not counted as training).
+    ``on_step(step, seconds)`` runs after each optimizer step (``qat.train``).
     Returns the ``TrainResult``."""
     import torch
 

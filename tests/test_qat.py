@@ -86,8 +86,11 @@ def test_a_short_run_lowers_held_out_kd_loss_and_beats_rtn(tmp_path):
     held = _ids(64, seed=100)
     rtn = compile_model(load_source(str(EXAMPLES / "tiny_llama.py")), target, tmp_path / "rtn", verify=False)
     prepare(src.model, target)
-    res = train(src.model, teacher, samples, steps=40, lr=1e-4, batch=2)
+    calls = []
+    res = train(src.model, teacher, samples, steps=40, lr=1e-4, batch=2, on_step=lambda n, s: calls.append((n, s)))
     assert res.loss_last < res.loss_first and res.tokens == 40 * 2 * 64 and len(res.curve) >= 4
+    assert [n for n, _ in calls] == list(range(1, 41))  # after every step, with the training time so far
+    assert all(a <= b for (_, a), (_, b) in zip(calls, calls[1:])) and calls[-1][1] <= res.seconds + 0.1
     src.checkpoint = CheckpointCodes(qat_target(target), convert(src.model))
     qat = compile_model(src, None, tmp_path / "qat", verify=False)
     run = lambda art: (lambda ids: load(art, fast=False)(ids, torch.arange(ids.shape[1])[None])[0])  # noqa: E731
