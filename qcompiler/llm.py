@@ -33,7 +33,7 @@ def kv_cache_dtype_of(manifest: dict, name: str) -> torch.dtype:
     (their programs run 16-bit activations), the model's dtype otherwise."""
     check_kv_cache_dtype(name)
     if name in ("int8", "fp8") and manifest.get("format_version", 3) < 3:
-        raise ValueError(f"a {name} KV cache needs an artifact of format 3 or later; this one is format "
+        raise ValueError(f"an {name} KV cache needs an artifact of format 3 or later; this one is format "
                          f"{manifest['format_version']} (its program fixes the cache's row width): recompile the model")
     if KV_CACHE_DTYPES[name] is not None:
         return KV_CACHE_DTYPES[name]

@@ -19,7 +19,7 @@ from qcompiler.codegen.attention import (dequantize_kv, new_kv_cache, paged_atte
 from qcompiler.compiler import compile_model
 from qcompiler.models import load_source
 from qcompiler.targets import Float
-from tests_paths import EXAMPLES, FIXTURES
+from tests_paths import FIXTURES
 
 I8, FP8 = torch.int8, torch.float8_e4m3fn
 QMAX = {I8: 127.0, FP8: 448.0}
@@ -125,11 +125,9 @@ def test_native_decode_window_and_bad_row_width():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    src = load_source(str(EXAMPLES / "tiny_llama.py"))
-    out = tmp_path_factory.mktemp("kvq") / "float"
-    compile_model(src, Float(), out)
-    return out
+def tiny(tiny_artifacts):
+    """The float tiny-Llama artifact (the session's, compiled once for every test file)."""
+    return tiny_artifacts[1]["float"].out
 
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -152,7 +150,7 @@ def test_int8_greedy_equals_float_cache(tiny):
     prompts run whole, in chunks, or are preempted and recomputed."""
     ps = prompts(5, seed=3)
     ref = [o.token_ids for o in LLM(tiny, kv_cache_dtype="float32").generate(ps, GREEDY)]
-    for kw in (dict(), dict(max_num_batched_tokens=8, block_size=4), dict(num_blocks=14, block_size=4)):
+    for kw in (dict(), dict(num_blocks=14, block_size=4, max_num_batched_tokens=8)):  # chunked and preempted
         llm = LLM(tiny, kv_cache_dtype="int8", **kw)
         assert [o.token_ids for o in llm.generate(ps, GREEDY)] == ref, kw
         check_pool(llm)
@@ -230,7 +228,7 @@ def test_quantized_cache_refuses_an_artifact_with_fixed_rows(tiny, tmp_path):
     man["format_version"] = 2
     (old / "manifest.json").write_text(json.dumps(man))
     assert len(LLM(old, kv_cache_dtype="bfloat16").generate([[1, 2, 3]], GREEDY)[0].token_ids) == 16
-    with pytest.raises(ValueError, match="int8 KV cache needs an artifact of format 3 .* recompile the model"):
+    with pytest.raises(ValueError, match="an int8 KV cache needs an artifact of format 3 .* recompile the model"):
         LLM(old, kv_cache_dtype="int8")
 
 
