@@ -78,10 +78,10 @@ class Process:
             return self.proc.wait()
 
 
-def ours(threads: int, compile_: bool) -> Process:
+def ours(threads: int, compile_: str) -> Process:
     cmd = [sys.executable, "-m", "qcompiler.cli", "serve", artifact("w4a16-h8"), "--threads", str(threads),
            "--served-model-name", "smollm2", "--max-num-seqs", "64", "--kv-cache-memory", "512M"]
-    return Process(cmd + (["--compile"] if compile_ else []), threads, "/health")
+    return Process(cmd + ["--compile", compile_], threads, "/health")
 
 
 def llama(threads: int) -> Process:
@@ -164,7 +164,7 @@ def summarize(results: list[dict], wall: float) -> dict:
             "itl": (ms(itl, 0.5), ms(itl, 0.99)), "errors": sum(not r["ok"] for r in results)}
 
 
-def offline_step_ms(threads: int, compile_: bool, tok) -> float:
+def offline_step_ms(threads: int, compile_: str, tok) -> float:
     """Our batch-1 decode step through ``LLM`` in this process (no server): ms per generated token,
     from the difference between 129 and 1 new tokens after a 32-token prompt."""
     import torch
@@ -190,13 +190,14 @@ def main():
     ap.add_argument("--max-new", type=int, default=128, help="cap on new tokens per request (default 128)")
     ap.add_argument("--soak", type=int, default=2000, help="soak requests (0: none)")
     ap.add_argument("--systems", nargs="+", default=["qcompiler", "llama.cpp"])
-    ap.add_argument("--compile", action="store_true", help="our server with --compile")
+    ap.add_argument("--compile", default="auto", choices=("auto", "aot", "jit", "eager"),
+                    help="how our server runs the program (default auto: compiled ahead of time on CPU)")
     a = ap.parse_args()
     import qcompiler
     tok = qcompiler.load(artifact("w4a16-h8")).tokenizer
     eos = tok.eos_token_id
     print(f"{cpu_name()}, {os.cpu_count()} CPUs; max new tokens {a.max_new}; "
-          f"our server{' with --compile' if a.compile else ''} on W4A16 g64 + int8 lm_head", flush=True)
+          f"our server with --compile {a.compile} on W4A16 g64 + int8 lm_head", flush=True)
     rows, step = [], {}
     for threads in a.threads:
         if "qcompiler" in a.systems:
@@ -235,7 +236,7 @@ def main():
         soak(tok, eos, a.soak, a.threads[0], a.compile)
 
 
-def soak(tok, eos: int, n: int, threads: int, compile_: bool) -> None:
+def soak(tok, eos: int, n: int, threads: int, compile_: str) -> None:
     srv = ours(threads, compile_)
     try:
         rng = random.Random(7)

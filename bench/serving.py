@@ -82,11 +82,11 @@ def med(xs: list[float]) -> str:
 # --- single stream -------------------------------------------------------------------------
 
 class Ours:
-    def __init__(self, name: str, compile: bool = False):
+    def __init__(self, name: str, compile: str = "auto"):
         self.llm = LLM(artifact(name), prefix_cache=False, max_num_batched_tokens=PREFILL_TOKENS, compile=compile)
-        if compile:  # compile the prefill and decode graphs before anything is timed
-            self._run(list(range(1, PREFILL_TOKENS + 1)), 4)
-            self._run(list(range(1, DECODE_PROMPT + 1)), 4)
+        # before anything is timed: torch.compile compiles its prefill and decode graphs here
+        self._run(list(range(1, PREFILL_TOKENS + 1)), 4)
+        self._run(list(range(1, DECODE_PROMPT + 1)), 4)
 
     def _run(self, prompt: list[int], n: int) -> list[float]:
         """Times (perf_counter) at which each new token appeared."""
@@ -167,10 +167,11 @@ class Transformers:
 
 
 def single(threads: int, rounds: int, tokens: list[int]) -> dict:
-    cands = {"qcompiler W4A16 g64": lambda: Ours("w4a16"),
-             "qcompiler W4A16 g64, torch.compile": lambda: Ours("w4a16", compile=True),
-             "qcompiler W4A16 g64 + int8 lm_head, torch.compile": lambda: Ours("w4a16-h8", compile=True),
-             "qcompiler float (fp32)": lambda: Ours("float")}
+    cands = {"qcompiler W4A16 g64, default (compiled ahead of time)": lambda: Ours("w4a16"),
+             "qcompiler W4A16 g64 + int8 lm_head, default": lambda: Ours("w4a16-h8"),
+             "qcompiler W4A16 g64 + int8 lm_head, torch.compile": lambda: Ours("w4a16-h8", "jit"),
+             "qcompiler W4A16 g64, eager": lambda: Ours("w4a16", "eager"),
+             "qcompiler float (fp32), eager": lambda: Ours("float", "eager")}
     try:
         import llama_cpp
         q4_0 = Path("build/smollm2-q4_0.gguf")
@@ -211,9 +212,10 @@ def single(threads: int, rounds: int, tokens: list[int]) -> dict:
 
 GREEDY = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
 SAMPLED = SamplingParams(max_tokens=128, temperature=0.8, top_p=0.95, seed=0, ignore_eos=True)
-CONCURRENT = {"W4A16 g64, eager": ("w4a16", False, GREEDY),
-              "W4A16 g64 + int8 lm_head, torch.compile": ("w4a16-h8", True, GREEDY),
-              "W4A16 g64 + int8 lm_head, torch.compile, sampled (T 0.8, top-p 0.95)": ("w4a16-h8", True, SAMPLED)}
+CONCURRENT = {"W4A16 g64, eager": ("w4a16", "eager", GREEDY),
+              "W4A16 g64, default": ("w4a16", "auto", GREEDY),
+              "W4A16 g64 + int8 lm_head, default": ("w4a16-h8", "auto", GREEDY),
+              "W4A16 g64 + int8 lm_head, default, sampled (T 0.8, top-p 0.95)": ("w4a16-h8", "auto", SAMPLED)}
 
 
 def concurrent(rounds: int, tokens: list[int]) -> dict[str, list[float]]:
@@ -224,8 +226,7 @@ def concurrent(rounds: int, tokens: list[int]) -> dict[str, list[float]]:
     for a, c, _ in CONCURRENT.values():
         if (a, c) not in llms:
             llms[a, c] = LLM(artifact(a), prefix_cache=False, compile=c)
-            if c:  # compile the graphs of this workload's shapes before anything is timed
-                llms[a, c].generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+            llms[a, c].generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     rates = {k: [] for k in CONCURRENT}
     for r in range(rounds):
         for k in (list(CONCURRENT) if r % 2 == 0 else list(reversed(CONCURRENT))):

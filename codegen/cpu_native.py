@@ -1,7 +1,8 @@
 """Our own CPU kernels, built on first use with torch's C++ extension tools (g++ and ninja)
 into the qcompiler cache:
 
-* ``qc_cpu::wq_gemm`` (``csrc/cpu_wq_gemm.cpp``), weight-only int4/int8 linears: AVX-512 FMAs in
+* ``qc_cpu::wq_gemm`` (``csrc/cpu_wq_gemm.cpp``), weight-only int4/int8 linears (``qc_cpu::wq_linear``: it, or
+  a dequantize + GEMM past a row count): AVX-512 FMAs in
   fp32 on weights converted in registers (int4 through a 16-entry table), the group scale applied
   once per group to a partial sum, a weight block converted once for up to 8 rows, software
   prefetch ahead of the weight stream;
@@ -69,6 +70,10 @@ def available() -> bool:
     @torch.library.register_fake("qc_cpu::wq_gemm")
     def _(x, packed, scales, biases, bits, group_size, out_features, bias):
         return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
+
+    @torch.library.register_fake("qc_cpu::wq_linear")
+    def _(x, packed, block_scales, block_biases, qweight, scales, zeros, bias, bits, max_native_rows, dense_bf16):
+        return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
     @torch.library.register_fake("qc_cpu::paged_decode")
     def _(query, kv_cache, layer, block_tables, seq_lens, scale, window=0):

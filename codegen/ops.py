@@ -147,14 +147,10 @@ def wq_linear_native_impl(x: Tensor, packed: Tensor, block_scales: Tensor, block
                           bits: int) -> Tensor:
     """``qc::w4a16_linear`` / ``qc::w8a16_linear`` on CPU through our own kernel
     (``codegen.cpu_native``: fp32 activations and accumulation, weights from ``pack_native``)
-    for few rows, a dequantize + GEMM for many (``_dense``)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] <= NATIVE_MAX_ROWS:
-        y = torch.ops.qc_cpu.wq_gemm(x2.float().contiguous(), packed, block_scales, block_biases, bits,
-                                     x.shape[-1] // scales.shape[1], qweight.shape[0],
-                                     None if bias is None else bias.float())
-        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
-    return _finish(_dense(x2, qweight, scales, zeros, bits=bits), x, bias)
+    for up to ``NATIVE_MAX_ROWS`` rows, a dequantize + GEMM for more (``_dense``'s, in C++:
+    ``qc_cpu::wq_linear`` decides inside, so a compiled program has no branch on the row count)."""
+    return torch.ops.qc_cpu.wq_linear(x, packed, block_scales, block_biases, qweight, scales, zeros, bias, bits,
+                                      NATIVE_MAX_ROWS, cpu_native.BF16_NATIVE)
 
 
 # NOTE: the plain functions stay importable: an eager program calls them directly

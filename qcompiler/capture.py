@@ -67,17 +67,22 @@ def paged_example_inputs(paged: dict, dtype: torch.dtype, T: int = 16, device: t
             torch.tensor([0, 8, 16], **long), torch.tensor([7, 15], **long))
 
 
-def export_paged(module: nn.Module, max_tokens: int, paged: dict, dtype: torch.dtype) -> ExportedProgram:
-    """Exports a program after the paged-attention pass, every runtime size dynamic (the KV
-    cache's dtype is not guarded either), on the device of its weights."""
+def paged_dynamic_shapes(max_tokens: int) -> tuple:
+    """The paged program's dynamic sizes, in its input order: tokens, sequences, KV blocks,
+    block size, the KV row, block-table width and logits rows."""
     T, S = Dim("T", min=1, max=max_tokens), Dim("num_seqs", min=1, max=max_tokens)  # NOTE: not "S": sympy's
     # the row: head_dim, or head_dim + the scale's bytes for a quantized cache (codegen.attention)
     kv = {2: Dim("num_blocks", min=1), 3: Dim("block_size", min=1, max=max_tokens), 5: Dim("kv_row", min=1)}
-    shapes = ({0: T}, {0: T}, kv, {0: T}, {0: S, 1: Dim("max_blocks", min=1)}, {0: S}, {0: S + 1},
-              {0: Dim("num_logits", min=1, max=max_tokens)})
+    return ({0: T}, {0: T}, kv, {0: T}, {0: S, 1: Dim("max_blocks", min=1)}, {0: S}, {0: S + 1},
+            {0: Dim("num_logits", min=1, max=max_tokens)})
+
+
+def export_paged(module: nn.Module, max_tokens: int, paged: dict, dtype: torch.dtype) -> ExportedProgram:
+    """Exports a program after the paged-attention pass, every runtime size dynamic (the KV
+    cache's dtype is not guarded either), on the device of its weights."""
     with torch.no_grad():
         return torch.export.export(module, paged_example_inputs(paged, dtype, device=device_of(module)),
-                                   dynamic_shapes=shapes)
+                                   dynamic_shapes=paged_dynamic_shapes(max_tokens))
 
 
 @contextmanager

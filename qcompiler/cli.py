@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip checking each pass on probe inputs (the manifest says so)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--no-aot", dest="aot", action="store_false",
+                   help="skip compiling the program for this CPU now (the first run here compiles it instead)")
     e = sub.add_parser("eval", help="perplexity of an artifact on the bundled evaluation text")
     e.add_argument("artifact")
     e.add_argument("--windows", type=int, default=16)
@@ -122,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prefill-chunk", type=int, default=128, help="tokens per prefill chunk with --kv-cache-dtype "
                                                                   "(default 128)")
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_compile_option(e)
     e.add_argument("-q", "--quiet", action="store_true")
     g = sub.add_parser("generate", help="generate text from an artifact (greedy unless --temperature)")
     g.add_argument("artifact")
@@ -141,9 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
                    help="auto (default), float32, bfloat16, float16, int8 or fp8 (quantized: a scale per token and KV head)")
-    g.add_argument("--compile", action="store_true",
-                   help="run the program through torch.compile: faster decode after an Inductor compile (minutes the first "
-                        "time, under a minute from Inductor's cache after that)")
+    add_compile_option(g)
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda: Triton kernels and CUDA graphs")
     r = sub.add_parser("report", help="draw an artifact (PNG) and print the same facts")
     r.add_argument("artifact")
@@ -256,7 +257,37 @@ def cmd_compile(a) -> int:
     rep = compile_model(a.model, target, out, dtype=a.dtype, progress=not a.quiet, calibration=calib,
                         verify=a.verify, requantize=a.requantize)
     print_summary(rep, a.model)
+    if a.aot:
+        _build_for_this_cpu(rep.out)
     return 0
+
+
+def _build_for_this_cpu(out) -> None:
+    """The program compiled ahead of time for this CPU and the engine's default KV cache, so that
+    the first ``generate``/``serve`` here starts in seconds (``qcompiler.aot``); skipped where
+    the default mode is not "aot" (``QCOMPILER_COMPILE``)."""
+    import torch
+
+    from .llm import kv_cache_dtype_of
+    from .loader import load, resolve_mode
+    if resolve_mode("auto", torch.device("cpu")) != "aot":
+        return
+    m = load(out, compile="aot", verify=False)
+    t0 = time.perf_counter()
+    m.program_for(kv_cache_dtype_of(m.manifest, "auto"))
+    rec = m.lowerings[-1]
+    if rec["name"] == "aot":
+        print(f"  compiled ahead of time for this CPU in {time.perf_counter() - t0:.0f} s "
+              f"(cached in {Path(rec['params']['package']).parent})")
+
+
+def add_compile_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", nargs="?", const="jit", default="auto", choices=("auto", "aot", "jit", "eager"),
+                   help="how the program runs: auto (default: on CPU compiled ahead of time for this machine, about a "
+                        "minute the first time and cached, then loaded in a second; on CUDA replayed from CUDA graphs), "
+                        "aot, jit (torch.compile; the default without a value) or eager")
+    p.add_argument("--eager", dest="compile", action="store_const", const="eager",
+                   help="run the program uncompiled, op by op (for debugging)")
 
 
 def cmd_eval(a) -> int:
@@ -268,7 +299,7 @@ def cmd_eval(a) -> int:
     from .models import load_source
     if a.windows < 1 or a.window_len < 2:
         raise ValueError(f"need --windows >= 1 and --window-len >= 2, got {a.windows} and {a.window_len}")
-    m = load(a.artifact, fast=not a.reference, device=a.device)
+    m = load(a.artifact, fast=not a.reference, device=a.device, compile=a.compile)
     text = Path(a.text_file).read_text(encoding="utf-8") if a.text_file else britannica_text()
     tokens = eval_tokens(m.tokenizer, text, a.windows * a.window_len)
     rows = []
@@ -334,7 +365,7 @@ def cmd_generate(a) -> int:
     if out.error:
         raise ValueError(out.error)
     secs = time.perf_counter() - t0
-    rate = f"{secs:.1f} s with the compile" if a.compile else f"{len(out.token_ids) / secs:.1f} tok/s"
+    rate = f"{secs:.1f} s with the compile" if a.compile == "jit" else f"{len(out.token_ids) / secs:.1f} tok/s"
     print(f"[{len(out.token_ids)} tokens, {out.finish_reason}, {rate}]", file=sys.stderr)
     return 0
 

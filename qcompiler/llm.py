@@ -78,7 +78,9 @@ class LLM:
         prefix_cache: reuse KV blocks of earlier requests' shared prefixes (radix cache).
         max_num_seqs / max_num_batched_tokens: continuous batching limits per step (the token
             budget is what chunks long prompts).
-        compile: run the program through ``torch.compile``.
+        compile: "auto" (default: on CPU the program compiled ahead of time for this machine,
+            built on first use and cached, ``qcompiler.aot``; on CUDA the program replayed from
+            CUDA graphs), "jit" (``torch.compile``), "eager" or False (for debugging).
         kv_cache_dtype: "auto" (bfloat16 for weight-only artifacts, whose program runs 16-bit
             activations; the model's dtype otherwise), "float32", "bfloat16" or "float16"; or
             quantized, about half a bf16 cache's bytes a token: "int8" (symmetric, a scale per
@@ -92,7 +94,7 @@ class LLM:
 
     def __init__(self, path: Union[str, CompiledModel], *, kv_cache_memory: int = 256 << 20, num_blocks: Optional[int] = None,
                  block_size: int = 16, prefix_cache: bool = True, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512, compile: bool = False, kv_cache_dtype: str = "auto",
+                 max_num_batched_tokens: int = 512, compile: Union[bool, str] = "auto", kv_cache_dtype: str = "auto",
                  device: str = "cpu", cuda_graphs: bool = True, gpu_memory_utilization: Optional[float] = None):
         if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -123,7 +125,7 @@ class LLM:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.append(self.tokenizer.eos_token_id)
-        runner = ModelRunner(self.model.program, paged, dtype, num_blocks, block_size, self.model.device,
+        runner = ModelRunner(self.model.program_for(dtype), paged, dtype, num_blocks, block_size, self.model.device,
                              max_num_seqs if cuda_graphs else 0, min(num_blocks, -(-max_len // block_size)),
                              workspace)
         self.engine = Engine(runner, num_blocks, block_size,

@@ -2,7 +2,8 @@
 rewrites that swap a paged program's canonical ops for that device's fast kernels.
 
     cpu   build_cpu_kernels ─► lower_for_cpu ─► [float_linears_to_bf16] ─► hoist_constants
-          ─► trace_through (under torch.compile) | call_directly (eager)
+          ─► call_native_ops (ahead of time, ``qcompiler.aot``) | trace_through (under
+             ``torch.compile``) | call_directly (eager)
     cuda  lower_for_cuda ─► [float_linears_to_bf16] ─► hoist_constants
 
 ``float_linears_to_bf16`` runs for weight-only targets (``A16_TARGETS``) only. Every lowering is
@@ -16,13 +17,16 @@ from typing import Callable, NamedTuple
 from torch.fx import GraphModule
 
 from qcompiler.codegen import cpu_native
-from qcompiler.codegen.cpu import call_directly, float_linears_to_bf16, lower_for_cpu, trace_through
+from qcompiler.codegen.cpu import call_directly, call_native_ops, float_linears_to_bf16, lower_for_cpu, trace_through
 from qcompiler.codegen.cuda import lower_for_cuda
 from qcompiler.codegen.fx import hoist_constants
 
 Lowering = tuple[str, Callable[[GraphModule], GraphModule], dict]  # (name, fn, parameters recorded)
 
 A16_TARGETS = ("w4a16", "w8a16")  # weight-only targets: 16-bit activations everywhere when fast
+MODES = ("eager", "jit", "aot")  # how the lowered program will run: as is, under torch.compile, compiled ahead of time
+LAST_CPU_LOWERING = {"eager": ("call_directly", call_directly), "jit": ("trace_through", trace_through),
+                     "aot": ("call_native_ops", call_native_ops)}
 
 
 def build_cpu_kernels(gm: GraphModule) -> GraphModule:
@@ -36,17 +40,17 @@ def _a16_lowerings(target_name: str) -> list[Lowering]:
     return [("float_linears_to_bf16", float_linears_to_bf16, {})] if target_name in A16_TARGETS else []
 
 
-def _cpu_lowerings(target_name: str, compile: bool) -> list[Lowering]:
+def _cpu_lowerings(target_name: str, mode: str) -> list[Lowering]:
     return [
         ("build_cpu_kernels", build_cpu_kernels, {}),
         ("lower_for_cpu", partial(lower_for_cpu, merge=True), {"merge": True}),
         *_a16_lowerings(target_name),
         ("hoist_constants", hoist_constants, {}),
-        ("trace_through", trace_through, {}) if compile else ("call_directly", call_directly, {}),
+        (*LAST_CPU_LOWERING[mode], {}),
     ]
 
 
-def _cuda_lowerings(target_name: str, compile: bool) -> list[Lowering]:
+def _cuda_lowerings(target_name: str, mode: str) -> list[Lowering]:
     return [
         ("lower_for_cuda", partial(lower_for_cuda, merge=True), {"merge": True}),
         *_a16_lowerings(target_name),
@@ -54,18 +58,21 @@ def _cuda_lowerings(target_name: str, compile: bool) -> list[Lowering]:
     ]
 
 
-LOWERINGS: dict[str, Callable[[str, bool], list[Lowering]]] = {
+LOWERINGS: dict[str, Callable[[str, str], list[Lowering]]] = {
     "cpu": _cpu_lowerings,
     "cuda": _cuda_lowerings,
 }
 
 
-def lowerings_for(kind: str, target_name: str, compile: bool) -> list[Lowering]:
+def lowerings_for(kind: str, target_name: str, mode: str | bool) -> list[Lowering]:
     """The ordered lowerings of device ``kind`` for an artifact of target ``target_name``;
-    ``compile``: the program will run under ``torch.compile``."""
+    ``mode`` (``MODES``): how the program will run (True: "jit", False: "eager")."""
     if kind not in LOWERINGS:
         raise ValueError(f"no lowerings for device kind {kind!r}; available: {', '.join(LOWERINGS)}")
-    return LOWERINGS[kind](target_name, compile)
+    mode = {True: "jit", False: "eager"}.get(mode, mode)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; available: {', '.join(MODES)}")
+    return LOWERINGS[kind](target_name, mode)
 
 
 class Lowered(NamedTuple):
@@ -73,10 +80,10 @@ class Lowered(NamedTuple):
     records: list[dict]  # one per lowering, in order: name, params, seconds
 
 
-def lower(gm: GraphModule, target_name: str, kind: str, compile: bool) -> Lowered:
-    """Runs ``lowerings_for(kind, target_name, compile)`` on ``gm`` in order, recording each."""
+def lower(gm: GraphModule, target_name: str, kind: str, mode: str | bool) -> Lowered:
+    """Runs ``lowerings_for(kind, target_name, mode)`` on ``gm`` in order, recording each."""
     records = []
-    for name, fn, params in lowerings_for(kind, target_name, compile):
+    for name, fn, params in lowerings_for(kind, target_name, mode):
         t0 = time.perf_counter()
         gm = fn(gm)
         records.append({"name": name, "params": params, "seconds": round(time.perf_counter() - t0, 3)})

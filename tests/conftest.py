@@ -8,6 +8,9 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "inductor"))
+# NOTE: programs run uncompiled unless a test asks for a mode: an ahead-of-time build takes tens of
+# seconds a model and KV dtype (tests/test_aot.py covers the default path); servers inherit this
+os.environ.setdefault("QCOMPILER_COMPILE", "eager")
 
 import sys  # noqa: E402
 import warnings  # noqa: E402

@@ -75,7 +75,7 @@ def test_cuda_program_traces_whole_for_inductor():
     a = Args(vocab=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128)
     target = W4A16(group_size=32, symmetric=False)
     gm = run_pipeline(capture(build(a), max_tokens=128), target).gm
-    eager = lower(gm, target.name, "cuda", compile=False).gm
+    eager = lower(gm, target.name, "cuda", "eager").gm
     assert call_nodes(eager, qc.w4a16_linear.default) and call_nodes(eager, ops.linear_bf16)
     compiled = torch.compile(eager, dynamic=True, fullgraph=True)
     with torch.no_grad():
@@ -122,7 +122,7 @@ def test_lm_head_bits_is_validated():
 
 
 def test_compiled_program_equals_eager_with_packed_kernels():
-    """``load(compile=True)`` on CPU: packed-kernel linears, the KV write and decode attention traced into
+    """``load(compile="jit")`` on CPU: packed-kernel linears, the KV write and decode attention traced into
     the Inductor graph compute what the eager program computes, for a decode-shaped call (one
     token: the traced attention) and a prompt (the opaque attention op)."""
     a = Args(vocab=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128, tie=True)
@@ -131,7 +131,7 @@ def test_compiled_program_equals_eager_with_packed_kernels():
     paged = gm.meta["qc_paged"]
     ep = export_paged(gm, 128, paged, torch.float32)
     manifest = {"target": target.to_dict(), "model": {"dtype": "float32"}, "program": {"max_tokens": 128, "paged": paged}}
-    eager, compiled = (prepare(ep, manifest, compile=c) for c in (False, True))
+    eager, compiled = (prepare(ep, manifest, compile=c) for c in ("eager", "jit"))
     ids, pos = torch.randint(0, 64, (9,)), torch.arange(9)
     for T in (1, 9):
         torch.testing.assert_close(compiled.flat(ids[:T], pos[:T]), eager.flat(ids[:T], pos[:T]), rtol=1e-2, atol=1e-2)

@@ -67,7 +67,7 @@ def test_compiled_program_greedy_equals_eager(artifact):
     """``torch.compile`` of the program (decode attention and the KV write traced into the graph,
     prompt attention as an opaque op): same tokens as the eager model, graphs reused across steps."""
     out, model = artifact
-    llm = LLM(out, compile=True, kv_cache_dtype="float32")
+    llm = LLM(out, compile="jit", kv_cache_dtype="float32")
     ps = prompts(4, seed=5)
     outs = llm.generate(ps, GREEDY)
     for p, o in zip(ps, outs):

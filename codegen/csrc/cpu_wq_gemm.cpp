@@ -142,10 +142,47 @@ at::Tensor wq_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return y;
 }
 
+// (q - 8 [int4] - zero) * scale as q * scale + offset in fp32, then dtype: codegen/ops.py's
+// _dequantize, op for op (the same results bit for bit).
+at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                      int64_t bits, at::ScalarType dtype) {
+  const at::Tensor q = bits == 4 ? at::stack({qweight.bitwise_and(0xF), qweight.bitwise_right_shift(4)}, -1).to(at::kFloat)
+                                 : qweight.to(at::kFloat);
+  const int64_t N = scales.size(0), groups = scales.size(1);
+  const at::Tensor s = scales.to(at::kFloat);
+  const at::Tensor shift = (zeros ? zeros->to(at::kFloat) : at::zeros_like(s)) + (bits == 4 ? 8.0 : 0.0);
+  return at::addcmul((shift * s).neg().unsqueeze(-1), q.reshape({N, groups, -1}), s.unsqueeze(-1)).reshape({N, -1}).to(dtype);
+}
+
+// qc::wq_linear_native for any number of rows, without a host-side branch: wq_gemm for up to
+// max_native_rows rows (fp32), else dequantize + one GEMM in bf16 (dense_bf16) or fp32.
+at::Tensor wq_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& block_scales,
+                     const at::Tensor& block_biases, const at::Tensor& qweight, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
+                     int64_t max_native_rows, bool dense_bf16) {
+  const int64_t K = x.size(-1), N = qweight.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  const at::Tensor x2 = x.reshape({-1, K});
+  if (x2.size(0) <= max_native_rows) {
+    const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt;
+    return wq_gemm(x2.to(at::kFloat).contiguous(), packed, block_scales, block_biases, bits, K / scales.size(1), N, b)
+        .to(x.scalar_type()).reshape(out_shape);
+  }
+  const at::ScalarType dt = dense_bf16 ? at::kBFloat16 : at::kFloat;
+  at::Tensor y = at::linear(x2.to(dt), dequantize(qweight, scales, zeros, bits, dt)).to(x.scalar_type()).reshape(out_shape);
+  return bias ? y + bias->to(x.scalar_type()) : y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qc_cpu, m) {
   m.def("wq_gemm(Tensor x, Tensor packed, Tensor scales, Tensor biases, int bits, int group_size, int out_features, Tensor? bias) -> Tensor");
+  m.def("wq_linear(Tensor x, Tensor packed, Tensor block_scales, Tensor block_biases, Tensor qweight, Tensor scales, "
+        "Tensor? zeros, Tensor? bias, int bits, int max_native_rows, bool dense_bf16) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(qc_cpu, CPU, m) { m.impl("wq_gemm", &wq_gemm); }
+TORCH_LIBRARY_IMPL(qc_cpu, CPU, m) {
+  m.impl("wq_gemm", &wq_gemm);
+  m.impl("wq_linear", &wq_linear);
+}

@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
     s.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
                    help="auto (default), float32, bfloat16, float16, int8 or fp8 (quantized: a scale per token and KV head)")
     s.add_argument("--no-prefix-cache", action="store_true", help="turn the radix prefix cache off")
-    s.add_argument("--compile", action="store_true", help="run the program through torch.compile")
+    from qcompiler.cli import add_compile_option
+    add_compile_option(s)
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     s.add_argument("--max-body-bytes", type=byte_size, default=8 << 20, help="larger request bodies get 413 "
