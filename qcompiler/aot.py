@@ -8,8 +8,8 @@ in ``cache_root()/<key>/``, so later starts load it in well under a second, with
 reading or lowering the exported program.
 
 The key covers everything the library depends on: the artifact's program and weights (their
-SHA-256 from the manifest), torch's version, this package's code, the CPU's instruction sets
-and the KV cache dtype. An artifact is never extended with native code: the libraries live in
+SHA-256 from the manifest), torch's version, this package's code, the CPU's instruction sets,
+the KV cache dtype and torch's thread count (Inductor's kernels are built for one). An artifact is never extended with native code: the libraries live in
 the local cache, built here or by ``qcompile`` on this machine.
 """
 import hashlib
@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -67,6 +68,8 @@ def cache_key(manifest: dict, kv_dtype: torch.dtype) -> str:
         "target": manifest["target"], "torch": torch.__version__, "code": _code_hash(),
         "isa": sorted(set(_ISA) & cpu_native._cpu_flags()), "native": cpu_native.available(),
         "kv_cache_dtype": str(kv_dtype),
+        # Inductor writes the thread count into its kernels' parallel regions
+        "threads": torch.get_num_threads(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -88,13 +91,14 @@ def build(gm: torch.nn.Module, manifest: dict, kv_dtype: torch.dtype, out: Path)
     compiles it into the package ``out``, written whole or not at all."""
     from qcompiler.capture import paged_dynamic_shapes
     paged, max_tokens = manifest["program"]["paged"], manifest["program"]["max_tokens"]
-    with torch.no_grad():
-        ep = torch.export.export(gm, example_inputs(paged, kv_dtype), dynamic_shapes=paged_dynamic_shapes(max_tokens),
-                                 strict=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{os.getpid()}-{out.name}"  # aoti wants the .pt2 suffix
     try:
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, not the user's
+            ep = torch.export.export(gm, example_inputs(paged, kv_dtype),
+                                     dynamic_shapes=paged_dynamic_shapes(max_tokens), strict=False)
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
         os.replace(tmp, out)
     finally:
         if tmp.exists():
