@@ -119,7 +119,9 @@ def quantize_weights(gm: GraphModule, *, bits: int, group_size: GroupSize, symme
             if node not in heads and reason not in warned:
                 log.warning("%s: %s; such layers stay float", name, reason)
                 warned.add(reason)
-            layers[name] = {"status": "float", "reason": reason, "shape": [N, K], **_role(node, heads)}
+            # a record an earlier pass left (the lm_head's measured int8 cost) keeps its reason
+            layers[name] = {"status": "float", "reason": reason, "shape": [N, K], **_role(node, heads),
+                            **layers.get(name, {})}
             continue
         if fqn not in done:
             if fqn in codes:

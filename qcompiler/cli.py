@@ -40,8 +40,8 @@ default when the model has calibration data), gptq (error compensation), awq (ac
 scales); gptq and awq also clip each group's range where that lowers the error (--no-clip: off).
 imatrix, gptq, awq, SmoothQuant and --observer calibrate on the model file's calibration_texts()
 or calibration_data(), or --calib-file.
-Embeddings and lm_head stay float (--quantize-lm-head quantizes lm_head with the scheme,
---lm-head-bits 8 in int8 per channel). With an explicit --group-size, a linear whose
+Embeddings and lm_head stay float (--lm-head-bits 8: lm_head in int8 per channel; auto: int8 when
+that costs at most 0.5% perplexity on the calibration data; --quantize-lm-head: with the scheme). With an explicit --group-size, a linear whose
 input size it does not divide stays float; the manifest records it."""
 
 
@@ -100,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
     c.add_argument("--calib-file", default=None, help="calibrate on this UTF-8 text instead of the model file's")
     c.add_argument("--quantize-lm-head", action="store_true", default=None, help="quantize the output projection too")
-    c.add_argument("--lm-head-bits", type=int, default=None,
-                   help="w4a16/w8a16: 8 = output projection in int8 per channel (the rest as the scheme says)")
+    c.add_argument("--lm-head-bits", type=_lm_head_bits, default=None, metavar="8|16|auto",
+                   help="w4a16/w8a16: 8 = output projection in int8 per channel (the rest as the scheme says), 16 = "
+                        "float (the default), auto = int8 when it costs at most 0.5%% perplexity on the calibration "
+                        "data")
     c.add_argument("--dtype", default=None, help="cast the model first: float32, bfloat16 or float16")
     c.add_argument("-o", "--output", default=None, help="artifact directory (default build/<model>-<target>)")
     c.add_argument("--no-verify", dest="verify", action="store_false",
@@ -279,6 +281,12 @@ def _build_for_this_cpu(out) -> None:
     if rec["name"] == "aot":
         print(f"  compiled ahead of time for this CPU in {time.perf_counter() - t0:.0f} s "
               f"(cached in {Path(rec['params']['package']).parent})")
+
+
+def _lm_head_bits(value: str):
+    if value not in ("8", "16", "auto"):
+        raise argparse.ArgumentTypeError(f"must be 8, 16 or auto, got {value!r}")
+    return value if value == "auto" else int(value)
 
 
 def add_compile_option(p: argparse.ArgumentParser) -> None:

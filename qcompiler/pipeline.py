@@ -2,7 +2,8 @@
 
     capture ─► normalize ─► [calibrated passes] ─► quantize ─► [fuse] ─► paged_attention ─► export
 
-    w4a16/w8a16   [imatrix | gptq | awq | checkpoint_codes] ─► quantize_weights ─► fuse_weight_only
+    w4a16/w8a16   [imatrix | gptq | awq | checkpoint_codes] ─► [quantize_lm_head] ─► quantize_weights
+                  ─► fuse_weight_only
     w8a8          [smoothquant] ─► [gptq | checkpoint_codes] ─► quantize_w8a8 (static scales: an observer)
     fp8           [gptq | checkpoint_codes] ─► quantize_fp8
 
@@ -22,9 +23,9 @@ from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
 from qcompiler.passes import (awq, checkpoint_codes, fuse_weight_only, gptq, imatrix, normalize, paged_attention,
-                              quantize_fp8, quantize_w8a8, quantize_weights, smoothquant)
+                              quantize_fp8, quantize_lm_head_if_cheap, quantize_w8a8, quantize_weights, smoothquant)
 
-from .targets import AUTO_METHOD, CODED, FP8, W8A8, Float, Target, WeightOnly
+from .targets import AUTO, AUTO_METHOD, CODED, FP8, LM_HEAD_MAX_INCREASE, W8A8, Float, Target, WeightOnly
 from .verify import Checker
 
 
@@ -69,9 +70,13 @@ def _weight_only_passes(t: WeightOnly, progress: bool, samples: Samples, codes: 
                  {**params, "n_grid": 20, "clip": t.clip})],
     }[t.method]
     head = []
-    if t.lm_head_bits:
+    if t.lm_head_bits == 8:
         hp = dict(bits=t.lm_head_bits, group_size=None, symmetric=True)
         head = [Pass("quantize_lm_head", partial(quantize_weights, **hp, include_lm_head=True, lm_head_only=True), hp)]
+    elif t.lm_head_bits == AUTO:
+        hp = dict(bits=8, group_size=None, symmetric=True, max_perplexity_increase=LM_HEAD_MAX_INCREASE)
+        head = [Pass("quantize_lm_head", partial(quantize_lm_head_if_cheap, samples=samples, bits=8,
+                                                 max_increase=LM_HEAD_MAX_INCREASE), hp)]
     return [
         *calibrated,
         *head,

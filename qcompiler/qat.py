@@ -89,7 +89,7 @@ def _check_target(target: Target) -> None:
         return
     if not isinstance(target, WeightOnly):
         raise ValueError(f"QAT supports w4a16, w8a16 and w8a8, not {target.name}")
-    if target.lm_head_bits or target.quantize_lm_head:
+    if target.lm_head_bits == 8 or target.quantize_lm_head:
         raise ValueError("QAT keeps lm_head float: drop --lm-head-bits / --quantize-lm-head")
 
 

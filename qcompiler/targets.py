@@ -11,6 +11,7 @@ CHECKPOINT = "checkpoint"
 QAT = "qat"  # codes trained by quantization-aware training (qcompiler.qat), kept as they are
 CODED = (CHECKPOINT, QAT)  # methods whose codes come with the model
 OBSERVERS = ("minmax", "percentile", "mse")
+LM_HEAD_MAX_INCREASE = 0.005  # lm_head_bits="auto": int8 while it costs at most 0.5% perplexity
 AUTO = "auto"  # per layer, the largest of 128, 64, 32 dividing its input size (passes.quantize_weights)
 GroupSize = Union[int, str, None]
 
@@ -77,15 +78,20 @@ class WeightOnly(Target):
     clip: Optional[bool] = None
     # 8: the output projection in int8 per output channel (symmetric, RTN) while the rest follow the
     # scheme: half the bytes of a 16-bit lm_head per decoded token, as llama.cpp's Q8_0 output.
-    # None: lm_head float (or the scheme's own, with quantize_lm_head)
-    lm_head_bits: Optional[int] = None
+    # "auto": int8 when that costs at most LM_HEAD_MAX_INCREASE of perplexity on the calibration
+    # data (passes.lm_head), float otherwise or without data. None: lm_head float (or the scheme's
+    # own, with quantize_lm_head)
+    lm_head_bits: Optional[Union[int, str]] = None
 
     def __post_init__(self):
         _check_group_size(self.group_size, allow_none=self.bits == 8)
-        if self.lm_head_bits not in (None, 8):
-            raise ValueError(f"lm_head_bits must be 8 or None (lm_head float), got {self.lm_head_bits!r}")
-        if self.lm_head_bits and self.quantize_lm_head:
+        if self.lm_head_bits not in (None, 8, AUTO):
+            raise ValueError(f"lm_head_bits must be 8, 'auto' or None (lm_head float), got {self.lm_head_bits!r}")
+        if self.lm_head_bits == 8 and self.quantize_lm_head:
             raise ValueError("lm_head_bits and quantize_lm_head both set: choose one scheme for lm_head")
+        if self.lm_head_bits == AUTO and (self.quantize_lm_head or self.method in (*CODED, "rtn")):
+            # the head follows the scheme, or the codes given; rtn has no calibration data to measure with
+            object.__setattr__(self, "lm_head_bits", None)
         _check_method(self.method, (*METHODS, AUTO_METHOD, *CODED))
         if self.act_order is None:
             object.__setattr__(self, "act_order", self.method == "gptq")
@@ -105,7 +111,7 @@ class WeightOnly(Target):
     def scheme(self) -> str:
         g = {None: "per-channel", AUTO: "g128/64/32 per layer"}.get(self.group_size, f"g{self.group_size}")
         m = "" if self.method == "rtn" else f" {self.method}{' act-order' if self.act_order else ''}"  # noqa: E501
-        head = f", lm_head int{self.lm_head_bits}" if self.lm_head_bits else ""
+        head = {None: "", AUTO: ", lm_head int8 if cheap"}.get(self.lm_head_bits, f", lm_head int{self.lm_head_bits}")
         return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}{m}{' clip' if self.clip else ''}{head}"
 
 
@@ -193,6 +199,8 @@ def make_target(name: str, **options) -> Target:
     cls = TARGETS[name]
     fields = getattr(cls, "__dataclass_fields__", {})
     given = {k: v for k, v in options.items() if v is not None}
+    if given.get("lm_head_bits") == 16:  # an explicit float head, which None (not given) cannot say
+        given["lm_head_bits"] = None
     if given.pop("no_smoothquant", False):  # an explicit "off", which None (not given) cannot say
         if name != "w8a8":
             raise ValueError(f"target {name!r} takes no option no_smoothquant")

@@ -1,5 +1,7 @@
 """Load-time lowerings. CPU: every weight-only linear reaches a packed kernel, siblings that read
 one input share one call, and outputs stay within bf16 rounding of the canonical program."""
+import math
+
 import pytest
 import torch
 
@@ -135,3 +137,42 @@ def test_compiled_program_equals_eager_with_packed_kernels():
     ids, pos = torch.randint(0, 64, (9,)), torch.arange(9)
     for T in (1, 9):
         torch.testing.assert_close(compiled.flat(ids[:T], pos[:T]), eager.flat(ids[:T], pos[:T]), rtol=1e-2, atol=1e-2)
+
+
+def test_auto_lm_head_is_int8_only_where_cheap(monkeypatch):
+    """``lm_head_bits="auto"`` (w4a16's default): the head's int8 cost is measured on the calibration
+    samples (the source model's own next-token cross entropy, float head against int8 head, gives
+    the same figure); within the limit the program is the ``lm_head_bits=8`` one, over it the head
+    stays float with the reason recorded, and without data it stays float."""
+    from qcompiler import pipeline
+    from qcompiler.codegen.quant import dequantize_weight_ref, quantize_weight
+    a = Args(vocab=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128)
+    model = build(a)
+    g = torch.Generator().manual_seed(3)
+    samples = [torch.randint(0, 64, (40,), generator=g) for _ in range(3)]
+
+    def run(bits, samples=samples):
+        return run_pipeline(capture(build(a), max_tokens=128), W4A16(group_size=32, lm_head_bits=bits), samples=samples)
+
+    def ce(m):
+        with torch.no_grad():
+            return sum(torch.nn.functional.cross_entropy(m(s[None], torch.arange(len(s))[None])[0, :-1], s[1:],
+                                                         reduction="sum") for s in samples).item()
+
+    ce_float = ce(model)
+    qw = quantize_weight(model.out.weight.detach(), 8, None, True)
+    model.out.weight.data = dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, 8)
+    expected = math.exp((ce(model) - ce_float) / sum(len(s) - 1 for s in samples)) - 1
+
+    auto, eight = run("auto"), run(8)
+    head = auto.layers["out"]
+    assert head["status"] == "quantized" and head["bits"] == 8
+    assert head["perplexity_increase"] == pytest.approx(expected, abs=1e-5) and head["perplexity_increase"] < 0.005
+    args = single_sequence(samples[0], torch.arange(40), auto.gm.meta["qc_paged"], torch.float32)
+    with torch.no_grad():
+        assert torch.equal(auto.gm(*args), eight.gm(*args))
+    monkeypatch.setattr(pipeline, "LM_HEAD_MAX_INCREASE", expected - 1e-4)
+    over = run("auto").layers["out"]
+    assert over["status"] == "float" and "would cost" in over["reason"] and over["perplexity_increase"] == head["perplexity_increase"]
+    none = run("auto", samples=None).layers["out"]  # without data: RTN ranges, nothing to measure with
+    assert none["status"] == "float" and "perplexity_increase" not in none
