@@ -26,7 +26,6 @@ from typing import Callable
 import torch
 
 from qcompiler.codegen import cpu_native
-from qcompiler.codegen.attention import new_kv_cache
 
 log = logging.getLogger(__name__)
 PACKAGE = "program.pt2"
@@ -78,25 +77,17 @@ def package_path(manifest: dict, kv_dtype: torch.dtype) -> Path:
     return cache_root() / cache_key(manifest, kv_dtype) / PACKAGE
 
 
-def example_inputs(paged: dict, kv_dtype: torch.dtype) -> tuple:
-    """Two sequences of 8 new tokens in blocks of 4, the paged program's positional inputs."""
-    long = dict(dtype=torch.long)
-    kv = new_kv_cache(paged["num_layers"], 8, 4, paged["num_kv_heads"], paged["head_dim"], kv_dtype, "cpu")
-    return (torch.arange(16) % 50, torch.arange(16) % 8, kv, torch.arange(16), torch.arange(8, **long).view(2, 4),
-            torch.tensor([8, 8], **long), torch.tensor([0, 8, 16], **long), torch.tensor([7, 15], **long))
-
-
 def build(gm: torch.nn.Module, manifest: dict, kv_dtype: torch.dtype, out: Path) -> Path:
     """Exports ``gm`` (a CPU program lowered for ``"aot"``) with every runtime size dynamic and
     compiles it into the package ``out``, written whole or not at all."""
-    from qcompiler.capture import paged_dynamic_shapes
+    from qcompiler.capture import paged_dynamic_shapes, paged_example_inputs
     paged, max_tokens = manifest["program"]["paged"], manifest["program"]["max_tokens"]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{os.getpid()}-{out.name}"  # aoti wants the .pt2 suffix
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, not the user's
-            ep = torch.export.export(gm, example_inputs(paged, kv_dtype),
+            ep = torch.export.export(gm, paged_example_inputs(paged, kv_dtype),
                                      dynamic_shapes=paged_dynamic_shapes(max_tokens), strict=False)
             torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
         os.replace(tmp, out)

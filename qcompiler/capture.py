@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
+from qcompiler.codegen.attention import new_kv_cache
+
 DEFAULT_MAX_TOKENS = 4096
 
 
@@ -62,7 +64,7 @@ def paged_example_inputs(paged: dict, dtype: torch.dtype, T: int = 16, device: t
     block_tables, seq_lens, query_start_loc, logits_indices)."""
     ids, pos = example_inputs(T, device)
     long = dict(dtype=torch.long, device=device)
-    kv = torch.zeros(paged["num_layers"], 2, 8, 4, paged["num_kv_heads"], paged["head_dim"], dtype=dtype, device=device)
+    kv = new_kv_cache(paged["num_layers"], 8, 4, paged["num_kv_heads"], paged["head_dim"], dtype, device)
     return (ids, pos % 8, kv, torch.arange(T, **long), torch.arange(8, **long).view(2, 4), torch.tensor([8, 8], **long),
             torch.tensor([0, 8, 16], **long), torch.tensor([7, 15], **long))
 

@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     s.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
                    help="auto (default), float32, bfloat16, float16, int8 or fp8 (quantized: a scale per token and KV head)")
     s.add_argument("--no-prefix-cache", action="store_true", help="turn the radix prefix cache off")
-    from qcompiler.cli import add_compile_option
+    from qcompiler.run_cli import add_compile_option
     add_compile_option(s)
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
