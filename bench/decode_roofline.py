@@ -1,6 +1,6 @@
 """One batch-1 decode step against this machine's memory roofline, and where its time goes.
 
-    .venv/bin/python bench/decode_roofline.py [--threads 1 2] [--artifacts w4a16 w4a16-h8]
+    .venv/bin/python bench/decode_roofline.py [--threads 1 2] [--artifacts w4a16 w4a16-h16]
 
 - read bandwidth: the median of fp32 ``sum`` over 1 GiB (far past the caches) at each thread count;
 - bytes a decode step must read: every constant the lowered program reads per token (packed
@@ -91,7 +91,7 @@ def profile(llm: LLM, threads: int) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--artifacts", nargs="+", default=["w4a16", "w4a16-h8"])
+    ap.add_argument("--artifacts", nargs="+", default=["w4a16", "w4a16-h16"])
     a = ap.parse_args()
     print(cpu_name())
     bw = {t: bandwidth(t) for t in a.threads}

@@ -79,7 +79,7 @@ class Process:
 
 
 def ours(threads: int, compile_: str) -> Process:
-    cmd = [sys.executable, "-m", "qcompiler.cli", "serve", artifact("w4a16-h8"), "--threads", str(threads),
+    cmd = [sys.executable, "-m", "qcompiler.cli", "serve", artifact("w4a16"), "--threads", str(threads),
            "--served-model-name", "smollm2", "--max-num-seqs", "64", "--kv-cache-memory", "512M"]
     return Process(cmd + ["--compile", compile_], threads, "/health")
 
@@ -171,7 +171,7 @@ def offline_step_ms(threads: int, compile_: str, tok) -> float:
 
     from qcompiler import LLM, SamplingParams
     torch.set_num_threads(threads)
-    llm = LLM(artifact("w4a16-h8"), compile=compile_)
+    llm = LLM(artifact("w4a16"), compile=compile_)
     prompt = tok(britannica_text()[:2000])["input_ids"][:32]
     times = {}
     for _ in range(2):  # the first round warms up
@@ -194,10 +194,10 @@ def main():
                     help="how our server runs the program (default auto: compiled ahead of time on CPU)")
     a = ap.parse_args()
     import qcompiler
-    tok = qcompiler.load(artifact("w4a16-h8")).tokenizer
+    tok = qcompiler.load(artifact("w4a16")).tokenizer
     eos = tok.eos_token_id
     print(f"{cpu_name()}, {os.cpu_count()} CPUs; max new tokens {a.max_new}; "
-          f"our server with --compile {a.compile} on W4A16 g64 + int8 lm_head", flush=True)
+          f"our server with --compile {a.compile} on W4A16 g64 (int8 lm_head)", flush=True)
     rows, step = [], {}
     for threads in a.threads:
         if "qcompiler" in a.systems:

@@ -6,8 +6,10 @@ compile keeps exactly (method ``checkpoint``) instead of quantizing again.
 Read: ``pack-quantized`` int4/int8 weights per group or channel, symmetric or with zero points
 (weight-only, or int8 weights with dynamic per-token int8 activations); ``int-quantized`` int8
 weights with dynamic per-token int8 activations; ``float-quantized`` e4m3 weights per channel with
-dynamic per-token e4m3 activations. Anything else (group activation order with ``g_idx``, static
-activation scales, block or tensor strategies, 4-bit floats) is refused with one line."""
+dynamic per-token e4m3 activations. One scheme for every quantized linear, except int4 linears
+with an int8 symmetric per-channel lm_head (``qcompile``'s w4a16 default). Anything else (group
+activation order with ``g_idx``, static activation scales, block or tensor strategies, 4-bit
+floats, other mixtures) is refused with one line."""
 import json
 import re
 from dataclasses import dataclass
@@ -90,32 +92,45 @@ def read_checkpoint(path: Path, model: torch.nn.Module, tensors: dict[str, torch
     q = quantization_config(path)
     groups = [(g, _scheme(g)) for g in q["config_groups"].values()]
     ignore = q.get("ignore") or []
-    codes, kinds, sizes = {}, set(), set()
+    kinds = {}  # module name -> (kind, bits, group size, symmetric)
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear) or _matches(name, [p for p in ignore if p != "Linear"]):
             continue
         hit = next((s for g, s in groups if _matches(name, g.get("targets") or [])), None)
-        if hit is None:
-            continue
-        kind, bits, gs, sym = hit
-        kinds.add(kind)
-        sizes.add(gs)
-        qw = _decode(tensors, name, kind, bits, sym, mod.weight.shape)
-        codes[name] = qw
-        w = dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, bits)
+        if hit is not None:
+            kinds[name] = hit
+    target, codes, modules = _target(path, kinds, _head_name(model)), {}, dict(model.named_modules())
+    for name, (kind, bits, _, sym) in kinds.items():
+        mod = modules[name]
+        qw = codes[name] = _decode(tensors, name, kind, bits, sym, mod.weight.shape)
         with torch.no_grad():
-            mod.weight.copy_(w.to(mod.weight.dtype))
-    if len(kinds) != 1:
-        raise ValueError(f"{path}: {'no' if not kinds else 'mixed'} quantized linears ({', '.join(sorted(kinds))}): "
-                         "one weight scheme per checkpoint is supported")
-    kind = kinds.pop()
-    if kind in ("w4a16", "w8a16"):
-        syms = {s[3] for _, s in groups}
-        target = (W4A16 if kind == "w4a16" else W8A16)(
-            group_size=sizes.pop() if len(sizes) == 1 else "auto", symmetric=syms == {True}, method="checkpoint")
-    else:
-        target = (W8A8(method="checkpoint", smoothquant_alpha=None) if kind == "w8a8" else FP8(method="checkpoint"))
+            mod.weight.copy_(dequantize_weight_ref(qw.qweight, qw.scales, qw.zeros, bits).to(mod.weight.dtype))
     return CheckpointCodes(target, codes)
+
+
+def _head_name(model: torch.nn.Module) -> Optional[str]:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((n for n, m in model.named_modules() if m is out), None) if out is not None else None
+
+
+def _target(path: Path, kinds: dict[str, tuple], head: Optional[str]) -> Target:
+    """The scheme of the decoded linears: one weight scheme, or int4 weights with the output
+    projection in int8 per channel, symmetric (``W4A16(lm_head_bits=8)``, as ``qcompile`` writes
+    it); other mixtures are refused."""
+    int8_head = (head in kinds and kinds[head][:3] == ("w8a16", 8, None) and kinds[head][3]
+                 and {k for n, (k, *_) in kinds.items() if n != head} == {"w4a16"})
+    body = {n: s for n, s in kinds.items() if not (int8_head and n == head)}
+    names = {s[0] for s in body.values()}
+    if len(names) != 1:
+        raise ValueError(f"{path}: {'no' if not names else 'mixed'} quantized linears ({', '.join(sorted(names))}): "
+                         "one weight scheme per checkpoint is supported (int4 with an int8 lm_head too)")
+    kind = names.pop()
+    if kind in ("w4a16", "w8a16"):
+        sizes, syms = {s[2] for s in body.values()}, {s[3] for s in body.values()}
+        return (W4A16 if kind == "w4a16" else W8A16)(
+            group_size=sizes.pop() if len(sizes) == 1 else "auto", symmetric=syms == {True}, method="checkpoint",
+            **({"lm_head_bits": 8} if int8_head else {}))
+    return W8A8(method="checkpoint", smoothquant_alpha=None) if kind == "w8a8" else FP8(method="checkpoint")
 
 
 def _decode(t: dict, name: str, kind: str, bits: int, symmetric: bool, shape) -> QuantizedWeight:

@@ -41,9 +41,10 @@ default when the model has calibration data), gptq (error compensation), awq (ac
 scales); gptq and awq also clip each group's range where that lowers the error (--no-clip: off).
 imatrix, gptq, awq, SmoothQuant and --observer calibrate on the model file's calibration_texts()
 or calibration_data(), or --calib-file.
-Embeddings and lm_head stay float (--lm-head-bits 8: lm_head in int8 per channel; auto: int8 when
-that costs at most 0.5% perplexity on the calibration data; --quantize-lm-head: with the scheme). With an explicit --group-size, a linear whose
-input size it does not divide stays float; the manifest records it."""
+Embeddings stay float. lm_head: w4a16 makes it int8 per channel where that costs at most 0.5%
+perplexity on the calibration data (--lm-head-bits auto, the default), else float; --lm-head-bits 16
+keeps it float, 8 makes it int8 always, --quantize-lm-head puts it in the scheme. With an explicit
+--group-size, a linear whose input size it does not divide stays float; the manifest records it."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quantize-lm-head", action="store_true", default=None, help="quantize the output projection too")
     c.add_argument("--lm-head-bits", type=_lm_head_bits, default=None, metavar="8|16|auto",
                    help="w4a16/w8a16: 8 = output projection in int8 per channel (the rest as the scheme says), 16 = "
-                        "float (the default), auto = int8 when it costs at most 0.5%% perplexity on the calibration "
-                        "data")
+                        "float (w8a16's default), auto = int8 when it costs at most 0.5%% perplexity on the "
+                        "calibration data (w4a16's default)")
     c.add_argument("--dtype", default=None, help="cast the model first: float32, bfloat16 or float16")
     c.add_argument("-o", "--output", default=None, help="artifact directory (default build/<model>-<target>)")
     c.add_argument("--no-verify", dest="verify", action="store_false",
@@ -199,6 +200,11 @@ def print_summary(rep, model: str) -> None:
             return f"int{v['bits']} per-channel" if per_channel else f"g{v['group_size']}"
         mix = Counter(label(v) for v in grouped)
         print(f"  {'groups':<12} " + ", ".join(f"{g}: {n}" for g, n in mix.most_common()))
+    for name, v in layers.items():  # lm_head_bits "auto": what the int8 head was measured to cost
+        if v.get("perplexity_increase") is not None:
+            kind = f"int{v['bits']} per channel" if v["status"] == "quantized" else "float"
+            print(f"  {name:<12} {kind}: int8 costs {v['perplexity_increase']:+.2%} perplexity on the calibration "
+                  "data (limit 0.5%)")
     paged = rep.manifest["program"]["paged"]
     windows = paged.get("windows") or [0] * paged["num_layers"]
     cfg = rep.manifest["model"]["config"]

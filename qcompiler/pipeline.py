@@ -58,8 +58,12 @@ def _checkpoint_pass(codes: Codes, every_linear: bool = False) -> Pass:
 
 def _weight_only_passes(t: WeightOnly, progress: bool, samples: Samples, codes: Codes) -> list[Pass]:
     params = dict(bits=t.bits, group_size=t.group_size, symmetric=t.symmetric, include_lm_head=t.quantize_lm_head)
+    head = []
+    if t.lm_head_bits == 8:  # an int8 output projection per channel, RTN here or the codes given with it
+        hp = dict(bits=t.lm_head_bits, group_size=None, symmetric=True)
+        head = [Pass("quantize_lm_head", partial(quantize_weights, **hp, include_lm_head=True, lm_head_only=True), hp)]
     if t.method in CODED:
-        return [_checkpoint_pass(codes),
+        return [_checkpoint_pass(codes), *head,
                 Pass("quantize_weights", partial(quantize_weights, **params, only_coded=True), {"method": t.method, **params}),
                 Pass("fuse_weight_only", fuse_weight_only, {}, exact=True)]
     calibrated = {
@@ -69,11 +73,7 @@ def _weight_only_passes(t: WeightOnly, progress: bool, samples: Samples, codes: 
         "awq": [Pass("awq", partial(awq, samples=samples, **params, clip=t.clip, progress=progress),
                  {**params, "n_grid": 20, "clip": t.clip})],
     }[t.method]
-    head = []
-    if t.lm_head_bits == 8:
-        hp = dict(bits=t.lm_head_bits, group_size=None, symmetric=True)
-        head = [Pass("quantize_lm_head", partial(quantize_weights, **hp, include_lm_head=True, lm_head_only=True), hp)]
-    elif t.lm_head_bits == AUTO:
+    if t.lm_head_bits == AUTO:
         hp = dict(bits=8, group_size=None, symmetric=True, max_perplexity_increase=LM_HEAD_MAX_INCREASE)
         head = [Pass("quantize_lm_head", partial(quantize_lm_head_if_cheap, samples=samples, bits=8,
                                                  max_increase=LM_HEAD_MAX_INCREASE), hp)]

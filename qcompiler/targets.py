@@ -119,10 +119,12 @@ class WeightOnly(Target):
 class W4A16(WeightOnly):
     """int4 weights in groups of input channels (by default the largest of 128, 64, 32 dividing each
     layer's input size) with an integer zero point per group, 16-bit activations. By default the
-    ranges are weighted by calibration activations (imatrix) when the source has calibration data."""
+    ranges are weighted by calibration activations (imatrix) when the source has calibration data,
+    and lm_head is int8 where the calibration data shows that cheap (``lm_head_bits="auto"``)."""
     name: ClassVar[str] = "w4a16"
     bits: ClassVar[int] = 4
     method: str = AUTO_METHOD
+    lm_head_bits: Optional[Union[int, str]] = AUTO  # int8 where it costs <= LM_HEAD_MAX_INCREASE perplexity
 
 
 @dataclass(frozen=True)

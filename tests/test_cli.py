@@ -23,7 +23,12 @@ def test_tiny_llama_w4a16_roundtrip(tmp_path):
     out = tmp_path / "tiny-w4a16"
     r = _run(QCOMPILE, str(EXAMPLES / "tiny_llama.py"), "--target", "w4a16", "-q", "-o", str(out))
     assert r.returncode == 0, r.stderr
-    assert "14 quantized, 1 kept float" in r.stdout and "bits/weight" in r.stdout and "seconds" in r.stdout
+    assert "bits/weight" in r.stdout and "seconds" in r.stdout
+    man = json.loads((out / "manifest.json").read_text())
+    head = man["layers"]["lm_head"]  # int8 where the calibration data shows it cheap (the w4a16 default)
+    n = 15 if head["status"] == "quantized" else 14
+    assert f"{n} quantized, {15 - n} kept float" in r.stdout
+    assert f"lm_head      {'int8 per channel' if n == 15 else 'float'}: int8 costs" in r.stdout
     r = _run(sys.executable, "-c", LOAD_AND_RUN.format(v=1024), str(out))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "(1, 5, 1024)"

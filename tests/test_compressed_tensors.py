@@ -40,7 +40,8 @@ def test_transformers_loads_the_export_and_gives_our_logits(tiny_artifacts, tmp_
     assert main(["export", str(art), "-o", str(tmp_path / "ct")]) == 0
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["quantization_status"] == "compressed"
-    assert cfg["ignore"] == ["lm_head"]
+    head = json.loads((art / "manifest.json").read_text())["layers"]["lm_head"]["status"]
+    assert cfg["ignore"] == ([] if head == "quantized" else ["lm_head"])  # w4a16's int8 head where cheap
     ours, theirs = logits_pair(art, tmp_path / "ct")
     # weight-only: the same weights, fp32 arithmetic on both sides; W8A8/FP8: transformers' CPU path
     # runs the decompressed weights on unquantized activations, so only the activation error differs
@@ -215,6 +216,21 @@ def test_tied_embeddings(tmp_path, lm_head_bits):
     assert qcfg["ignore"] == ([] if lm_head_bits else ["lm_head"])
     ours, theirs = logits_pair(rep.out, tmp_path / "ct", vocab=256)
     assert sqnr(ours, theirs) >= 40, sqnr(ours, theirs)
+    # and back: int4 layers with an int8 head are one scheme to qcompile, every tensor kept
+    again = compile_model(str(tmp_path / "ct"), None, tmp_path / "again", verify=False)
+    assert again.manifest["target"]["lm_head_bits"] == lm_head_bits
+    a, b = load_file(rep.out / "weights.safetensors"), load_file(again.out / "weights.safetensors")
+    if lm_head_bits:  # the table the tied program knew by the head's name is the embeddings' own now
+        a["model.model.embed_tokens.weight"] = a.pop("model.lm_head.weight")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if lm_head_bits:  # an int8 linear anywhere but the head is a mixture qcompile does not take
+        cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+        groups = cfg["quantization_config"]["config_groups"]
+        int8 = next(g for g in groups.values() if g["weights"]["num_bits"] == 8)
+        int8["targets"] = ["lm_head", "re:.*down_proj$"]
+        (tmp_path / "ct" / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="mixed quantized linears"):
+            compile_model(str(tmp_path / "ct"), None, tmp_path / "mixed", verify=False)
 
 
 def test_a_large_export_is_sharded(tiny_artifacts, tmp_path):

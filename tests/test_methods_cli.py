@@ -34,8 +34,14 @@ def test_method_artifact_loads_evaluates_and_serves(tmp_path, case):
     assert main([str(EXAMPLES / "tiny_llama.py"), *args, "--calib-samples", "4", "--calib-seq-len", "64", "-q",
                  "-o", str(out)]) == 0
     man = json.loads((out / "manifest.json").read_text())
-    quantized = {k: v for k, v in man["layers"].items() if v["status"] == "quantized"}
+    quantized = {k: v for k, v in man["layers"].items() if v["status"] == "quantized" and k != "lm_head"}
     assert len(quantized) == 14 and all("weight_sqnr_db" in v for v in quantized.values())
+    head = man["layers"]["lm_head"]
+    if man["target"]["name"] == "w4a16":  # int8 where the calibration data shows it cheap, else float
+        assert (head["status"] == "quantized") == (head["perplexity_increase"] <= 0.005), head
+        assert head["status"] == "float" or head["bits"] == 8
+    else:
+        assert head["status"] == "float"
     if "--method" in args or case == "w8a8-smoothquant":
         cal = man["calibration"]
         assert cal["source"] == "calibration_data()" and cal["samples"] == 4 and len(cal["sha256"]) == 64
