@@ -1,5 +1,6 @@
-"""qc::w4a16_linear / qc::w8a16_linear CPU paths (our AVX-512 kernel, torch's int4pack/int8pack)
-vs fp32 and bf16 F.linear on SmolLM2-135M's linear shapes, M = 1, 16, 256 tokens.
+"""qc::w4a16_linear / qc::w8a16_linear CPU paths (our kernel with AVX-512 and with AVX2, where the
+CPU has them; torch's int4pack/int8pack) vs fp32 and bf16 F.linear on SmolLM2-135M's linear
+shapes, M = 1, 16, 256 tokens.
 
     .venv/bin/python bench/linear_cpu.py [--threads 1] [--group-size 64]
 
@@ -27,6 +28,11 @@ SHAPES = {"q/o_proj": (576, 576), "k/v_proj": (576, 192), "gate/up_proj": (576, 
 LAYER_FLOAT = ["q/o_proj", "k/v_proj", "k/v_proj", "q/o_proj", "gate/up_proj", "gate/up_proj", "down_proj"]
 LAYER_LOWERED = ["qkv merged", "q/o_proj", "gate+up merged", "down_proj"]
 LLC_BYTES = 300 * 2**20
+ISA_NAMES = {"avx512": "AVX-512", "avx2": "AVX2"}  # our kernel at each level this CPU runs (qc_cpu::set_isa)
+
+
+def isa_of(name: str) -> int:
+    return next((cpu_native.LEVELS[i] for i, n in ISA_NAMES.items() if f"({n})" in name), 0)
 
 
 def copies_for(nbytes: int) -> int:
@@ -55,9 +61,10 @@ def make_candidates(K: int, N: int, G: int):
     if cpu_native.available():
         for bits, q in ((4, q4), (8, q8)):
             pn = cpu_native.pack_native(*q, bits)
-            per[f"w{bits}a16 ours (AVX-512)"] = (
-                (*pn, *q), sum(t.numel() * t.element_size() for t in pn),
-                lambda x, t, b=bits: qc.wq_linear_native(x, t[0], t[1], t[2], t[3], t[4], t[5], None, b))
+            for isa in [i for i in ("avx512", "avx2") if cpu_native.LEVELS[i] <= cpu_native.LEVELS[cpu_native.ISA]]:
+                per[f"w{bits}a16 ours ({ISA_NAMES[isa]})"] = (
+                    (*pn, *q), sum(t.numel() * t.element_size() for t in pn),
+                    lambda x, t, b=bits: qc.wq_linear_native(x, t[0], t[1], t[2], t[3], t[4], t[5], None, b))
     out = {}
     for name, (ws, nbytes, fn) in per.items():
         out[name] = ([tuple(None if t is None else t.clone() for t in ws) for _ in range(copies_for(nbytes))], fn)
@@ -92,7 +99,10 @@ def main():
                 res = {name: [] for name in cands}
                 for _ in range(a.rounds):
                     for name, (copies, fn) in cands.items():
+                        before = torch.ops.qc_cpu.set_isa(isa_of(name)) if isa_of(name) else None
                         res[name].append(time_round(x, copies, fn, calls))
+                        if before is not None:
+                            torch.ops.qc_cpu.set_isa(before)
                 base = statistics.median(res["fp32 F.linear"])
                 bf = statistics.median(res["bf16 F.linear"])
                 for name, ts in res.items():
@@ -109,7 +119,7 @@ def main():
     for M in a.ms:
         f32 = sum(med[(s, M, "fp32 F.linear")] for s in LAYER_FLOAT)
         b16 = sum(med[(s, M, "bf16 F.linear")] for s in LAYER_FLOAT)
-        for kernel in ("w4a16 ours (AVX-512)", "w4a16 torch int4pack"):
+        for kernel in ("w4a16 ours (AVX-512)", "w4a16 ours (AVX2)", "w4a16 torch int4pack"):
             if (LAYER_LOWERED[0], M, kernel) in med:
                 w4 = sum(med[(s, M, kernel)] for s in LAYER_LOWERED)
                 print(f"| {kernel} | {M} | {f32:.0f} | {b16:.0f} | {w4:.0f} | {f32 / w4:.2f} | {b16 / w4:.2f} |")

@@ -196,13 +196,17 @@ def call_directly(gm: GraphModule) -> GraphModule:
 
 def call_native_ops(gm: GraphModule) -> GraphModule:
     """Before an ahead-of-time compile on CPU (``qcompiler.aot``): ``qc.wq_linear_native`` ->
-    ``qc_cpu::wq_linear``, the C++ op it calls, and the KV write traced as for ``torch.compile``,
-    so the library runs them without Python; the other ``qc`` ops stay opaque (the library calls
-    them through the dispatcher)."""
+    ``qc_cpu::wq_linear``, the C++ op it calls; ``qc.paged_attention`` -> ``qc_cpu::paged_attention``
+    (decode steps in C++, the others handed back to it) where our kernels are built; and the KV
+    write traced as for ``torch.compile``; so the library runs decode steps without Python. The
+    other ``qc`` ops stay opaque (the library calls them through the dispatcher)."""
+    native = cpu_native.available() and cpu_native.avx512()
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is qc.wq_linear_native.default:
             node.target = torch.ops.qc_cpu.wq_linear.default
             node.args = (*node.args, ops.NATIVE_MAX_ROWS, cpu_native.BF16_NATIVE)
+        elif node.op == "call_function" and node.target is qc.paged_attention.default and native:
+            node.target = torch.ops.qc_cpu.paged_attention.default
         elif node.op == "call_function" and node.target is qc.reshape_and_cache.default:
             node.target = attention.reshape_and_cache_for_compile
     gm.recompile()

@@ -7,12 +7,15 @@ into the qcompiler cache:
   once per group to a partial sum, a weight block converted once for up to 8 rows, software
   prefetch ahead of the weight stream;
 * ``qc_cpu::paged_decode`` (``csrc/cpu_attention.cpp``), decode attention read in place from the
-  paged KV cache through the block tables (no gathered copy, no mask);
+  paged KV cache through the block tables (no gathered copy, no mask); ``qc_cpu::paged_attention``
+  runs it for decode steps and hands other steps to ``qc::paged_attention``;
 * ``qc_cpu::sample_rows`` (``csrc/cpu_sampling.cpp``), the engine's sampler: temperature, top-k,
   top-p and the draw, a few passes per row (``runtime.sampling`` is its reference).
 
-Where the CPU lacks AVX-512 or the build fails, ``available()`` is False: the CPU lowering keeps
-torch's int4pack/int8pack kernels, attention its ATen form, sampling its PyTorch form."""
+Where the CPU has AVX2 but not AVX-512, ``wq_gemm`` runs an AVX2 form of the same kernel, and
+attention and sampling their PyTorch forms. Where it has neither or the build fails,
+``available()`` is False: the CPU lowering keeps torch's int4pack/int8pack kernels, attention its
+ATen form, sampling its PyTorch form."""
 import logging
 import os
 from functools import lru_cache
@@ -24,7 +27,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / f for f in ("cpu_wq_gemm.cpp", "cpu_attention.cpp", "cpu_sampling.cpp")]
-BLOCK = 16  # output channels per packed block: one fp32 zmm register
+BLOCK = 16  # output channels per packed block: one fp32 zmm register (two ymm)
 
 
 def _cpu_flags() -> set[str]:
@@ -34,8 +37,20 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-def _cpu_has_avx512() -> bool:
-    return {"avx512f", "avx512bw"} <= _cpu_flags()
+LEVELS = {"avx512": 2, "avx2": 1}  # qc_cpu::set_isa's levels
+
+
+def _isa() -> Optional[str]:
+    """The instruction sets our kernels run with here: "avx512" (F, BW), "avx2" (with FMA: the
+    linears only), or None (torch's kernels). ``QCOMPILER_NATIVE``: ``0`` none, ``avx2`` the AVX2
+    kernels even on an AVX-512 CPU, else the CPU's best."""
+    mode, flags = os.environ.get("QCOMPILER_NATIVE", "1"), _cpu_flags()
+    avx2 = {"avx2", "fma"} <= flags
+    if mode == "0":
+        return None
+    if mode == "avx2" or not {"avx512f", "avx512bw"} <= flags:
+        return "avx2" if avx2 else None
+    return "avx512"
 
 
 # bf16 GEMMs in hardware (AVX512-BF16 or AMX); without, oneDNN emulates them, slower than fp32.
@@ -44,17 +59,21 @@ BF16_NATIVE = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
 _BUILT = False  # set once the ops are registered; read while Dynamo traces (no file access there)
+ISA: Optional[str] = None  # what the registered ops run with (``_isa()``), once available() ran
 
 
 @lru_cache(maxsize=None)
 def available() -> bool:
-    """True once the ``qc_cpu`` ops are registered (built here if needed). ``QCOMPILER_NATIVE=0``
-    turns them off."""
-    if os.environ.get("QCOMPILER_NATIVE", "1") == "0" or not _cpu_has_avx512():
+    """True once the ``qc_cpu`` ops are registered (built here if needed) for this CPU's ``ISA``.
+    With AVX2 only, ``wq_gemm``/``wq_linear`` run; decode attention and sampling keep their
+    PyTorch forms (``avx512()`` is False)."""
+    isa = _isa()
+    if isa is None:
         return False
-    global _BUILT
+    global _BUILT, ISA
     if hasattr(torch.ops, "qc_cpu") and hasattr(torch.ops.qc_cpu, "sample_rows"):
-        _BUILT = True
+        torch.ops.qc_cpu.set_isa(LEVELS[isa])
+        _BUILT, ISA = True, isa
         return True
     from qcompiler.models import CACHE_DIR
     from torch.utils import cpp_extension
@@ -78,7 +97,12 @@ def available() -> bool:
     @torch.library.register_fake("qc_cpu::paged_decode")
     def _(query, kv_cache, layer, block_tables, seq_lens, scale, window=0):
         return torch.empty_like(query)
-    _BUILT = True
+
+    @torch.library.register_fake("qc_cpu::paged_attention")
+    def _(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window=0):
+        return torch.empty_like(query)
+    torch.ops.qc_cpu.set_isa(LEVELS[isa])
+    _BUILT, ISA = True, isa
     return True
 
 
@@ -87,15 +111,20 @@ def built() -> bool:
     return _BUILT
 
 
+def avx512() -> bool:
+    """Whether the AVX-512 ops (decode attention, sampling) run: registered, AVX-512 chosen."""
+    return _BUILT and ISA == "avx512"
+
+
 DECODE_HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # built into qc_cpu::paged_decode
 
 
 def decode_supported(query: Tensor, kv_cache: Tensor) -> bool:
     """Whether ``qc_cpu::paged_decode`` takes this step: query on the CPU in fp32 or bf16, cache
     fp32, bf16, int8 or fp8 e4m3 (the arithmetic is fp32 either way), a head size it was built
-    for, the kernels built (``available()`` ran: ``qcompiler.load`` calls it for CPU programs)."""
+    for, the AVX-512 kernels built (``available()`` ran: ``qcompiler.load`` calls it for CPU programs)."""
     ok = (torch.float32, torch.bfloat16)
-    return (_BUILT and query.device.type == "cpu" and query.dtype in ok
+    return (avx512() and query.device.type == "cpu" and query.dtype in ok
             and kv_cache.dtype in ok + (torch.int8, torch.float8_e4m3fn) and query.shape[-1] in DECODE_HEAD_DIMS)
 
 

@@ -65,7 +65,7 @@ def cache_key(manifest: dict, kv_dtype: torch.dtype) -> str:
     parts = {
         "program": files.get("program.pt2", {}).get("sha256"), "weights": files.get("weights.safetensors", {}).get("sha256"),
         "target": manifest["target"], "torch": torch.__version__, "code": _code_hash(),
-        "isa": sorted(set(_ISA) & cpu_native._cpu_flags()), "native": cpu_native.available(),
+        "isa": sorted(set(_ISA) & cpu_native._cpu_flags()), "native": cpu_native.available() and cpu_native.ISA,
         "kv_cache_dtype": str(kv_dtype),
         # Inductor writes the thread count into its kernels' parallel regions
         "threads": torch.get_num_threads(),

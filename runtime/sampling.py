@@ -118,10 +118,10 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
     """One token per row of ``logits [S, V]`` (temperature > 0), batched where the work is: not
     a softmax, sort and ``multinomial`` per request, but inverse-CDF sampling from
     ``sampling_probs`` with one uniform draw per row from the row's own generator (the global
-    one when ``None``). On the CPU, once the native kernels are built, ``qc_cpu::sample_rows``
+    one when ``None``). On the CPU, once the AVX-512 kernels are built, ``qc_cpu::sample_rows``
     does it all in a few passes per row."""
     u = torch.stack([torch.rand((), generator=g) for g in generators])
-    if logits.device.type == "cpu" and cpu_native.built():
+    if logits.device.type == "cpu" and cpu_native.avx512():
         return torch.ops.qc_cpu.sample_rows(
             logits.float().contiguous(), torch.tensor([p.temperature for p in params], dtype=torch.float32),
             torch.tensor([p.top_k for p in params]), torch.tensor([p.top_p for p in params], dtype=torch.float32),

@@ -56,14 +56,26 @@ def test_w4a16_cpu_fast_path(M, symmetric, group):
 native = pytest.mark.skipif(not cpu_native.available(), reason="our CPU kernel needs AVX-512 (F, BW) and g++")
 
 
+@pytest.fixture(params=["avx512", "avx2"])
+def isa(request, monkeypatch):
+    """Our kernels at each instruction-set level: the AVX2 ones also on an AVX-512 CPU (``qc_cpu::set_isa``)."""
+    if request.param == "avx512" and cpu_native.ISA != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    before = torch.ops.qc_cpu.set_isa(cpu_native.LEVELS[request.param])
+    monkeypatch.setattr(cpu_native, "ISA", request.param)
+    yield request.param
+    torch.ops.qc_cpu.set_isa(before)
+
+
 @native
 @pytest.mark.parametrize("M", [1, 3, 4, 5, 8, 16, 23, ops.NATIVE_MAX_ROWS + 1])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("bits,group,N", [(4, 32, 40), (4, 64, 64), (4, 128, 33), (4, 4, 16), (8, None, 40), (8, 64, 17)])
-def test_native_kernel(M, symmetric, bits, group, N):
+def test_native_kernel(M, symmetric, bits, group, N, isa):
     """Our int4/int8 kernel against the canonical op: fp32 activations and accumulation, so fp32
     tolerances (the dense bf16 path past NATIVE_MAX_ROWS: bf16 ones). N off the 16-channel block,
-    row counts on and off the tiles (up to 4 rows: four accumulators a row; 5-8: two), a group of one 4-k step, int8 per channel and grouped."""
+    row counts on and off the tiles (AVX-512, up to 4 rows: four accumulators a row; 5-8: two;
+    AVX2: tiles of 4), a group of one 4-k step, int8 per channel and grouped."""
     w = _x(N, 256, 3)
     qw = quantize_weight(w, bits, group, symmetric)
     x, bias = _x(M, 256), _x(1, N, 4)[0]

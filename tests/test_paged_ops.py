@@ -174,3 +174,29 @@ def test_native_decode_refuses_bad_input():
     with pytest.raises(RuntimeError, match="query heads 3"):
         decode(torch.randn(2, 3, 16), kv, 0, tables, torch.tensor([3, 2]), 0.25)
     torch.library.opcheck(decode.default, (q, kv, 0, tables, torch.tensor([3, 2]), 0.25))
+
+
+@native
+@pytest.mark.parametrize("q_lens", [[1, 1, 1, 1], [1, 3, 1, 1], [2, 1, 1]])
+@pytest.mark.parametrize("q_dt,kv_dt,D,window", [(F32, F32, 64, 0), (BF16, BF16, 64, 5), (F32, torch.int8, 32, 0),
+                                                 (F32, F32, 8, 0)])
+def test_native_paged_attention_is_the_op(q_lens, q_dt, kv_dt, D, window):
+    """``qc_cpu::paged_attention``, what a compiled CPU program calls: ``qc::paged_attention``'s
+    results exactly, decode steps from ``paged_decode`` and every other step (a prompt chunk, a
+    sequence with two queries among decodes, a head size not built) from the op itself."""
+    from qcompiler.codegen.attention import new_kv_cache, quantize_kv
+    g = torch.Generator().manual_seed(D + len(q_lens) + window)
+    S, bs, Hkv = len(q_lens), 4, 2
+    seq_lens = torch.tensor([9, 4, 17, 2][:S])
+    tables = torch.randperm(6 * S, generator=g).view(S, 6)
+    kv = new_kv_cache(2, 6 * S, bs, Hkv, D, kv_dt)
+    x = torch.randn(2, 2, 6 * S, bs, Hkv, D, generator=g)
+    kv.copy_(quantize_kv(x, kv_dt) if kv_dt == torch.int8 else x.to(kv_dt))
+    q = torch.randn(sum(q_lens), 3 * Hkv, D, generator=g).to(q_dt)
+    starts = torch.tensor([0, *q_lens]).cumsum(0)
+    args = (q, kv, 1, tables, seq_lens, starts, D ** -0.5, window)
+    out = torch.ops.qc_cpu.paged_attention(*args)
+    assert torch.equal(out, qc.paged_attention(*args))
+    torch.testing.assert_close(out.float(), paged_attention_ref(q.float(), kv, 1, tables, seq_lens, starts, D ** -0.5,
+                                                                window), rtol=2e-2, atol=2e-2)
+    torch.library.opcheck(torch.ops.qc_cpu.paged_attention.default, args)

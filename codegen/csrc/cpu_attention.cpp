@@ -13,6 +13,7 @@
 // [..., head_dim + 2]: the key's scale multiplies its score, the value's its softmax weight.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "qc_avx512.h"
@@ -202,7 +203,7 @@ void dispatch(const at::Tensor& q, const at::Tensor& kv_cache, int64_t layer, in
 
 at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& kv_cache, int64_t layer, const at::Tensor& block_tables,
                         const at::Tensor& seq_lens, double scale, int64_t window) {
-  TORCH_CHECK(__builtin_cpu_supports("avx512f"), "qc_cpu::paged_decode needs a CPU with AVX-512");
+  TORCH_CHECK(qc_isa() >= 2, "qc_cpu::paged_decode needs a CPU with AVX-512 (F, BW)");
   const auto f32_or_bf16 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16; };
   const bool quantized = kv_cache.scalar_type() == at::kChar || kv_cache.scalar_type() == at::kFloat8_e4m3fn;
   TORCH_CHECK(query.dim() == 3 && f32_or_bf16(query) && query.is_contiguous(),
@@ -232,11 +233,46 @@ at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& kv_cache, int
   return out;
 }
 
+// qc::paged_attention without Python on decode steps: one query per sequence (query_start_loc is
+// 0, 1, .., S), a query and cache paged_decode takes, AVX-512 -> paged_decode; any other step -> the
+// qc::paged_attention op itself, through the dispatcher. What a compiled CPU program calls.
+at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& kv_cache, int64_t layer,
+                           const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                           double scale, int64_t window) {
+  const int64_t S = seq_lens.size(0);
+  const auto dt = query.scalar_type(), kt = kv_cache.scalar_type();
+  bool decode = qc_isa() >= 2 && query.dim() == 3 && query.size(0) == S && query_start_loc.dim() == 1 && query_start_loc.numel() == S + 1 &&
+                query_start_loc.scalar_type() == at::kLong && query_start_loc.device().is_cpu() &&
+                (dt == at::kFloat || dt == at::kBFloat16) &&
+                (kt == at::kFloat || kt == at::kBFloat16 || kt == at::kChar || kt == at::kFloat8_e4m3fn);
+  switch (decode ? query.size(2) : 0) {
+    case 16: case 32: case 64: case 96: case 128: case 256: break;
+    default: decode = false;
+  }
+  if (decode) {
+    const at::Tensor starts = query_start_loc.contiguous();
+    const int64_t* st = starts.data_ptr<int64_t>();
+    for (int64_t i = 0; i <= S && decode; ++i) decode = st[i] == i;
+  }
+  if (decode)
+    return paged_decode(query.contiguous(), kv_cache, layer, block_tables.contiguous(), seq_lens.contiguous(), scale, window);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qc::paged_attention", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, double, int64_t)>();
+  return op.call(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qc_cpu, m) {
   m.def("paged_decode(Tensor query, Tensor kv_cache, int layer, Tensor block_tables, Tensor seq_lens, float scale, "
         "int window=0) -> Tensor");
+  m.def("paged_attention(Tensor query, Tensor kv_cache, int layer, Tensor block_tables, Tensor seq_lens, "
+        "Tensor query_start_loc, float scale, int window=0) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(qc_cpu, CPU, m) { m.impl("paged_decode", &paged_decode); }
+TORCH_LIBRARY_IMPL(qc_cpu, CPU, m) {
+  m.impl("paged_decode", &paged_decode);
+  m.impl("paged_attention", &paged_attention);
+}

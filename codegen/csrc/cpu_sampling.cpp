@@ -122,6 +122,7 @@ QC_AVX512 int64_t sample_row(const float* x, int64_t V, float temperature, int64
 
 at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
                        const at::Tensor& top_p, const at::Tensor& u) {
+  TORCH_CHECK(qc_isa() >= 2, "sample_rows needs a CPU with AVX-512 (F, BW)");
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
               "sample_rows: logits must be a contiguous fp32 [S, V] tensor");
   const int64_t S = logits.size(0), V = logits.size(1);

@@ -11,11 +11,18 @@
 // once per group, and a weight block is converted once for up to kMaxRows rows of x: the
 // conversion shares execution ports with the FMAs, so more rows per conversion is more FMAs
 // per cycle (batched decode: 16 sequences run as two tiles of 8 rows).
+//
+// Without AVX-512 (qc_isa() == 1): the same layout and sums with AVX2 + FMA, 16 channels as two
+// 8-lane registers, a k at a time, up to kMaxRows2 rows a tile; int4 codes u are converted as
+// they are and the -8 folded into the group's offset: s * sum (u - 8) x = s * sum u x - 8 s sum x.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "qc_avx512.h"
+
+#include <atomic>
 #include <vector>
 
 namespace {
@@ -89,6 +96,65 @@ void block_rows(const float* x, int64_t ldx, const float* sumx, const uint8_t* w
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * ldy + n0, m, _mm512_add_ps(total[r], bb));
 }
 
+constexpr int kMaxRows2 = 4;  // AVX2: 2 x R accumulators of the 16 vector registers
+
+template <int R, int BITS>
+QC_AVX2 void block_rows_avx2(const float* x, int64_t ldx, const float* sumx, const uint8_t* w, const float* s,
+                             const float* b, const float* bias, int64_t K, int64_t group, float* y, int64_t ldy,
+                             int64_t n0, int64_t N) {
+  constexpr int step = 16 * BITS / 2;  // bytes per 4 k
+  const int64_t G = K / group, quads = group / 4;
+  const __m256i nibble = _mm256_set1_epi32(0xF);
+  __m256 total[R][2];
+  for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const float* xg = x + g * group;
+    for (int64_t i = 0; i < quads; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetch, _MM_HINT_T0);
+      for (int kk = 0; kk < 4; ++kk) {
+        __m256 lo, hi;
+        if constexpr (BITS == 4) {  // channels 0-7 and 8-15 of k, k + 1: low nibble k, high k + 1
+          const uint8_t* p = w + (kk / 2) * 16;
+          __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+          __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+          a = kk % 2 ? _mm256_srli_epi32(a, 4) : _mm256_and_si256(a, nibble);
+          c = kk % 2 ? _mm256_srli_epi32(c, 4) : _mm256_and_si256(c, nibble);
+          lo = _mm256_cvtepi32_ps(a);
+          hi = _mm256_cvtepi32_ps(c);
+        } else {
+          const uint8_t* p = w + kk * 16;
+          lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+          hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m256 xv = _mm256_broadcast_ss(xg + r * ldx + i * 4 + kk);
+          acc[r][0] = _mm256_fmadd_ps(lo, xv, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(hi, xv, acc[r][1]);
+        }
+      }
+      w += step;
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 sv = _mm256_loadu_ps(s + g * 16 + h * 8);
+      __m256 bv = _mm256_loadu_ps(b + g * 16 + h * 8);
+      if constexpr (BITS == 4) bv = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), sv, bv);  // b - 8 s
+      for (int r = 0; r < R; ++r) {
+        total[r][h] = _mm256_fmadd_ps(acc[r][h], sv, total[r][h]);
+        total[r][h] = _mm256_fmadd_ps(bv, _mm256_set1_ps(sumx[r * G + g]), total[r][h]);
+      }
+    }
+  }
+  const int64_t valid = N - n0 < 16 ? N - n0 : 16;
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float out[16];
+    _mm256_store_ps(out, total[r][0]);
+    _mm256_store_ps(out + 8, total[r][1]);
+    for (int64_t j = 0; j < valid; ++j) y[r * ldy + n0 + j] = out[j] + (bias ? bias[n0 + j] : 0.f);
+  }
+}
+
 using BlockFn = void (*)(const float*, int64_t, const float*, const uint8_t*, const float*, const float*,
                          const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
 constexpr BlockFn kBlocks4[kMaxRows + 1] = {nullptr, block_rows<1, 4>, block_rows<2, 4>, block_rows<3, 4>, block_rows<4, 4>,
@@ -96,11 +162,29 @@ constexpr BlockFn kBlocks4[kMaxRows + 1] = {nullptr, block_rows<1, 4>, block_row
 constexpr BlockFn kBlocks8[kMaxRows + 1] = {nullptr, block_rows<1, 8>, block_rows<2, 8>, block_rows<3, 8>, block_rows<4, 8>,
                                             block_rows<5, 8>, block_rows<6, 8>, block_rows<7, 8>, block_rows<8, 8>};
 
-bool supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
+constexpr BlockFn kBlocks4Avx2[kMaxRows2 + 1] = {nullptr, block_rows_avx2<1, 4>, block_rows_avx2<2, 4>,
+                                                  block_rows_avx2<3, 4>, block_rows_avx2<4, 4>};
+constexpr BlockFn kBlocks8Avx2[kMaxRows2 + 1] = {nullptr, block_rows_avx2<1, 8>, block_rows_avx2<2, 8>,
+                                                  block_rows_avx2<3, 8>, block_rows_avx2<4, 8>};
+
+int best_isa() {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+}
+
+std::atomic<int> chosen_isa{-1};
+
+// Chooses the kernels' level (at most the CPU's best); returns the level before.
+int64_t set_isa(int64_t level) {
+  TORCH_CHECK(level >= 0 && level <= best_isa(), "ISA level ", level, " not available: this CPU's best is ", best_isa());
+  const int before = chosen_isa.exchange(static_cast<int>(level));
+  return before < 0 ? best_isa() : before;
+}
 
 at::Tensor wq_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& biases,
                    int64_t bits, int64_t group_size, int64_t out_features, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(supported(), "qc_cpu::wq_gemm needs a CPU with AVX-512 (F, BW)");
+  const int level = qc_isa();
+  TORCH_CHECK(level >= 1, "qc_cpu::wq_gemm needs a CPU with AVX-512 (F, BW) or AVX2 and FMA");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), NB = packed.size(0), per_k = bits == 4 ? 2 : 1;
@@ -129,11 +213,12 @@ at::Tensor wq_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   const float* biasp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t block_bytes = K * 16 / per_k, block_params = G * 16;
-  const BlockFn* blocks = bits == 4 ? kBlocks4 : kBlocks8;
+  const BlockFn* blocks = level >= 2 ? (bits == 4 ? kBlocks4 : kBlocks8) : (bits == 4 ? kBlocks4Avx2 : kBlocks8Avx2);
+  const int64_t tile = level >= 2 ? kMaxRows : kMaxRows2;
   at::parallel_for(0, NB, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t nb = b0; nb < b1; ++nb) {
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-        const int64_t rows = M - m0 < kMaxRows ? M - m0 : kMaxRows;
+      for (int64_t m0 = 0; m0 < M; m0 += tile) {
+        const int64_t rows = M - m0 < tile ? M - m0 : tile;
         blocks[rows](xp + m0 * K, K, sumx.data() + m0 * G, wp + nb * block_bytes, scp + nb * block_params,
                      bp + nb * block_params, biasp, K, group_size, yp + m0 * out_features, out_features, nb * 16, out_features);
       }
@@ -176,7 +261,13 @@ at::Tensor wq_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
 
 }  // namespace
 
+int qc_isa() {
+  const int level = chosen_isa.load();
+  return level >= 0 ? level : best_isa();
+}
+
 TORCH_LIBRARY(qc_cpu, m) {
+  m.def("set_isa(int level) -> int", &set_isa);
   m.def("wq_gemm(Tensor x, Tensor packed, Tensor scales, Tensor biases, int bits, int group_size, int out_features, Tensor? bias) -> Tensor");
   m.def("wq_linear(Tensor x, Tensor packed, Tensor block_scales, Tensor block_biases, Tensor qweight, Tensor scales, "
         "Tensor? zeros, Tensor? bias, int bits, int max_native_rows, bool dense_bf16) -> Tensor");

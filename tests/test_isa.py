@@ -1,0 +1,46 @@
+"""Our CPU kernels on any x86-64 machine: the instruction sets a CPU may lack switched off with
+``QCOMPILER_NATIVE``, each program run in a process of its own as on such a machine. ``avx2``:
+the AVX2 form of our linear kernel, attention and sampling in PyTorch; ``0``: torch's packed
+int4/int8 kernels, nothing of ours."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qcompiler import load
+from qcompiler.codegen import cpu_native
+from qcompiler.codegen.quant import sqnr_db
+
+RUN = """
+import sys, torch
+from qcompiler import LLM, SamplingParams, load
+from qcompiler.codegen import cpu_native
+m = load(sys.argv[1])
+ids = torch.arange(3, 27)
+logits = m.flat(ids, torch.arange(24))
+llm = LLM(m)
+outs = llm.generate([ids.tolist(), [5, 6]], SamplingParams(max_tokens=6, temperature=0.8, seed=0, ignore_eos=True))
+st = llm.stats()
+ops = sorted({getattr(n.target, "__name__", str(n.target)) for n in m.program.graph.nodes if n.op == "call_function"})
+torch.save({"isa": cpu_native.ISA, "logits": logits, "lengths": [len(o.token_ids) for o in outs], "ops": ops,
+            "blocks_back": st["blocks_free"] == st["blocks_total"] - st["blocks_cached"]}, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("mode", ["avx2", "0"])
+def test_a_cpu_without_avx512_or_our_kernels(tiny_artifacts, tmp_path, mode):
+    if mode == "avx2" and not {"avx2", "fma"} <= cpu_native._cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    art = tiny_artifacts[1]["w4a16"].out
+    env = {**__import__("os").environ, "QCOMPILER_NATIVE": mode}
+    r = subprocess.run([sys.executable, "-c", RUN, str(art), str(tmp_path / "out.pt")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert got["isa"] == (None if mode == "0" else mode), got
+    assert any("wq_linear_native" in op for op in got["ops"]) == (mode == "avx2"), got["ops"]
+    ids = torch.arange(3, 27)
+    ref = load(art, fast=False).flat(ids, torch.arange(24))  # the canonical ops
+    assert sqnr_db(ref, got["logits"]) > 35, sqnr_db(ref, got["logits"])
+    assert got["lengths"] == [6, 6] and got["blocks_back"]
