@@ -75,7 +75,7 @@ def test_native_kernel(M, symmetric, bits, group, N, isa):
     """Our int4/int8 kernel against the canonical op: fp32 activations and accumulation, so fp32
     tolerances (the dense bf16 path past NATIVE_MAX_ROWS: bf16 ones). N off the 16-channel block,
     row counts on and off the tiles (AVX-512, up to 4 rows: four accumulators a row; 5-8: two;
-    AVX2: tiles of 4), a group of one 4-k step, int8 per channel and grouped."""
+    9-16: one; AVX2: tiles of 4), a group of one 4-k step, int8 per channel and grouped."""
     w = _x(N, 256, 3)
     qw = quantize_weight(w, bits, group, symmetric)
     x, bias = _x(M, 256), _x(1, N, 4)[0]

@@ -10,7 +10,7 @@
 // the signed byte for int8 (per channel: one group spanning K). The scale multiplies a partial sum
 // once per group, and a weight block is converted once for up to kMaxRows rows of x: the
 // conversion shares execution ports with the FMAs, so more rows per conversion is more FMAs
-// per cycle (batched decode: 16 sequences run as two tiles of 8 rows).
+// per cycle (batched decode: 16 sequences run as one tile).
 //
 // Without AVX-512 (qc_isa() == 1): the same layout and sums with AVX2 + FMA, 16 channels as two
 // 8-lane registers, a k at a time, up to kMaxRows2 rows a tile; int4 codes u are converted as
@@ -27,7 +27,7 @@
 
 namespace {
 
-constexpr int kMaxRows = 8;
+constexpr int kMaxRows = 16;
 // Weights stream from L3 or DRAM: software prefetch this far ahead of the loads.
 constexpr int kPrefetch = 8192;
 
@@ -51,8 +51,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void 
 }
 
 // R rows x 16 channels over all of K: four k per iteration. Up to 4 rows, four accumulators per
-// row; past 4, two (R x 2 independent FMA chains are already enough to fill both FMA ports, and
-// 8 rows x 4 would not fit the 32 vector registers).
+// row; 5-8, two; 9-16, one (R x A independent FMA chains are enough to fill both FMA ports, and
+// R x A stays within the 32 vector registers beside the weights).
 template <int R, int BITS>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void block_rows(const float* x, int64_t ldx, const float* sumx, const uint8_t* w, const float* s,
@@ -64,7 +64,7 @@ void block_rows(const float* x, int64_t ldx, const float* sumx, const uint8_t* w
   __m512 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    constexpr int A = R <= 4 ? 4 : 2;
+    constexpr int A = R <= 4 ? 4 : (R <= 8 ? 2 : 1);
     __m512 acc[R][A];
     for (int r = 0; r < R; ++r)
       for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
@@ -77,15 +77,15 @@ void block_rows(const float* x, int64_t ldx, const float* sumx, const uint8_t* w
       for (int r = 0; r < R; ++r) {
         const float* xr = xg + r * ldx + i * 4;
         acc[r][0] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xr[0]), acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xr[1]), acc[r][1]);
+        acc[r][1 % A] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xr[1]), acc[r][1 % A]);
         acc[r][2 % A] = _mm512_fmadd_ps(w2, _mm512_set1_ps(xr[2]), acc[r][2 % A]);
         acc[r][3 % A] = _mm512_fmadd_ps(w3, _mm512_set1_ps(xr[3]), acc[r][3 % A]);
       }
     }
     const __m512 sv = _mm512_loadu_ps(s + g * 16), bv = _mm512_loadu_ps(b + g * 16);
     for (int r = 0; r < R; ++r) {
-      const __m512 a = A == 4 ? _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2 % A], acc[r][3 % A]))
-                              : _mm512_add_ps(acc[r][0], acc[r][1]);
+      const __m512 a = A == 4 ? _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1 % A]), _mm512_add_ps(acc[r][2 % A], acc[r][3 % A]))
+                     : A == 2 ? _mm512_add_ps(acc[r][0], acc[r][1 % A]) : acc[r][0];
       total[r] = _mm512_fmadd_ps(a, sv, total[r]);
       total[r] = _mm512_fmadd_ps(bv, _mm512_set1_ps(sumx[r * G + g]), total[r]);
     }
@@ -157,10 +157,8 @@ QC_AVX2 void block_rows_avx2(const float* x, int64_t ldx, const float* sumx, con
 
 using BlockFn = void (*)(const float*, int64_t, const float*, const uint8_t*, const float*, const float*,
                          const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
-constexpr BlockFn kBlocks4[kMaxRows + 1] = {nullptr, block_rows<1, 4>, block_rows<2, 4>, block_rows<3, 4>, block_rows<4, 4>,
-                                            block_rows<5, 4>, block_rows<6, 4>, block_rows<7, 4>, block_rows<8, 4>};
-constexpr BlockFn kBlocks8[kMaxRows + 1] = {nullptr, block_rows<1, 8>, block_rows<2, 8>, block_rows<3, 8>, block_rows<4, 8>,
-                                            block_rows<5, 8>, block_rows<6, 8>, block_rows<7, 8>, block_rows<8, 8>};
+constexpr BlockFn kBlocks4[kMaxRows + 1] = {nullptr, block_rows<1, 4>, block_rows<2, 4>, block_rows<3, 4>, block_rows<4, 4>, block_rows<5, 4>, block_rows<6, 4>, block_rows<7, 4>, block_rows<8, 4>, block_rows<9, 4>, block_rows<10, 4>, block_rows<11, 4>, block_rows<12, 4>, block_rows<13, 4>, block_rows<14, 4>, block_rows<15, 4>, block_rows<16, 4>};
+constexpr BlockFn kBlocks8[kMaxRows + 1] = {nullptr, block_rows<1, 8>, block_rows<2, 8>, block_rows<3, 8>, block_rows<4, 8>, block_rows<5, 8>, block_rows<6, 8>, block_rows<7, 8>, block_rows<8, 8>, block_rows<9, 8>, block_rows<10, 8>, block_rows<11, 8>, block_rows<12, 8>, block_rows<13, 8>, block_rows<14, 8>, block_rows<15, 8>, block_rows<16, 8>};
 
 constexpr BlockFn kBlocks4Avx2[kMaxRows2 + 1] = {nullptr, block_rows_avx2<1, 4>, block_rows_avx2<2, 4>,
                                                   block_rows_avx2<3, 4>, block_rows_avx2<4, 4>};
