@@ -1,11 +1,11 @@
 """Our own CPU kernels, built on first use with torch's C++ extension tools (g++ and ninja)
 into the qcompiler cache:
 
-* ``qc_cpu::wq_gemm`` (``csrc/cpu_wq_gemm.cpp``), weight-only int4/int8 linears (``qc_cpu::wq_linear``: it, or
-  a dequantize + GEMM past a row count): AVX-512 FMAs in
-  fp32 on weights converted in registers (int4 through a 16-entry table), the group scale applied
-  once per group to a partial sum, a weight block converted once for up to 8 rows, software
-  prefetch ahead of the weight stream;
+* ``qc_cpu::wq_gemm`` (``csrc/cpu_wq_gemm.cpp``), weight-only int4/int8 linears
+  (``qc_cpu::wq_linear``: it, or a dequantize + GEMM past a row count): AVX-512 (or AVX2) FMAs in
+  fp32 on weights converted in registers, the group scale applied once per group to a partial
+  sum, a weight block converted once for up to 16 rows (AVX2: 4), software prefetch ahead of the
+  weight stream;
 * ``qc_cpu::paged_decode`` (``csrc/cpu_attention.cpp``), decode attention read in place from the
   paged KV cache through the block tables (no gathered copy, no mask); ``qc_cpu::paged_attention``
   runs it for decode steps and hands other steps to ``qc::paged_attention``;
