@@ -8,9 +8,10 @@ in ``cache_root()/<key>/``, so later starts load it in well under a second, with
 reading or lowering the exported program.
 
 The key covers everything the library depends on: the artifact's program and weights (their
-SHA-256 from the manifest), torch's version, this package's code, the CPU's instruction sets,
-the KV cache dtype and torch's thread count (Inductor's kernels are built for one). An artifact is never extended with native code: the libraries live in
-the local cache, built here or by ``qcompile`` on this machine.
+SHA-256 from the manifest), torch's version, this package's code, the CPU's instruction sets
+(and the level our kernels run at), the KV cache dtype and torch's thread count (Inductor's
+kernels are built for one). An artifact is never extended with native code: the libraries live
+in the local cache, built here or by ``qcompile`` on this machine.
 """
 import hashlib
 import json

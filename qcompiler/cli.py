@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from .run_cli import add_compile_option, cmd_eval, cmd_generate, cmd_report, print_pass_checks
-from .targets import TARGETS
+from .targets import LM_HEAD_MAX_INCREASE, TARGETS
 
 SUBCOMMANDS = ("compile", "eval", "export", "generate", "qat", "report", "serve")
 PER_CHANNEL = "channel"  # --group-size channel: one group per output channel
@@ -204,7 +204,7 @@ def print_summary(rep, model: str) -> None:
         if v.get("perplexity_increase") is not None:
             kind = f"int{v['bits']} per channel" if v["status"] == "quantized" else "float"
             print(f"  {name:<12} {kind}: int8 costs {v['perplexity_increase']:+.2%} perplexity on the calibration "
-                  "data (limit 0.5%)")
+                  f"data (limit {LM_HEAD_MAX_INCREASE:.1%})")
     paged = rep.manifest["program"]["paged"]
     windows = paged.get("windows") or [0] * paged["num_layers"]
     cfg = rep.manifest["model"]["config"]

@@ -2,6 +2,7 @@
 ``QCOMPILER_NATIVE``, each program run in a process of its own as on such a machine. ``avx2``:
 the AVX2 form of our linear kernel, attention and sampling in PyTorch; ``0``: torch's packed
 int4/int8 kernels, nothing of ours."""
+import os
 import subprocess
 import sys
 
@@ -33,7 +34,7 @@ def test_a_cpu_without_avx512_or_our_kernels(tiny_artifacts, tmp_path, mode):
     if mode == "avx2" and not {"avx2", "fma"} <= cpu_native._cpu_flags():
         pytest.skip("this CPU has no AVX2")
     art = tiny_artifacts[1]["w4a16"].out
-    env = {**__import__("os").environ, "QCOMPILER_NATIVE": mode}
+    env = {**os.environ, "QCOMPILER_NATIVE": mode}
     r = subprocess.run([sys.executable, "-c", RUN, str(art), str(tmp_path / "out.pt")], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

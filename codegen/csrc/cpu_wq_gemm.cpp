@@ -22,7 +22,9 @@
 
 #include "qc_avx512.h"
 
+#include <array>
 #include <atomic>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -157,13 +159,19 @@ QC_AVX2 void block_rows_avx2(const float* x, int64_t ldx, const float* sumx, con
 
 using BlockFn = void (*)(const float*, int64_t, const float*, const uint8_t*, const float*, const float*,
                          const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
-constexpr BlockFn kBlocks4[kMaxRows + 1] = {nullptr, block_rows<1, 4>, block_rows<2, 4>, block_rows<3, 4>, block_rows<4, 4>, block_rows<5, 4>, block_rows<6, 4>, block_rows<7, 4>, block_rows<8, 4>, block_rows<9, 4>, block_rows<10, 4>, block_rows<11, 4>, block_rows<12, 4>, block_rows<13, 4>, block_rows<14, 4>, block_rows<15, 4>, block_rows<16, 4>};
-constexpr BlockFn kBlocks8[kMaxRows + 1] = {nullptr, block_rows<1, 8>, block_rows<2, 8>, block_rows<3, 8>, block_rows<4, 8>, block_rows<5, 8>, block_rows<6, 8>, block_rows<7, 8>, block_rows<8, 8>, block_rows<9, 8>, block_rows<10, 8>, block_rows<11, 8>, block_rows<12, 8>, block_rows<13, 8>, block_rows<14, 8>, block_rows<15, 8>, block_rows<16, 8>};
-
-constexpr BlockFn kBlocks4Avx2[kMaxRows2 + 1] = {nullptr, block_rows_avx2<1, 4>, block_rows_avx2<2, 4>,
-                                                  block_rows_avx2<3, 4>, block_rows_avx2<4, 4>};
-constexpr BlockFn kBlocks8Avx2[kMaxRows2 + 1] = {nullptr, block_rows_avx2<1, 8>, block_rows_avx2<2, 8>,
-                                                  block_rows_avx2<3, 8>, block_rows_avx2<4, 8>};
+// The block kernel for each row count of a tile, [rows] for 1 .. N ([0] unused).
+template <int BITS, size_t... R>
+constexpr std::array<BlockFn, sizeof...(R) + 1> avx512_blocks(std::index_sequence<R...>) {
+  return {nullptr, block_rows<R + 1, BITS>...};
+}
+template <int BITS, size_t... R>
+constexpr std::array<BlockFn, sizeof...(R) + 1> avx2_blocks(std::index_sequence<R...>) {
+  return {nullptr, block_rows_avx2<R + 1, BITS>...};
+}
+constexpr auto kBlocks4 = avx512_blocks<4>(std::make_index_sequence<kMaxRows>());
+constexpr auto kBlocks8 = avx512_blocks<8>(std::make_index_sequence<kMaxRows>());
+constexpr auto kBlocks4Avx2 = avx2_blocks<4>(std::make_index_sequence<kMaxRows2>());
+constexpr auto kBlocks8Avx2 = avx2_blocks<8>(std::make_index_sequence<kMaxRows2>());
 
 int best_isa() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
@@ -211,7 +219,8 @@ at::Tensor wq_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   const float* biasp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t block_bytes = K * 16 / per_k, block_params = G * 16;
-  const BlockFn* blocks = level >= 2 ? (bits == 4 ? kBlocks4 : kBlocks8) : (bits == 4 ? kBlocks4Avx2 : kBlocks8Avx2);
+  const BlockFn* blocks = level >= 2 ? (bits == 4 ? kBlocks4 : kBlocks8).data()
+                                      : (bits == 4 ? kBlocks4Avx2 : kBlocks8Avx2).data();
   const int64_t tile = level >= 2 ? kMaxRows : kMaxRows2;
   at::parallel_for(0, NB, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t nb = b0; nb < b1; ++nb) {
