@@ -28,7 +28,7 @@ SHAPES = {"q/o_proj": (576, 576), "k/v_proj": (576, 192), "gate/up_proj": (576, 
 LAYER_FLOAT = ["q/o_proj", "k/v_proj", "k/v_proj", "q/o_proj", "gate/up_proj", "gate/up_proj", "down_proj"]
 LAYER_LOWERED = ["qkv merged", "q/o_proj", "gate+up merged", "down_proj"]
 LLC_BYTES = 300 * 2**20
-ISA_NAMES = {"avx512": "AVX-512", "avx2": "AVX2"}  # our kernel at each level this CPU runs (qc_cpu::set_isa)
+ISA_NAMES = {"vnni": "AVX-512 VNNI, int8 activations", "avx512": "AVX-512", "avx2": "AVX2"}  # our kernel at each level this CPU runs (qc_cpu::set_isa)
 
 
 def isa_of(name: str) -> int:
@@ -60,8 +60,8 @@ def make_candidates(K: int, N: int, G: int):
     }
     if cpu_native.available():
         for bits, q in ((4, q4), (8, q8)):
-            pn = cpu_native.pack_native(*q, bits)
-            for isa in [i for i in ("avx512", "avx2") if cpu_native.LEVELS[i] <= cpu_native.LEVELS[cpu_native.ISA]]:
+            for isa in [i for i in ("vnni", "avx512", "avx2") if cpu_native.LEVELS[i] <= cpu_native.LEVELS[cpu_native.ISA]]:
+                pn = cpu_native.pack_native(*q, bits, isa)
                 per[f"w{bits}a16 ours ({ISA_NAMES[isa]})"] = (
                     (*pn, *q), sum(t.numel() * t.element_size() for t in pn),
                     lambda x, t, b=bits: qc.wq_linear_native(x, t[0], t[1], t[2], t[3], t[4], t[5], None, b))
@@ -119,7 +119,7 @@ def main():
     for M in a.ms:
         f32 = sum(med[(s, M, "fp32 F.linear")] for s in LAYER_FLOAT)
         b16 = sum(med[(s, M, "bf16 F.linear")] for s in LAYER_FLOAT)
-        for kernel in ("w4a16 ours (AVX-512)", "w4a16 ours (AVX2)", "w4a16 torch int4pack"):
+        for kernel in [f"w4a16 ours ({n})" for n in ISA_NAMES.values()] + ["w4a16 torch int4pack"]:
             if (LAYER_LOWERED[0], M, kernel) in med:
                 w4 = sum(med[(s, M, kernel)] for s in LAYER_LOWERED)
                 print(f"| {kernel} | {M} | {f32:.0f} | {b16:.0f} | {w4:.0f} | {f32 / w4:.2f} | {b16 / w4:.2f} |")

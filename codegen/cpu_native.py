@@ -37,20 +37,23 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-LEVELS = {"avx512": 2, "avx2": 1}  # qc_cpu::set_isa's levels
+LEVELS = {"vnni": 3, "avx512": 2, "avx2": 1}  # qc_cpu::set_isa's levels
 
 
 def _isa() -> Optional[str]:
-    """The instruction sets our kernels run with here: "avx512" (F, BW), "avx2" (with FMA: the
-    linears only), or None (torch's kernels). ``QCOMPILER_NATIVE``: ``0`` none, ``avx2`` the AVX2
-    kernels even on an AVX-512 CPU, else the CPU's best."""
+    """The instruction sets our kernels run with here: "vnni" (AVX-512 with VNNI: int8 activations
+    in the linears' integer dot products), "avx512" (F, BW: fp32 activations), "avx2" (with FMA:
+    the linears only), or None (torch's kernels). ``QCOMPILER_NATIVE``: ``0`` none, ``avx2`` or
+    ``avx512`` at most that level, else the CPU's best."""
     mode, flags = os.environ.get("QCOMPILER_NATIVE", "1"), _cpu_flags()
     avx2 = {"avx2", "fma"} <= flags
     if mode == "0":
         return None
     if mode == "avx2" or not {"avx512f", "avx512bw"} <= flags:
         return "avx2" if avx2 else None
-    return "avx512"
+    if mode == "avx512" or not {"avx512_vnni", "avx512vl"} <= flags:
+        return "avx512"
+    return "vnni"
 
 
 # bf16 GEMMs in hardware (AVX512-BF16 or AMX); without, oneDNN emulates them, slower than fp32.
@@ -113,7 +116,7 @@ def built() -> bool:
 
 def avx512() -> bool:
     """Whether the AVX-512 ops (decode attention, sampling) run: registered, AVX-512 chosen."""
-    return _BUILT and ISA == "avx512"
+    return _BUILT and ISA in ("avx512", "vnni")
 
 
 DECODE_HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # built into qc_cpu::paged_decode
@@ -128,19 +131,44 @@ def decode_supported(query: Tensor, kv_cache: Tensor) -> bool:
             and kv_cache.dtype in ok + (torch.int8, torch.float8_e4m3fn) and query.shape[-1] in DECODE_HEAD_DIMS)
 
 
-def pack_native(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int) -> tuple[Tensor, Tensor, Tensor]:
+def act_block(group: int) -> int:
+    """The activation block of the VNNI kernel for a weight group: activations are quantized to
+    int8 per row and block (the largest of 32, 16, 8 dividing the group; 0 where none does)."""
+    return next((a for a in (32, 16, 8) if group % a == 0), 0)
+
+
+def vnni_layout(qweight: Tensor, scales: Tensor, bits: int, isa: Optional[str] = None) -> bool:
+    """Whether ``pack_native`` packs these weights for the VNNI kernel: ``isa`` (default: the
+    chosen ``ISA``) is "vnni" and the group a multiple of 8."""
+    group = qweight.shape[1] * (2 if bits == 4 else 1) // scales.shape[1]
+    return (isa or ISA) == "vnni" and act_block(group) > 0
+
+
+def pack_native(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int,
+                isa: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Canonical weights (int4: uint8 ``[N, K/2]``, low nibble first, ``w = (u - 8 - z) * s``;
-    int8: int8 ``[N, K]``, ``w = (q - z) * s``) -> (``packed``: the canonical bytes, channel-minor
-    within blocks of 16 channels, ``[N/16, K/2 or K, 16]``; ``scales`` and ``biases`` fp32
-    ``[N/16, K/G, 16]``, ``bias = -z * s``), N padded to 16 with zero-scale channels. Layout:
+    int8: int8 ``[N, K]``, ``w = (q - z) * s``) -> (``packed``, ``scales`` and ``biases`` fp32
+    ``[N/16, K/G, 16]``, ``bias = -z * s``), N padded to 16 with zero-scale channels. ``packed``:
+    for the FMA kernels the canonical bytes, channel-minor within blocks of 16 channels,
+    ``[N/16, K/2 or K, 16]``; for the VNNI kernel (``vnni_layout``, for ``isa``) uint8 ``[N/16, K/8 or K/4, 64]``,
+    four consecutive k of a channel in each 32-bit lane, int8 codes as ``u = q + 128``. Layouts:
     ``csrc/cpu_wq_gemm.cpp``."""
     N, G = qweight.shape[0], scales.shape[1]
     NB = -(-N // BLOCK)
     s = scales.float()
     b = torch.zeros_like(s) if zeros is None else -zeros.float() * s
+    vnni = vnni_layout(qweight, scales, bits, isa)
     if NB * BLOCK != N:
         pad = NB * BLOCK - N
         qweight = torch.cat([qweight, qweight.new_full((pad, qweight.shape[1]), 0x88 if bits == 4 else 0)])
         s, b = (torch.cat([t, t.new_zeros(pad, G)]) for t in (s, b))
     blocks = lambda t: t.reshape(NB, BLOCK, t.shape[1]).transpose(1, 2).contiguous()  # noqa: E731
-    return blocks(qweight), blocks(s), blocks(b)
+    if not vnni:
+        return blocks(qweight), blocks(s), blocks(b)
+    if bits == 4:  # u[n, k], then per 8 k: byte 4j + t = u[j, k + t] | u[j, k + 4 + t] << 4
+        u = torch.stack([qweight & 0xF, qweight >> 4], -1).reshape(NB, BLOCK, -1, 2, 4)
+        packed = (u[:, :, :, 0] | (u[:, :, :, 1] << 4)).permute(0, 2, 1, 3).reshape(NB, -1, 4 * BLOCK)
+    else:  # per 4 k: byte 4j + t = q[j, k + t] + 128
+        u = (qweight.view(torch.uint8) ^ 0x80).reshape(NB, BLOCK, -1, 4)
+        packed = u.permute(0, 2, 1, 3).reshape(NB, -1, 4 * BLOCK)
+    return packed.contiguous(), blocks(s), blocks(b)

@@ -29,6 +29,17 @@ def quantized_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Opti
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
+def int8_activations_ref(x: Tensor, block: int) -> Tensor:
+    """What the VNNI kernel (``codegen.cpu_native``) multiplies: fp32 ``x`` quantized to int8 per
+    row and block of ``block`` k's, symmetric (``sx = absmax / 127``, ``q = round(x * (127 / absmax))``,
+    ties to even), dequantized as ``q * sx``."""
+    xb = x.float().reshape(*x.shape[:-1], -1, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv).clamp(-127, 127)
+    return (q * (amax / 127)).reshape(x.shape)
+
+
 def _out_features(qweight: Tensor) -> int:
     return qweight.shape[0]
 

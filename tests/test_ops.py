@@ -56,11 +56,11 @@ def test_w4a16_cpu_fast_path(M, symmetric, group):
 native = pytest.mark.skipif(not cpu_native.available(), reason="our CPU kernel needs AVX-512 (F, BW) and g++")
 
 
-@pytest.fixture(params=["avx512", "avx2"])
+@pytest.fixture(params=["vnni", "avx512", "avx2"])
 def isa(request, monkeypatch):
-    """Our kernels at each instruction-set level: the AVX2 ones also on an AVX-512 CPU (``qc_cpu::set_isa``)."""
-    if request.param == "avx512" and cpu_native.ISA != "avx512":
-        pytest.skip("this CPU has no AVX-512")
+    """Our kernels at each instruction-set level: the lower ones also on a CPU that has more (``qc_cpu::set_isa``)."""
+    if cpu_native.LEVELS[request.param] > cpu_native.LEVELS[cpu_native.ISA]:
+        pytest.skip(f"this CPU lacks {request.param}")
     before = torch.ops.qc_cpu.set_isa(cpu_native.LEVELS[request.param])
     monkeypatch.setattr(cpu_native, "ISA", request.param)
     yield request.param
@@ -75,12 +75,20 @@ def test_native_kernel(M, symmetric, bits, group, N, isa):
     """Our int4/int8 kernel against the canonical op: fp32 activations and accumulation, so fp32
     tolerances (the dense bf16 path past NATIVE_MAX_ROWS: bf16 ones). N off the 16-channel block,
     row counts on and off the tiles (AVX-512, up to 4 rows: four accumulators a row; 5-8: two;
-    9-16: one; AVX2: tiles of 4), a group of one 4-k step, int8 per channel and grouped."""
+    9-16: one; AVX2: tiles of 4), a group of one 4-k step, int8 per channel and grouped. With
+    VNNI, the linear of the activations as the kernel quantizes them (``int8_activations_ref``),
+    except for a group not a multiple of 8 (packed for the FMA kernel)."""
     w = _x(N, 256, 3)
     qw = quantize_weight(w, bits, group, symmetric)
     x, bias = _x(M, 256), _x(1, N, 4)[0]
-    y = qc.wq_linear_native(x, *cpu_native.pack_native(*qw, bits), *qw, bias, bits)
-    ref = (qc.w4a16_linear if bits == 4 else qc.w8a16_linear)(x, *qw, bias)
+    packed = cpu_native.pack_native(*qw, bits)
+    y = qc.wq_linear_native(x, *packed, *qw, bias, bits)
+    vnni = cpu_native.vnni_layout(qw[0], qw[1], bits)
+    assert vnni == (isa == "vnni" and group != 4) and (packed[0].shape[-1] == 64) == vnni
+    xq = x
+    if vnni and M <= ops.NATIVE_MAX_ROWS:
+        xq = ops.int8_activations_ref(x, cpu_native.act_block(256 if group is None else group))
+    ref = (qc.w4a16_linear if bits == 4 else qc.w8a16_linear)(xq, *qw, bias)
     if M <= ops.NATIVE_MAX_ROWS:
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     else:
@@ -106,20 +114,24 @@ def test_many_rows_take_a_dense_gemm_in_the_cpus_fast_dtype(monkeypatch, bf16):
 
 
 @native
-def test_native_kernel_rejects_bad_layouts():
+def test_native_kernel_rejects_bad_layouts(isa):
     qw = quantize_weight(_x(32, 64, 3), 4, 32, False)
     packed, s, b = cpu_native.pack_native(*qw, 4)
     gemm = torch.ops.qc_cpu.wq_gemm
     with pytest.raises(RuntimeError, match="fp32"):
         gemm(_x(2, 64).bfloat16(), packed, s, b, 4, 32, 32, None)
-    with pytest.raises(RuntimeError, match="packed must be uint8"):
+    with pytest.raises(RuntimeError, match=r"VNNI-packed weights must be uint8 \[N/16, K/8" if isa == "vnni" else "packed must be uint8"):
         gemm(_x(2, 128), packed, s, b, 4, 32, 32, None)
-    with pytest.raises(RuntimeError, match="packed must be int8"):
+    with pytest.raises(RuntimeError, match=r"VNNI-packed weights must be uint8 \[N/16, K/4" if isa == "vnni" else "packed must be int8"):
         gemm(_x(2, 64), packed, s, b, 8, 32, 32, None)
     with pytest.raises(RuntimeError, match="group size"):
         gemm(_x(2, 64), packed, s, b, 4, 6, 32, None)
     with pytest.raises(RuntimeError, match="bits"):
         gemm(_x(2, 64), packed, s, b, 3, 32, 32, None)
+    if isa == "vnni":  # VNNI-packed weights, the kernels set below VNNI
+        torch.ops.qc_cpu.set_isa(cpu_native.LEVELS["avx512"])
+        with pytest.raises(RuntimeError, match="need a CPU with AVX512-VNNI"):
+            gemm(_x(2, 64), packed, s, b, 4, 32, 32, None)
 
 
 @pytest.mark.parametrize("M", [1, 5, ops.PACKED_MAX_ROWS + 3])

@@ -23,6 +23,7 @@
 #include "qc_avx512.h"
 
 #include <array>
+#include <cstring>
 #include <atomic>
 #include <utility>
 #include <vector>
@@ -157,6 +158,124 @@ QC_AVX2 void block_rows_avx2(const float* x, int64_t ldx, const float* sumx, con
   }
 }
 
+// VNNI (qc_isa() == 3): activations quantized to int8 per row and block of A k's (A: the largest
+// of 32, 16, 8 dividing the group), x ~= sx[r, a] * qx[r, k], then integer dot products of the
+// unsigned codes u with qx (VPDPBUSD, 64 products an instruction), exact in int32:
+//     y[n] += s[n, g] * sum_a sx[r, a] * sum_k u[n, k] qx[r, k]  +  (b[n, g] - off * s[n, g]) * xs[r, g]
+// with xs[r, g] = sum_a sx[r, a] * sum_k qx[r, k], off = 8 (int4) or 128 (int8 codes stored as
+// u = q + 128). The result is the linear of the dequantized activations (codegen/ops.py
+// int8_activations_ref) up to fp32 summation order.
+// Layout (codegen/cpu_native.py pack_native for "vnni"), per block of 16 channels, 64 bytes a
+// step: int4, 8 k a step, byte 4j + t = u[j, k + t] | u[j, k + 4 + t] << 4; int8, 4 k a step,
+// byte 4j + t = u[j, k + t].
+constexpr int kMaxRowsVnni = 8;
+#define QC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+struct QuantizedRows {
+  std::vector<int8_t> q;  // [M, K]
+  std::vector<float> sx;  // [M, K / A]
+  std::vector<float> xs;  // [M, G]
+};
+
+QC_VNNI QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t A, int64_t group) {
+  QuantizedRows out{std::vector<int8_t>(M * K), std::vector<float>(M * (K / A)), std::vector<float>(M * (K / group), 0.f)};
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t a = 0; a < K / A; ++a) {
+      const float* xa = x + r * K + a * A;
+      __m512 m = _mm512_setzero_ps();
+      for (int64_t k = 0; k < A; k += 16) {
+        const __mmask16 valid = (__mmask16)(A - k >= 16 ? 0xFFFF : (1u << (A - k)) - 1);
+        m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(valid, xa + k)));
+      }
+      const float amax = _mm512_reduce_max_ps(m);
+      const float inv = amax > 0.f ? 127.f / amax : 0.f, sx = amax / 127.f;
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t k = 0; k < A; k += 16) {
+        const __mmask16 valid = (__mmask16)(A - k >= 16 ? 0xFFFF : (1u << (A - k)) - 1);
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(valid, xa + k), _mm512_set1_ps(inv)));
+        _mm512_mask_cvtsepi32_storeu_epi8(out.q.data() + r * K + a * A + k, valid, q);
+        sum = _mm512_add_epi32(sum, q);
+      }
+      out.sx[r * (K / A) + a] = sx;
+      out.xs[r * (K / group) + a * A / group] += sx * static_cast<float>(_mm512_reduce_add_epi32(sum));
+    }
+  }
+  return out;
+}
+
+QC_VNNI inline __m512i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// R rows x 16 channels over all of K. Up to 4 rows two int32 accumulators a row, else one.
+template <int R, int BITS>
+QC_VNNI void block_rows_vnni(const int8_t* qx, const float* sx, const float* xs, const uint8_t* w, const float* s,
+                             const float* b, const float* bias, int64_t K, int64_t group, int64_t A, float* y,
+                             int64_t ldy, int64_t n0, int64_t N) {
+  constexpr int per_step = BITS == 4 ? 8 : 4;  // k a 64-byte step
+  constexpr int C = R <= 4 ? 2 : 1;
+  const int64_t G = K / group, NA = K / A, steps = A / per_step;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512 off = _mm512_set1_ps(BITS == 4 ? 8.f : 128.f);
+  __m512 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 accf[R];
+    for (int r = 0; r < R; ++r) accf[r] = _mm512_setzero_ps();
+    for (int64_t a = g * (group / A); a < (g + 1) * (group / A); ++a) {
+      __m512i acc[R][C];
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
+      for (int64_t i = 0; i < steps; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetch, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(w);
+        w += 64;
+        const int64_t k = a * A + i * per_step;
+        if constexpr (BITS == 4) {
+          const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+          for (int r = 0; r < R; ++r) {
+            acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], lo, bcast4(qx + r * K + k));
+            acc[r][C - 1] = _mm512_dpbusd_epi32(acc[r][C - 1], hi, bcast4(qx + r * K + k + 4));
+          }
+        } else {
+          for (int r = 0; r < R; ++r) acc[r][i % C] = _mm512_dpbusd_epi32(acc[r][i % C], v, bcast4(qx + r * K + k));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512i t = C == 2 ? _mm512_add_epi32(acc[r][0], acc[r][C - 1]) : acc[r][0];
+        accf[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(sx[r * NA + a]), accf[r]);
+      }
+    }
+    const __m512 sv = _mm512_loadu_ps(s + g * 16), bv = _mm512_fnmadd_ps(off, sv, _mm512_loadu_ps(b + g * 16));
+    for (int r = 0; r < R; ++r) {
+      total[r] = _mm512_fmadd_ps(accf[r], sv, total[r]);
+      total[r] = _mm512_fmadd_ps(bv, _mm512_set1_ps(xs[r * G + g]), total[r]);
+    }
+  }
+  const int64_t valid = N - n0 < 16 ? N - n0 : 16;
+  const __mmask16 m = (__mmask16)((1u << valid) - 1);
+  const __m512 bb = bias ? _mm512_maskz_loadu_ps(m, bias + n0) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * ldy + n0, m, _mm512_add_ps(total[r], bb));
+}
+
+using VnniFn = void (*)(const int8_t*, const float*, const float*, const uint8_t*, const float*, const float*,
+                        const float*, int64_t, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+template <int BITS, size_t... R>
+constexpr std::array<VnniFn, sizeof...(R) + 1> vnni_blocks(std::index_sequence<R...>) {
+  return {nullptr, block_rows_vnni<R + 1, BITS>...};
+}
+constexpr auto kBlocks4Vnni = vnni_blocks<4>(std::make_index_sequence<kMaxRowsVnni>());
+constexpr auto kBlocks8Vnni = vnni_blocks<8>(std::make_index_sequence<kMaxRowsVnni>());
+
+// The activation block for a group: the largest of 32, 16, 8 dividing it (0: none).
+int64_t act_block(int64_t group) {
+  for (int64_t a : {32, 16, 8})
+    if (group % a == 0) return a;
+  return 0;
+}
+
 using BlockFn = void (*)(const float*, int64_t, const float*, const uint8_t*, const float*, const float*,
                          const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
 // The block kernel for each row count of a tile, [rows] for 1 .. N ([0] unused).
@@ -174,7 +293,8 @@ constexpr auto kBlocks4Avx2 = avx2_blocks<4>(std::make_index_sequence<kMaxRows2>
 constexpr auto kBlocks8Avx2 = avx2_blocks<8>(std::make_index_sequence<kMaxRows2>());
 
 int best_isa() {
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") ? 3 : 2;
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
 }
 
@@ -194,11 +314,19 @@ at::Tensor wq_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), NB = packed.size(0), per_k = bits == 4 ? 2 : 1;
-  TORCH_CHECK(packed.scalar_type() == (bits == 4 ? at::kByte : at::kChar) && packed.dim() == 3 && packed.size(1) * per_k == K &&
-              packed.size(2) == 16 && packed.is_contiguous(), "packed must be ", bits == 4 ? "uint8 [N/16, K/2, 16]" : "int8 [N/16, K, 16]",
-              " for K = ", K, ", got ", packed.sizes());
+  const bool vnni = packed.dim() == 3 && packed.size(2) == 64;
   TORCH_CHECK(group_size > 0 && group_size % 4 == 0 && K % group_size == 0, "group size ", group_size, " must divide K = ", K,
               " and be a multiple of 4");
+  if (vnni) {
+    TORCH_CHECK(level >= 3, "VNNI-packed weights need a CPU with AVX512-VNNI (chosen ISA level ", level, ")");
+    TORCH_CHECK(act_block(group_size) > 0, "VNNI-packed weights need a group size that is a multiple of 8, got ", group_size);
+    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.size(1) * 64 == K * 16 / per_k && packed.is_contiguous(),
+                "VNNI-packed weights must be uint8 [N/16, K/", bits == 4 ? 8 : 4, ", 64] for K = ", K, ", got ", packed.sizes());
+  } else {
+    TORCH_CHECK(packed.scalar_type() == (bits == 4 ? at::kByte : at::kChar) && packed.dim() == 3 && packed.size(1) * per_k == K &&
+                packed.size(2) == 16 && packed.is_contiguous(), "packed must be ", bits == 4 ? "uint8 [N/16, K/2, 16]" : "int8 [N/16, K, 16]",
+                " for K = ", K, ", got ", packed.sizes());
+  }
   const int64_t G = K / group_size;
   for (const at::Tensor* t : {&scales, &biases})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == NB &&
@@ -208,17 +336,33 @@ at::Tensor wq_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   at::Tensor y = at::empty({M, out_features}, x.options());
   if (M == 0) return y;
   const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = static_cast<const uint8_t*>(packed.data_ptr());
+  const float *scp = scales.data_ptr<float>(), *bp = biases.data_ptr<float>();
+  const float* biasp = bias ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t block_bytes = K * 16 / per_k, block_params = G * 16;
+  if (vnni) {
+    const int64_t A = act_block(group_size);
+    const QuantizedRows qr = quantize_rows(xp, M, K, A, group_size);
+    const VnniFn* blocks = (bits == 4 ? kBlocks4Vnni : kBlocks8Vnni).data();
+    at::parallel_for(0, NB, 4, [&](int64_t b0, int64_t b1) {
+      for (int64_t nb = b0; nb < b1; ++nb) {
+        for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsVnni) {
+          const int64_t rows = M - m0 < kMaxRowsVnni ? M - m0 : kMaxRowsVnni;
+          blocks[rows](qr.q.data() + m0 * K, qr.sx.data() + m0 * (K / A), qr.xs.data() + m0 * G, wp + nb * block_bytes,
+                       scp + nb * block_params, bp + nb * block_params, biasp, K, group_size, A, yp + m0 * out_features,
+                       out_features, nb * 16, out_features);
+        }
+      }
+    });
+    return y;
+  }
   std::vector<float> sumx(M * G);  // per row and group: the sum of the activations (zero-point term)
   for (int64_t r = 0; r < M * G; ++r) {
     float acc = 0.f;
     for (int64_t k = 0; k < group_size; ++k) acc += xp[r * group_size + k];
     sumx[r] = acc;
   }
-  const uint8_t* wp = static_cast<const uint8_t*>(packed.data_ptr());
-  const float *scp = scales.data_ptr<float>(), *bp = biases.data_ptr<float>();
-  const float* biasp = bias ? bias->data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  const int64_t block_bytes = K * 16 / per_k, block_params = G * 16;
   const BlockFn* blocks = level >= 2 ? (bits == 4 ? kBlocks4 : kBlocks8).data()
                                       : (bits == 4 ? kBlocks4Avx2 : kBlocks8Avx2).data();
   const int64_t tile = level >= 2 ? kMaxRows : kMaxRows2;

@@ -5,7 +5,8 @@
 #define QC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #define QC_AVX2 __attribute__((target("avx2,fma")))
 
-// The instruction sets the kernels run with: 2 = AVX-512 (F, BW), 1 = AVX2 with FMA (wq_gemm
+// The instruction sets the kernels run with: 3 = AVX-512 with VNNI (wq_gemm takes VNNI-packed
+// weights), 2 = AVX-512 (F, BW), 1 = AVX2 with FMA (wq_gemm
 // only), 0 = neither. The CPU's best unless qc_cpu::set_isa chose a lower level
 // (csrc/cpu_wq_gemm.cpp).
 int qc_isa();
