@@ -2,10 +2,12 @@
 into the qcompiler cache:
 
 * ``qc_cpu::wq_gemm`` (``csrc/cpu_wq_gemm.cpp``), weight-only int4/int8 linears
-  (``qc_cpu::wq_linear``: it, or a dequantize + GEMM past a row count): AVX-512 (or AVX2) FMAs in
-  fp32 on weights converted in registers, the group scale applied once per group to a partial
-  sum, a weight block converted once for up to 16 rows (AVX2: 4), software prefetch ahead of the
-  weight stream;
+  (``qc_cpu::wq_linear``: it, or a dequantize + GEMM past a row count): with AVX512-VNNI,
+  activations quantized to int8 per row and block of 32 k and integer dot products with the
+  codes (``int8_activations_ref`` in ``codegen/ops.py`` is what it multiplies); else AVX-512 (or
+  AVX2) FMAs in fp32 on weights converted in registers, a weight block converted once for up to
+  16 rows (AVX2: 4). The group scale applies once per group to a partial sum; software prefetch
+  runs ahead of the weight stream;
 * ``qc_cpu::paged_decode`` (``csrc/cpu_attention.cpp``), decode attention read in place from the
   paged KV cache through the block tables (no gathered copy, no mask); ``qc_cpu::paged_attention``
   runs it for decode steps and hands other steps to ``qc::paged_attention``;

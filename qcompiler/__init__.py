@@ -1,5 +1,13 @@
 """qcompiler: quantize, compile and serve PyTorch language models."""
+import os
+
 __version__ = "0.1.0"
+
+# oneDNN's primitive cache and ideep's keep a compiled kernel per GEMM shape, 1,024 each by
+# default: a server meets new shapes with new prompt lengths, so they are kept small here. torch
+# reads them when it loads: they apply where qcompiler is imported first and the user has not set them.
+for _var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_var, "128")
 
 from qcompiler.runtime.beam_search import BeamSearchParams  # noqa: E402
 from qcompiler.runtime.sampling import SamplingParams  # noqa: E402

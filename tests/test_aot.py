@@ -7,6 +7,7 @@ import torch
 
 from qcompiler import LLM, SamplingParams, aot
 from qcompiler.cli import main
+from qcompiler.codegen import cpu_native
 from qcompiler.llm import kv_cache_dtype_of
 from qcompiler.loader import load, resolve_mode
 from qcompiler.runtime.step_inputs import step_inputs
@@ -21,6 +22,20 @@ def aot_cache(tmp_path_factory, monkeypatch):
     """One build cache for the module's tests (as one machine's), the default mode unforced."""
     monkeypatch.setenv("QCOMPILER_AOT_CACHE", str(tmp_path_factory.getbasetemp() / "aot-cache"))
     monkeypatch.delenv("QCOMPILER_COMPILE", raising=False)
+
+
+@pytest.fixture
+def fp32_activations(monkeypatch):
+    """Our linear kernel with fp32 activations where the CPU would quantize them (VNNI): int8
+    activations turn the bf16 roundings Inductor fuses away into different int8 roundings, and a
+    random tiny model's near-ties then pick other tokens; exact token equality needs fp32."""
+    if cpu_native.available() and cpu_native.ISA == "vnni":
+        before = torch.ops.qc_cpu.set_isa(cpu_native.LEVELS["avx512"])
+        monkeypatch.setattr(cpu_native, "ISA", "avx512")
+        yield
+        torch.ops.qc_cpu.set_isa(before)
+    else:
+        yield
 
 
 def check_pool(llm):
@@ -43,11 +58,11 @@ def test_modes(monkeypatch):
 
 
 @pytest.mark.parametrize("kv", ["auto", "int8"])
-def test_compiled_library_serves_what_the_graph_serves(tiny_artifacts, aot_cache, kv):
+def test_compiled_library_serves_what_the_graph_serves(tiny_artifacts, aot_cache, fp32_activations, kv):
     """Same logits (within bf16 rounding: Inductor fuses what the graph rounds op by op) on
     prefill, chunked and batched-decode steps; the same greedy tokens through the engine, prompts
     chunked and decoded together; then a second start loads the cached library without reading
-    the exported program."""
+    the exported program. (The VNNI kernel's own results: tests/test_ops.py, tests/test_isa.py.)"""
     art = tiny_artifacts[1]["w4a16"].out
     eager = LLM(art, compile="eager", max_num_batched_tokens=32, kv_cache_dtype=kv)
     llm = LLM(art, max_num_batched_tokens=32, kv_cache_dtype=kv)

@@ -1,5 +1,6 @@
 """Our CPU kernels on any x86-64 machine: the instruction sets a CPU may lack switched off with
-``QCOMPILER_NATIVE``, each program run in a process of its own as on such a machine. ``avx512``:
+``QCOMPILER_NATIVE``, each program run in a process of its own as on such a machine. ``vnni``:
+everything of ours, int8 activations in the linears; ``avx512``:
 no VNNI, so fp32 activations in our linear kernel; ``avx2``: the AVX2 form of that kernel,
 attention and sampling in PyTorch; ``0``: torch's packed int4/int8 kernels, nothing of ours."""
 import os
@@ -29,8 +30,8 @@ torch.save({"isa": cpu_native.ISA, "logits": logits, "lengths": [len(o.token_ids
 """
 
 
-@pytest.mark.parametrize("mode", ["avx512", "avx2", "0"])
-def test_a_cpu_without_vnni_avx512_or_our_kernels(tiny_artifacts, tmp_path, mode):
+@pytest.mark.parametrize("mode", ["vnni", "avx512", "avx2", "0"])
+def test_each_level_of_our_cpu_kernels(tiny_artifacts, tmp_path, mode):
     if mode != "0" and cpu_native.LEVELS[mode] > cpu_native.LEVELS.get(cpu_native._isa(), 0):
         pytest.skip(f"this CPU has no {mode}")
     art = tiny_artifacts[1]["w4a16"].out

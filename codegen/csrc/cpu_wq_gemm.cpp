@@ -1,5 +1,6 @@
 // qc_cpu::wq_gemm: y = x @ dequant(W)^T + bias for weight-only int4/int8 linears on x86 CPUs with
-// AVX-512 (F, BW), fp32 activations and accumulation.
+// AVX-512 (F, BW), fp32 activations and accumulation; with AVX512-VNNI, int8 activations and
+// integer dot products (below); with AVX2 + FMA, the fp32 form in 8-lane registers.
 //
 // Weights are repacked at load time (codegen/cpu_native.py) into blocks of 16 output channels,
 // channel-minor: for int4, per 2 consecutive k a block holds 16 bytes, byte j = channel j with
