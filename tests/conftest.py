@@ -62,6 +62,21 @@ TARGETS = {
 }
 
 
+@pytest.fixture
+def cpu_isa(monkeypatch):
+    """``cpu_isa(name)``: our CPU kernels at that level ("vnni", "avx512", "avx2") for the rest of the
+    test, as on a CPU whose best it is (``qc_cpu::set_isa``, and ``pack_native`` packs for it)."""
+    from qcompiler.codegen import cpu_native
+    before = []
+
+    def choose(name: str) -> None:
+        before.append(torch.ops.qc_cpu.set_isa(cpu_native.LEVELS[name]))
+        monkeypatch.setattr(cpu_native, "ISA", name)
+    yield choose
+    if before:
+        torch.ops.qc_cpu.set_isa(before[0])
+
+
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory):
     """(source, {key: CompileReport}) for every entry of ``TARGETS``."""

@@ -25,17 +25,12 @@ def aot_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
-def fp32_activations(monkeypatch):
+def fp32_activations(cpu_isa):
     """Our linear kernel with fp32 activations where the CPU would quantize them (VNNI): int8
     activations turn the bf16 roundings Inductor fuses away into different int8 roundings, and a
     random tiny model's near-ties then pick other tokens; exact token equality needs fp32."""
     if cpu_native.available() and cpu_native.ISA == "vnni":
-        before = torch.ops.qc_cpu.set_isa(cpu_native.LEVELS["avx512"])
-        monkeypatch.setattr(cpu_native, "ISA", "avx512")
-        yield
-        torch.ops.qc_cpu.set_isa(before)
-    else:
-        yield
+        cpu_isa("avx512")
 
 
 def check_pool(llm):

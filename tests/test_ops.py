@@ -57,14 +57,12 @@ native = pytest.mark.skipif(not cpu_native.available(), reason="our CPU kernel n
 
 
 @pytest.fixture(params=["vnni", "avx512", "avx2"])
-def isa(request, monkeypatch):
-    """Our kernels at each instruction-set level: the lower ones also on a CPU that has more (``qc_cpu::set_isa``)."""
+def isa(request, cpu_isa):
+    """Our kernels at each instruction-set level: the lower ones also on a CPU that has more."""
     if cpu_native.LEVELS[request.param] > cpu_native.LEVELS[cpu_native.ISA]:
         pytest.skip(f"this CPU lacks {request.param}")
-    before = torch.ops.qc_cpu.set_isa(cpu_native.LEVELS[request.param])
-    monkeypatch.setattr(cpu_native, "ISA", request.param)
-    yield request.param
-    torch.ops.qc_cpu.set_isa(before)
+    cpu_isa(request.param)
+    return request.param
 
 
 @native
