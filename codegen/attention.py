@@ -2,6 +2,8 @@
 slots) and ``qc::paged_attention`` (causal attention of a step's queries over each sequence's
 blocks: prefill, decode and chunked prefill are one op). ``window > 0``: a sliding window, the
 query at position ``p`` sees the keys at ``p - window < j <= p`` (transformers' ``sliding_window``).
+``softcap > 0``: each score ``s = scale * q . k`` becomes ``softcap * tanh(s / softcap)`` before the
+softmax (Gemma 2's ``attn_logit_softcapping``).
 
 KV cache layout: ``kv_cache [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``;
 token ``p`` of a sequence lives in slot ``block_tables[s, p // block_size] * block_size +
@@ -147,9 +149,9 @@ def _compute_dtype(query: Tensor, kv_cache: Tensor) -> torch.dtype:
 
 
 def paged_attention_ref(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
-                        query_start_loc: Tensor, scale: float, window: int = 0) -> Tensor:
+                        query_start_loc: Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> Tensor:
     """Readable reference: per sequence, per query, softmax over the keys at or before it (fp32),
-    the last ``window`` of them when ``window > 0``."""
+    the last ``window`` of them when ``window > 0``, scores soft-capped when ``softcap > 0``."""
     T, Hq, D = query.shape
     Hkv = kv_cache.shape[4]
     out = torch.empty_like(query)
@@ -162,23 +164,46 @@ def paged_attention_ref(query: Tensor, kv_cache: Tensor, layer: int, block_table
             for h in range(Hq):
                 kh = k[lo: pos + 1, h // (Hq // Hkv)].float()
                 vh = v[lo: pos + 1, h // (Hq // Hkv)].float()
-                p = torch.softmax(kh @ query[i, h].float() * scale, dim=0)
+                scores = kh @ query[i, h].float() * scale
+                if softcap > 0:
+                    scores = softcap * torch.tanh(scores / softcap)
+                p = torch.softmax(scores, dim=0)
                 out[i, h] = (p @ vh).to(query.dtype)
     return out
 
 
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, scale: float,
+               softcap: float, enable_gqa: bool = False) -> Tensor:
+    """SDPA, or with ``softcap > 0`` its explicit form with capped scores (softmax in fp32).
+    ``mask``: boolean, True where a key is seen."""
+    if softcap <= 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=enable_gqa)
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    s = softcap * torch.tanh(s / softcap)
+    if causal:
+        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(s.shape[-1] - s.shape[-2])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(s, -1) @ v.float()).to(q.dtype)
+
+
 def decode_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
-                     scale: float, lens: Optional[list[int]] = None, window: int = 0) -> Tensor:
+                     scale: float, lens: Optional[list[int]] = None, window: int = 0, softcap: float = 0.0) -> Tensor:
     """One query per sequence. On a CPU with our kernels (fp32 or bf16 query and cache):
     ``qc_cpu::paged_decode`` reads K and V in place through the block tables, in fp32. Otherwise
     every sequence's blocks are gathered at once (``index_select``), one
     SDPA for the step, keys past a sequence's length masked. With ``lens`` (the lengths, on the
     host) keys stop at the longest and equal lengths need no mask; without, keys span the block
     table's width and are always masked: no host sync, so Dynamo can trace it and Inductor
-    schedules it with its neighbours. ``window > 0``: only each sequence's last ``window`` keys."""
+    schedules it with its neighbours. ``window > 0``: only each sequence's last ``window`` keys;
+    ``softcap > 0``: capped scores."""
     if cpu_native.decode_supported(query, kv_cache):  # in place from the paged cache, no gather
         return torch.ops.qc_cpu.paged_decode(query.contiguous(), kv_cache, layer, block_tables.contiguous(),
-                                             seq_lens.contiguous(), scale, window)
+                                             seq_lens.contiguous(), scale, window, softcap)
     S, Hq, D = query.shape
     bs, Hkv = kv_cache.shape[3], kv_cache.shape[4]
     if lens is None:
@@ -202,32 +227,33 @@ def decode_attention(query: Tensor, kv_cache: Tensor, layer: int, block_tables: 
     # NOTE: the query heads of one KV head are rows of one attention (query head h reads KV head
     # h // rep): no enable_gqa flag, which Dynamo cannot pass when head counts are symbolic
     q = query.view(S, Hkv, Hq // Hkv, D).to(dt)  # [S, H_kv, rep, D]
-    o = F.scaled_dot_product_attention(q, k.to(dt), v.to(dt), attn_mask=mask, scale=scale)
+    o = _attention(q, k.to(dt), v.to(dt), mask, False, scale, softcap)
     return o.reshape(S, Hq, D).to(query.dtype)
 
 
 def paged_attention_for_compile(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor,
-                                seq_lens: Tensor, query_start_loc: Tensor, scale: float, window: int = 0) -> Tensor:
+                                seq_lens: Tensor, query_start_loc: Tensor, scale: float, window: int = 0,
+                                softcap: float = 0.0) -> Tensor:
     """What a CPU program under ``torch.compile`` calls for ``qc::paged_attention``: decode steps
     (one query per sequence, a shape fact Dynamo guards on) as traceable ATen ops, other steps
     through the opaque op."""
     if query.shape[0] == seq_lens.shape[0]:
-        return decode_attention(query, kv_cache, layer, block_tables, seq_lens, scale, window=window)
-    return paged_attention(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window)
+        return decode_attention(query, kv_cache, layer, block_tables, seq_lens, scale, window=window, softcap=softcap)
+    return paged_attention(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window, softcap)
 
 
 def paged_attention_impl(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
-                         query_start_loc: Tensor, scale: float, window: int = 0) -> Tensor:
+                         query_start_loc: Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> Tensor:
     """``query [T, H, D]`` -> ``[T, H, D]``: causal attention over each sequence's cached KV
     (the step's own keys must already be written), within the last ``window`` keys when
-    ``window > 0``. CPU/any device: a decode step is one batched SDPA; a step with prompt chunks
+    ``window > 0``, scores soft-capped when ``softcap > 0``. CPU/any device: a decode step is one batched SDPA; a step with prompt chunks
     runs one SDPA per sequence."""
     T, Hq, D = query.shape
     Hkv = kv_cache.shape[4]
     assert Hq % Hkv == 0, f"{Hq} query heads not a multiple of {Hkv} KV heads"
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     if T == len(lens) and starts == list(range(T + 1)):
-        return decode_attention(query, kv_cache, layer, block_tables, seq_lens, scale, lens, window)
+        return decode_attention(query, kv_cache, layer, block_tables, seq_lens, scale, lens, window, softcap)
     out = torch.empty_like(query)
     dt = _compute_dtype(query, kv_cache)
     for s, n in enumerate(lens):
@@ -248,8 +274,7 @@ def paged_attention_impl(query: Tensor, kv_cache: Tensor, layer: int, block_tabl
             mask, causal = None, True
         else:  # a chunk after cached tokens
             mask, causal = torch.ones(q_len, n, dtype=torch.bool, device=query.device).tril(n - q_len), False
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                           enable_gqa=Hq != Hkv)
+        o = _attention(q, k, v, mask, causal, scale, softcap, enable_gqa=Hq != Hkv)
         out[q0:q1] = o[0].transpose(0, 1).to(query.dtype)
     return out
 
@@ -258,5 +283,5 @@ paged_attention = torch.library.custom_op("qc::paged_attention", paged_attention
 
 
 @paged_attention.register_fake
-def _(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window=0):
+def _(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window=0, softcap=0.0):
     return torch.empty_like(query)

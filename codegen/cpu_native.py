@@ -100,11 +100,11 @@ def available() -> bool:
         return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
     @torch.library.register_fake("qc_cpu::paged_decode")
-    def _(query, kv_cache, layer, block_tables, seq_lens, scale, window=0):
+    def _(query, kv_cache, layer, block_tables, seq_lens, scale, window=0, softcap=0.0):
         return torch.empty_like(query)
 
     @torch.library.register_fake("qc_cpu::paged_attention")
-    def _(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window=0):
+    def _(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window=0, softcap=0.0):
         return torch.empty_like(query)
     torch.ops.qc_cpu.set_isa(LEVELS[isa])
     _BUILT, ISA = True, isa

@@ -125,7 +125,7 @@ def decode_split_plan(num_seqs: int, num_kv_heads: int, max_ctx: int, block_n: i
 
 
 def paged_attention_triton(query: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
-                           query_start_loc: Tensor, scale: float, window: int = 0, *, num_splits: Optional[int] = None,
+                           query_start_loc: Tensor, scale: float, window: int = 0, softcap: float = 0.0, *, num_splits: Optional[int] = None,
                            block_n: Optional[int] = None) -> Tensor:
     """Causal attention of a step's packed queries over each sequence's paged KV cache, as
     ``paged_attention_impl`` computes it; no host sync, so CUDA graphs can capture it.
@@ -140,6 +140,7 @@ def paged_attention_triton(query: Tensor, kv_cache: Tensor, layer: int, block_ta
         query_start_loc: ``[S + 1]`` offsets of each sequence's query rows.
         scale: softmax scale.
         window: > 0: each query sees only the last ``window`` keys up to its own position.
+        softcap: > 0: scores ``s`` become ``softcap * tanh(s / softcap)`` before the softmax.
         num_splits, block_n: override the heuristics (decode splits; KV tile size), for tests and tuning.
 
     Returns:
@@ -162,11 +163,13 @@ def paged_attention_triton(query: Tensor, kv_cache: Tensor, layer: int, block_ta
     group = Hq // Hkv
     BLOCK_D = _pow2(D)
     common = dict(HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_D=BLOCK_D, DOT_DTYPE=_TL_DTYPES[dot_dtype],
-                  DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", KV_QUANT=kv_quant)
+                  DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", KV_QUANT=kv_quant,
+                  SOFTCAP=softcap > 0)
     strides = (query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                out.stride(0), out.stride(1), block_tables.stride(0), block_tables.stride(1))
     wide = dot_dtype.itemsize * BLOCK_D  # bytes of one token's head
     scale_log2 = scale * LOG2E
+    softcap_log2 = softcap * LOG2E if softcap > 0 else 1.0
     no_window = 1 << 30  # longer than any sequence: every key is in it
     if T == S:  # decode: flash-decoding over split KV
         BLOCK_N, num_warps, num_stages = _decode_config(wide)
@@ -182,8 +185,8 @@ def paged_attention_triton(query: Tensor, kv_cache: Tensor, layer: int, block_ta
             part_acc = torch.empty(S, Hq, splits, BLOCK_D, dtype=torch.float32, device=query.device)
         _paged_decode_kernel[(S, Hkv, splits)](
             query, k_cache, v_cache, out, part_m, part_l, part_acc, block_tables, seq_lens, scale_log2, split_size,
-            window if window > 0 else no_window, *strides, GROUP=group, NUM_SPLITS=splits, BLOCK_G=BLOCK_G,
-            BLOCK_N=BLOCK_N, **common, num_warps=num_warps, num_stages=num_stages)
+            window if window > 0 else no_window, softcap_log2, *strides, GROUP=group, NUM_SPLITS=splits,
+            BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, **common, num_warps=num_warps, num_stages=num_stages)
         if splits > 1:
             _combine_splits_kernel[(S, Hq)](
                 out, part_m, part_l, part_acc, seq_lens, split_size, out.stride(0), out.stride(1),
@@ -195,7 +198,7 @@ def paged_attention_triton(query: Tensor, kv_cache: Tensor, layer: int, block_ta
     tiles = -(-T // BLOCK_M)  # enough for one sequence holding every query; the others' extra tiles exit at once
     _paged_prefill_kernel[(tiles, S, Hq)](
         query, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale_log2,
-        window if window > 0 else no_window, *strides,
+        window if window > 0 else no_window, softcap_log2, *strides,
         GROUP=group, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WINDOWED=window > 0, **common, num_warps=num_warps,
         num_stages=num_stages)
     return out
@@ -205,5 +208,6 @@ attention.reshape_and_cache.register_kernel("cuda")(reshape_and_cache_triton)
 
 
 @attention.paged_attention.register_kernel("cuda")
-def _(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window=0):
-    return paged_attention_triton(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window)
+def _(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window=0, softcap=0.0):
+    return paged_attention_triton(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window,
+                                  softcap)

@@ -51,15 +51,23 @@ def _row_scale(C, rows, ok, HEAD_DIM: tl.constexpr, KV_QUANT: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    t = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|), in (0, 1]: no overflow
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
 def _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, key_start, key_stop, q_pos, window,
                  scale_log2, stride_kb, stride_kt, offs_d,
                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, KV_QUANT: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, KV_QUANT: tl.constexpr, softcap_log2, SOFTCAP: tl.constexpr):
     """One tile of BLOCK_N keys starting at token ``n0``, gathered slot by slot through the
     block table, folded into the online softmax of ``q [rows, BLOCK_D]``. MASK_KEYS: only keys in
     ``[key_start, key_stop)``; CAUSAL: only keys at or before each row's ``q_pos``; WINDOWED: only
-    keys after ``q_pos - window`` (a row may then see no key of the tile)."""
+    keys after ``q_pos - window`` (a row may then see no key of the tile). SOFTCAP: scores capped at
+    ``softcap_log2`` (in the exp2 domain, like ``scale_log2``) through tanh."""
     pos = n0 + tl.arange(0, BLOCK_N)  # token positions in the sequence
     if MASK_KEYS:
         key_ok = (pos < key_stop) & (pos >= key_start)
@@ -85,6 +93,8 @@ def _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, key_sta
         qk = qk * (_row_scale(K, rows, k_ok, HEAD_DIM, KV_QUANT) * scale_log2)[None, :]
     else:
         qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * scale_log2  # [rows, BLOCK_N]
+    if SOFTCAP:
+        qk = softcap_log2 * _tanh(qk / softcap_log2)
     if MASK_KEYS:
         visible = key_ok[None, :]
         if CAUSAL:
@@ -115,11 +125,13 @@ def _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, key_sta
 
 @triton.jit
 def _paged_decode_kernel(Q, K, V, Out, PartM, PartL, PartAcc, BlockTables, SeqLens, scale_log2, split_size, window,
+                         softcap_log2,
                          stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh,
                          stride_bts, stride_btb,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_QUANT: tl.constexpr):
+                         DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_QUANT: tl.constexpr,
+                         SOFTCAP: tl.constexpr):
     """Program (sequence s, KV head, split): the GROUP query heads of that KV head against the
     tokens [split * split_size, (split + 1) * split_size) of s, from ``seq_len - window`` on (no
     window: ``window`` at least the longest sequence). One split writes the output, several write (max, sum, acc) partials for
@@ -149,16 +161,19 @@ def _paged_decode_kernel(Q, K, V, Out, PartM, PartL, PartAcc, BlockTables, SeqLe
     if first < key_start and first < full_stop:  # a full tile the window starts inside
         acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, first, key_start, stop, 0, 0,
                                      scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D,
-                                     True, False, False, DOT_DTYPE, DOT_PRECISION, KV_QUANT)
+                                     True, False, False, DOT_DTYPE, DOT_PRECISION, KV_QUANT,
+                                     softcap_log2, SOFTCAP)
         first += BLOCK_N
     for n0 in range(first, full_stop, BLOCK_N):
         acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, 0, stop, 0, 0,
                                      scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D,
-                                     False, False, False, DOT_DTYPE, DOT_PRECISION, KV_QUANT)
+                                     False, False, False, DOT_DTYPE, DOT_PRECISION, KV_QUANT,
+                                     softcap_log2, SOFTCAP)
     if full_stop < stop:  # the ragged last tile (the window may start inside it too)
         acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, full_stop, key_start, stop,
                                      0, 0, scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                     BLOCK_D, True, False, False, DOT_DTYPE, DOT_PRECISION, KV_QUANT)
+                                     BLOCK_D, True, False, False, DOT_DTYPE, DOT_PRECISION, KV_QUANT,
+                                     softcap_log2, SOFTCAP)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l_i == 0: an empty sequence, zeros
@@ -196,13 +211,13 @@ def _combine_splits_kernel(Out, PartM, PartL, PartAcc, SeqLens, split_size, stri
 
 
 @triton.jit
-def _paged_prefill_kernel(Q, K, V, Out, BlockTables, SeqLens, QueryStartLoc, scale_log2, window,
+def _paged_prefill_kernel(Q, K, V, Out, BlockTables, SeqLens, QueryStartLoc, scale_log2, window, softcap_log2,
                           stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh,
                           stride_bts, stride_btb,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           WINDOWED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                          KV_QUANT: tl.constexpr):
+                          KV_QUANT: tl.constexpr, SOFTCAP: tl.constexpr):
     """Program (query tile, sequence s, query head): causal attention of BLOCK_M of s's queries.
     Query i of q_len sits at position n - q_len + i and sees keys 0 ..= that position (WINDOWED:
     the last ``window`` of them)."""
@@ -235,16 +250,19 @@ def _paged_prefill_kernel(Q, K, V, Out, BlockTables, SeqLens, QueryStartLoc, sca
         for n0 in range(tl.maximum(lo - window + 1, 0) // BLOCK_N * BLOCK_N, hi, BLOCK_N):
             acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, 0, hi, q_pos, window,
                                          scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                         BLOCK_D, True, True, True, DOT_DTYPE, DOT_PRECISION, KV_QUANT)
+                                         BLOCK_D, True, True, True, DOT_DTYPE, DOT_PRECISION, KV_QUANT,
+                                     softcap_log2, SOFTCAP)
     else:
         for n0 in range(0, full_stop, BLOCK_N):
             acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, 0, hi, q_pos, 0,
                                          scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                         BLOCK_D, False, False, False, DOT_DTYPE, DOT_PRECISION, KV_QUANT)
+                                         BLOCK_D, False, False, False, DOT_DTYPE, DOT_PRECISION, KV_QUANT,
+                                     softcap_log2, SOFTCAP)
         for n0 in range(full_stop, hi, BLOCK_N):  # the diagonal
             acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, K, V, bt_row, stride_btb, kv_off, n0, 0, hi, q_pos, 0,
                                          scale_log2, stride_kb, stride_kt, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                         BLOCK_D, True, True, False, DOT_DTYPE, DOT_PRECISION, KV_QUANT)
+                                         BLOCK_D, True, True, False, DOT_DTYPE, DOT_PRECISION, KV_QUANT,
+                                     softcap_log2, SOFTCAP)
     if WINDOWED:  # padding rows may have seen no key
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]

@@ -1,5 +1,10 @@
-"""paged_attention: every causal ``scaled_dot_product_attention`` of the flat-token program
-becomes ``qc.reshape_and_cache`` + ``qc.paged_attention`` over an explicit KV cache.
+"""paged_attention: every causal attention of the flat-token program becomes
+``qc.reshape_and_cache`` + ``qc.paged_attention`` over an explicit KV cache. Attention is a
+``scaled_dot_product_attention`` node or its eager form, ``softmax(f(q @ k^T) + mask) @ v`` written
+out (transformers' eager attention, hand-written models): ``f`` scalar scales, optionally around a
+``tanh`` (score soft-capping, ``softcap * tanh(s / softcap)``), the mask added or applied with
+``where``/``masked_fill``. A softmax over ``[1, H, T, T]`` scores that is not of that form (attention
+sinks concatenated to the scores, a per-head bias, ...) is refused, naming the layer and the op.
 
 After ``input_ids [T]`` and ``positions [T]``, the program gains the runtime's inputs, in this order:
 ``kv_cache [L, 2, num_blocks, block_size, H_kv, D]``, ``slot_mapping [T]``,
@@ -19,6 +24,9 @@ import math
 
 import torch
 from torch.fx import GraphModule, Node
+from dataclasses import dataclass
+from typing import Optional
+
 from torch.fx.graph import CodeGen
 
 from qcompiler.codegen import attention  # noqa: F401  (registers the paged ops)
@@ -112,6 +120,167 @@ def mask_window(gm: GraphModule, mask: Node, where: str) -> int:
                      "positions): the paged rewrite cannot reproduce it")
 
 
+@dataclass
+class Site:
+    """One attention: ``out [1, H_q, T, D]`` from ``q``, ``k``, ``v`` (``[1, H, T, D]``, k and v
+    possibly repeated to H_q heads), its mask (None: ``is_causal``), softmax scale and soft-cap."""
+    out: Node
+    q: Node
+    k: Node
+    v: Node
+    mask: Optional[Node]
+    scale: Optional[float]
+    softcap: float = 0.0
+    dropout: float = 0.0
+
+
+SOFTMAXES = (aten._softmax.default, aten.softmax.int)
+PASS_THROUGH = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+                aten.clone.default, aten._to_copy.default, aten.contiguous.default}
+
+
+def _through(n: Node) -> Node:
+    """``n`` with views, expands, copies and dtype casts looked through, back to its 4-D source."""
+    while n.op == "call_function" and n.target in PASS_THROUGH and not (len(_shape(n)) == 4 and _shape(n)[0] == 1
+                                                                          and n.target is not aten.expand.default):
+        n = n.args[0]
+    return n
+
+
+def _is_transpose_of_last(n: Node) -> bool:
+    if n.target is aten.transpose.int:
+        return sorted(d % 4 for d in n.args[1:3]) == [2, 3]
+    return n.target is aten.permute.default and list(n.args[1]) in ([0, 1, 3, 2], [0, 1, -1, -2])
+
+
+def _activation_free(n: Node) -> bool:
+    """Whether ``n`` is computed from positions and constants only (a mask), not from the tokens'
+    activations (no matmul, linear or embedding on its way)."""
+    seen, stack = set(), [n]
+    while stack:
+        c = stack.pop()
+        if c in seen:
+            continue
+        seen.add(c)
+        if c.op == "call_function" and c.target in (aten.bmm.default, aten.mm.default, aten.linear.default,
+                                                    aten.embedding.default, aten.addmm.default):
+            return False
+        stack.extend(c.all_input_nodes)
+    return True
+
+
+def _is_fill(a) -> bool:
+    """A scalar (or a constant-filled tensor node) that drives a score to -inf: -inf or below -1e30."""
+    if isinstance(a, Node) and a.op == "call_function" and a.target in (aten.full.default, aten.scalar_tensor.default):
+        a = a.args[1] if a.target is aten.full.default else a.args[0]
+    if isinstance(a, Node) and a.op == "call_function" and a.target is aten.lift_fresh_copy.default:
+        a = a.args[0]
+    return isinstance(a, (int, float)) and a < -1e30
+
+
+def _ancestors(n: Node, depth: int) -> list[Node]:
+    out, frontier = [n], [n]
+    for _ in range(depth):
+        frontier = [a for f in frontier for a in f.all_input_nodes]
+        out += frontier
+    return out
+
+
+def eager_site(gm: GraphModule, softmax: Node, where: str) -> Optional[Site]:
+    """The attention ``softmax`` ends, or None when its input is not 4-D (a router's softmax, say):
+    a 4-D softmax over the last dim is taken for attention. Raises ``ValueError`` naming ``where`` and
+    the op for scores it cannot reproduce."""
+    x = softmax.args[0]
+    if softmax.args[1] not in (-1, 3) or len(_shape(x)) != 4:
+        return None
+    pre, post, tanh, mask, scaled = 1.0, 1.0, False, None, False
+    cur = x
+    while cur.op == "call_function":
+        t, a = cur.target, cur.args
+        if t is aten._to_copy.default:
+            cur = a[0]
+        elif t in (aten.mul.Tensor, aten.div.Tensor) and isinstance(a[1], (int, float)):
+            f = a[1] if t is aten.mul.Tensor else 1.0 / a[1]
+            post, pre = (post * f, pre) if not tanh else (post, pre * f)
+            scaled, cur = True, a[0]
+        elif t is aten.tanh.default and not tanh:
+            tanh, scaled, cur = True, True, a[0]
+        elif t is aten.add.Tensor and isinstance(a[1], Node) and not scaled and mask is None:
+            score_side = [n for n in a[:2] if not _activation_free(n)]
+            if len(score_side) != 1:
+                break
+            mask = a[1] if score_side[0] is a[0] else a[0]
+            cur = score_side[0]
+        elif t is aten.where.self and not scaled and mask is None and len(_shape(cur)) == 4:
+            cond, yes, no = a
+            if _is_fill(yes) and isinstance(no, Node) and not _activation_free(no):
+                with gm.graph.inserting_before(softmax):
+                    mask = insert_call(gm, aten.logical_not.default, (cond,))
+                cur = no
+            elif _is_fill(no) and isinstance(yes, Node) and not _activation_free(yes):
+                mask, cur = cond, yes
+            else:
+                break
+        else:
+            break
+    qk = cur
+    while qk.op == "call_function" and qk.target in PASS_THROUGH:
+        qk = qk.args[0]
+    if qk.target is not aten.bmm.default:
+        if any(n.target is aten.cat.default for n in _ancestors(cur, 4)):
+            raise ValueError(f"{where}: values are concatenated to the attention scores before the softmax (aten.cat: "
+                             "attention sinks): the paged rewrite cannot reproduce it")
+        raise ValueError(f"{where}: the attention scores pass through {cur.target} before the softmax, not a scale, "
+                         "tanh soft-cap or mask: the paged rewrite cannot reproduce it")
+    q, kt = _through(qk.args[0]), _through(qk.args[1])
+    if not _is_transpose_of_last(kt) or len(_shape(q)) != 4:
+        raise ValueError(f"{where}: softmax over scores that are not q @ k^T of [1, heads, tokens, head_dim] "
+                         "queries and keys: the paged rewrite cannot reproduce it")
+    k = kt.args[0]
+    # the probabilities' way to ``@ v``: casts, copies, dropout (identity here), views, a bmm
+    users, p = list(softmax.users), softmax
+    while len(users) == 1 and users[0].target in PASS_THROUGH | {aten.dropout.default}:
+        p = users[0]
+        users = list(p.users)
+    if len(users) != 1 or users[0].target is not aten.bmm.default or users[0].args[0] is not p:
+        raise ValueError(f"{where}: the attention probabilities are used other than as `probabilities @ v`: "
+                         "the paged rewrite cannot reproduce it")
+    pv = users[0]
+    v = _through(pv.args[1])
+    outs = [u for u in pv.users]
+    want = [str(d) for d in (*_shape(q)[:3], _shape(v)[-1])]
+    if len(outs) != 1 or outs[0].target not in PASS_THROUGH or [str(d) for d in _shape(outs[0])] != want:
+        raise ValueError(f"{where}: the attention output is not reshaped back to [1, heads, tokens, head_dim]")
+    softcap = post if tanh else 0.0
+    return Site(out=outs[0], q=q, k=k, v=v, mask=mask, scale=pre * post, softcap=softcap)
+
+
+def sdpa_site(node: Node) -> Site:
+    q, k, v = node.args[:3]
+    kw = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"), node.args[3:]), **node.kwargs)
+    mask = kw.get("attn_mask")
+    if mask is None and not kw.get("is_causal", False):
+        raise ValueError(f"{node.name}: attention without a mask and not causal: not a decoder's self-attention")
+    if mask is not None and kw.get("is_causal", False):
+        raise ValueError(f"{node.name}: attention with both a mask and is_causal")
+    return Site(out=node, q=q, k=k, v=v, mask=mask, scale=kw.get("scale"), dropout=kw.get("dropout_p", 0.0))
+
+
+def attention_sites(gm: GraphModule) -> list[Site]:
+    """Every attention of the program, in graph order: SDPA nodes and eager softmax attentions."""
+    sites = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.scaled_dot_product_attention.default:
+            sites.append(sdpa_site(node))
+        elif node.target in SOFTMAXES:
+            site = eager_site(gm, node, f"layer {len(sites)} ({node.name})")
+            if site is not None:
+                sites.append(site)
+    return sites
+
+
 def _tokens_major(gm: GraphModule, x: Node) -> Node:
     """``[1, H, T, D]`` -> ``[T, H, D]``."""
     return insert_call(gm, aten.select.int, (insert_call(gm, aten.permute.default, (x, [0, 2, 1, 3])), 0, 0))
@@ -148,18 +317,19 @@ def _select_logit_rows(gm: GraphModule, rows: Node) -> None:
 
 
 def paged_attention(gm: GraphModule) -> GraphModule:
-    sdpas = call_nodes(gm, aten.scaled_dot_product_attention.default)
-    if not sdpas:
-        raise ValueError("the program has no scaled_dot_product_attention to page")
+    sites = attention_sites(gm)
+    if not sites:
+        raise ValueError("the program has no attention to page: neither scaled_dot_product_attention nor "
+                         "softmax(q @ k^T) @ v")
     _plain_signature(gm)
     mode = fake_mode_of(gm)
-    q0 = sdpas[0].args[0]
-    Hkv0 = _shape(kv_heads_source(sdpas[0].args[1], q0))[1]
+    q0 = sites[0].q
+    Hkv0 = _shape(kv_heads_source(sites[0].k, q0))[1]
     D = _shape(q0)[3]
     pos = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     dev = q0.meta["val"].device  # the metadata lives where the program was captured (CPU or CUDA)
     with mode:
-        examples = {"kv_cache": torch.empty(len(sdpas), 2, 8, 16, Hkv0, D, dtype=q0.meta["val"].dtype, device=dev),
+        examples = {"kv_cache": torch.empty(len(sites), 2, 8, 16, Hkv0, D, dtype=q0.meta["val"].dtype, device=dev),
                     "slot_mapping": torch.empty_like(pos.meta["val"]),
                     "block_tables": torch.empty(2, 4, dtype=torch.int64, device=dev),
                     "seq_lens": torch.empty(2, dtype=torch.int64, device=dev),
@@ -170,22 +340,17 @@ def paged_attention(gm: GraphModule) -> GraphModule:
         for name in reversed(PAGED_INPUTS):
             inputs[name] = gm.graph.placeholder(name)
             inputs[name].meta["val"] = examples[name]
-    windows, seen = [], {}
-    for layer, node in enumerate(sdpas):
-        q, k, v = node.args[:3]
-        kw = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"), node.args[3:]), **node.kwargs)
-        mask = kw.get("attn_mask")
-        if mask is None and not kw.get("is_causal", False):
-            raise ValueError(f"{node.name}: attention without a mask and not causal: not a decoder's self-attention")
-        if mask is not None and kw.get("is_causal", False):
-            raise ValueError(f"layer {layer} ({node.name}): attention with both a mask and is_causal")
+    windows, softcaps, seen = [], [], {}
+    for layer, site in enumerate(sites):
+        node, q, k, v, mask = site.out, site.q, site.k, site.v, site.mask
         if mask is not None and mask not in seen:
             seen[mask] = mask_window(gm, mask, f"layer {layer} ({node.name})")
         window = seen[mask] if mask is not None else 0
         windows.append(window)
-        if kw.get("dropout_p", 0.0):
-            raise ValueError(f"{node.name}: attention dropout {kw['dropout_p']} in an inference program")
-        scale = kw.get("scale") or 1.0 / math.sqrt(_shape(q)[3])
+        softcaps.append(site.softcap)
+        if site.dropout:
+            raise ValueError(f"{node.name}: attention dropout {site.dropout} in an inference program")
+        scale = site.scale or 1.0 / math.sqrt(_shape(q)[3])
         k, v = kv_heads_source(k, q), kv_heads_source(v, q)
         assert _shape(k)[1] == _shape(v)[1] == Hkv0, f"{node.name}: KV heads {_shape(k)[1]} differ from layer 0's {Hkv0}"
         with gm.graph.inserting_before(node):
@@ -193,11 +358,14 @@ def paged_attention(gm: GraphModule) -> GraphModule:
             insert_call(gm, qc.reshape_and_cache.default, (inputs["kv_cache"], layer, k3, v3, inputs["slot_mapping"]))
             o = insert_call(gm, qc.paged_attention.default,
                             (q3, inputs["kv_cache"], layer, inputs["block_tables"], inputs["seq_lens"],
-                             inputs["query_start_loc"], float(scale), *([window] if window else [])))
+                             inputs["query_start_loc"], float(scale),
+                             *([window, float(site.softcap)] if site.softcap else
+                               [window] if window else [])))
             o4 = insert_call(gm, aten.unsqueeze.default, (insert_call(gm, aten.permute.default, (o, [1, 0, 2])), 0))
         node.replace_all_uses_with(o4)
         gm.graph.erase_node(node)
     _select_logit_rows(gm, inputs["logits_indices"])
-    gm.meta["qc_paged"] = {"num_layers": len(sdpas), "num_kv_heads": Hkv0, "head_dim": D,
-                           **({"windows": windows} if any(windows) else {})}
+    gm.meta["qc_paged"] = {"num_layers": len(sites), "num_kv_heads": Hkv0, "head_dim": D,
+                           **({"windows": windows} if any(windows) else {}),
+                           **({"softcaps": softcaps} if any(softcaps) else {})}
     return finish(gm)

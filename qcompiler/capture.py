@@ -104,9 +104,21 @@ def _quiet_torch_logs():
         logger.setLevel(level)
 
 
+def use_exact_attention(model: nn.Module) -> None:
+    """A transformers model whose attention computes what SDPA drops (a score soft-cap) is switched
+    to its eager attention, in place: the paged rewrite reads the soft-cap from its ops."""
+    from qcompiler.models import attention_implementation
+    cfg = getattr(model, "config", None)
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl not in (None, "eager") and attention_implementation(cfg) == "eager" and \
+            hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+
+
 def capture(model: nn.Module, max_tokens: int | None = None) -> ExportedProgram:
     """Exports ``model`` as the flat-token program. Raises ``ValueError`` naming the cause when
     the model cannot be called or exported with that convention."""
+    use_exact_attention(model)
     flat = FlatTokenModule(model).eval()
     try:
         with torch.no_grad():

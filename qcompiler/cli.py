@@ -211,7 +211,8 @@ def print_summary(rep, model: str) -> None:
     arch = (cfg.get("architectures") or [cfg.get("model_type") or "custom model"])[0]
     print(f"  {'attention':<12} {arch}: {paged['num_layers']} layers, {paged['num_kv_heads']} KV heads x "
           f"{paged['head_dim']}; " + ", ".join(f"sliding window {w}: {n} layers" if w else f"causal: {n} layers"
-                                               for w, n in sorted(Counter(windows).items())))
+                                               for w, n in sorted(Counter(windows).items()))
+          + "".join(f"; {x}" for x in _attention_extras(paged, cfg)))
     if q:
         n = sum(v["shape"][0] * v["shape"][1] for v in q)
         bits = 8 * sum(_layer_bytes(rep, v) for v in q) / n
@@ -223,6 +224,27 @@ def print_summary(rep, model: str) -> None:
     print(f"  {'seconds':<12} " + " · ".join(f"{k.removeprefix('pass:')} {v:.1f}" for k, v in rep.stages.items())
           + f" = {total:.1f}")
     print_pass_checks(rep.manifest)
+
+
+def _rope_types(cfg: dict) -> list[str]:
+    """RoPE variants a transformers config names (``rope_parameters``, per layer type or not;
+    ``rope_scaling`` of older configs)."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    per_type = rope.values() if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
+    return sorted({p.get("rope_type") or p.get("type") or "default" for p in per_type if p})
+
+
+def _attention_extras(paged: dict, cfg: dict) -> list[str]:
+    """What the compile kept besides windows: score and logit soft-caps, the RoPE variant."""
+    out = []
+    if paged.get("softcaps"):
+        out.append("scores soft-capped at " + ", ".join(f"{c:g}" for c in sorted(set(paged["softcaps"]) - {0.0})))
+    if cfg.get("final_logit_softcapping"):
+        out.append(f"logits soft-capped at {cfg['final_logit_softcapping']:g}")
+    rope = _rope_types(cfg)
+    if rope:
+        out.append("RoPE " + ", ".join(rope))
+    return out
 
 
 def _layer_bytes(rep, v) -> float:

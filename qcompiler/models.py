@@ -43,7 +43,10 @@ def _hf_config_dict(model) -> dict:
             "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
             "bos_token_id", "eos_token_id",
             # attention windows: what the compile's checks probe past (qcompiler.verify)
-            "sliding_window", "use_sliding_window", "attention_chunk_size", "layer_types")
+            "sliding_window", "use_sliding_window", "attention_chunk_size", "layer_types",
+            # score and logit soft-caps, a custom softmax scale, RoPE scaling: what the summary reports
+            "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "rope_scaling",
+            "rope_parameters")
     d = cfg.to_dict()
     return {k: d[k] for k in keep if k in d}
 
@@ -60,6 +63,13 @@ def hf_checkpoint_facts(model) -> Optional[dict]:
     cfg.pop("quantization_config", None)
     gen = getattr(model, "generation_config", None)
     return {"config": cfg, "generation_config": json.loads(gen.to_json_string(use_diff=True)) if gen else None}
+
+
+def attention_implementation(cfg) -> str:
+    """The transformers attention a model is captured with: SDPA, whose node the paged rewrite
+    reads, unless the model's attention computes what SDPA drops (a score soft-cap): then its eager
+    code, whose scores the rewrite reads op by op."""
+    return "eager" if getattr(cfg, "attn_logit_softcapping", None) else "sdpa"
 
 
 def _prepare(model: torch.nn.Module, dtype: Optional[torch.dtype]) -> torch.nn.Module:
@@ -107,7 +117,9 @@ def load_hf_dir(path: Path, dtype=None) -> ModelSource:
         return ModelSource(model=_prepare(model, None), kind="hf", path=str(path), tokenizer=tok,
                            config=_hf_config_dict(model), checkpoint=ck)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa")
+        from transformers import AutoConfig
+        impl = attention_implementation(AutoConfig.from_pretrained(path))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation=impl)
         tok = None
         if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             tok = AutoTokenizer.from_pretrained(path)

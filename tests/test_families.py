@@ -2,9 +2,10 @@
 pass checked: the engine's greedy tokens equal transformers' (its own masks and caches off), past
 any sliding window, prompts chunked. Qwen3: QK-norm. Gemma 3: QK-norm, a custom softmax
 scale (``query_pre_attn_scalar``), windowed and full layers with their own RoPE bases, (1 + w)
-norms, scaled embeddings. Phi-3: fused QKV and gate/up projections, a window on every layer.
-Gemma 2's eager attention soft-caps its scores, which the paged rewrite cannot reproduce yet: the
-compile refuses it with one line."""
+norms, scaled embeddings. Phi-3: fused QKV and gate/up projections, a window on every layer. Gemma 2: eager attention
+(read op by op), scores and logits soft-capped, windowed and full layers; built with SDPA, which
+ignores the soft-cap, it is captured eagerly all the same. Attention sinks are refused with one
+line."""
 import pytest
 import torch
 
@@ -36,12 +37,20 @@ def phi3():
 
 
 def gemma2():
+    """Queries and keys scaled up and caps set low: the caps change the tiny model's outputs."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
-    return Gemma2ForCausalLM(Gemma2Config(num_hidden_layers=2, head_dim=16, sliding_window=12, query_pre_attn_scalar=24,
-                                          attn_implementation="eager", **COMMON))
+    model = Gemma2ForCausalLM(Gemma2Config(num_hidden_layers=2, head_dim=16, sliding_window=12, query_pre_attn_scalar=24,
+                                           attn_logit_softcapping=0.5, final_logit_softcapping=2.0,
+                                           attn_implementation="sdpa", **COMMON))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(10)
+            layer.self_attn.k_proj.weight.mul_(10)
+    return model
 
 
-FAMILIES = {"qwen3": (qwen3, None), "gemma3": (gemma3, [12, 12, 0]), "phi3": (phi3, [20, 20])}
+FAMILIES = {"qwen3": (qwen3, None), "gemma3": (gemma3, [12, 12, 0]), "phi3": (phi3, [20, 20]),
+            "gemma2": (gemma2, [12, 0])}
 
 
 def source(model, name):
@@ -77,9 +86,24 @@ def test_greedy_equals_transformers(family):
     assert [o.token_ids for o in outs] == want
 
 
-def test_soft_capped_scores_are_refused(tmp_path):
+def test_soft_caps_are_kept(family):
+    model, out, rep, _ = family
+    caps = rep.manifest["program"]["paged"].get("softcaps")
+    assert caps == ([0.5, 0.5] if model.config.model_type == "gemma2" else None)
+    if caps:  # built with SDPA, captured eagerly; the greedy test's reference is its eager attention
+        assert model.config._attn_implementation == "eager"
+        sdpa = gemma2().eval()
+        sdpa.load_state_dict(model.state_dict())
+        ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():  # the cap changes the output: the greedy test can tell
+            assert not torch.allclose(sdpa(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-3)
+
+
+def test_attention_sinks_are_refused(tmp_path):
+    from transformers import GptOssConfig, GptOssForCausalLM
     torch.manual_seed(0)
-    model = gemma2().eval()
-    with pytest.raises(Exception, match="scaled_dot_product_attention") as e:
-        compile_model(source(model, "gemma2"), Float(), tmp_path / "g2", progress=False)
+    cfg = GptOssConfig(num_hidden_layers=2, head_dim=16, sliding_window=12, num_local_experts=4, num_experts_per_tok=2,
+                       layer_types=["sliding_attention", "full_attention"], attn_implementation="eager", **COMMON)
+    with pytest.raises(ValueError, match=r"layer 0 .*aten\.cat: attention sinks") as e:
+        compile_model(source(GptOssForCausalLM(cfg).eval(), "gpt-oss"), Float(), tmp_path / "oss", progress=False)
     assert len(str(e.value).strip().splitlines()) == 1

@@ -1,10 +1,12 @@
 """The attention pass: for random sequences packed into random steps (prefill, chunked
 prefill, decode, mixed) and random block sizes, every token's logits equal the original
-program's on its whole sequence; the cache holds KV heads only; the model's mask is gone."""
+program's on its whole sequence; the cache holds KV heads only; the model's mask is gone.
+Models attend through SDPA or eagerly (transformers' eager attention; a hand-written one with
+``masked_fill``, a sliding window and tanh soft-capped scores)."""
 import copy
 
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -17,12 +19,41 @@ from tiny_models import Args, build
 aten, qc = torch.ops.aten, torch.ops.qc
 
 
-def hf_llama(n_heads, n_kv, seed):
+def hf_llama(n_heads, n_kv, seed, attn="sdpa"):
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=16 * n_heads, intermediate_size=64, num_hidden_layers=2, num_attention_heads=n_heads,
                       num_key_value_heads=n_kv, vocab_size=64, max_position_embeddings=128,
-                      attn_implementation="sdpa", use_cache=False)
+                      attn_implementation=attn, use_cache=False)
     return LlamaForCausalLM(cfg).eval()
+
+
+class EagerAttention(torch.nn.Module):
+    """Two layers of hand-written attention: ``masked_fill`` of a causal window of ``window`` keys
+    (0: causal), scores soft-capped at ``softcap`` (0: none), KV heads repeated by indexing."""
+
+    def __init__(self, n_heads, n_kv, window, softcap, seed, vocab=64, D=16):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.h, self.kv, self.D, self.window, self.softcap = n_heads, n_kv, D, window, softcap
+        dim = n_heads * D
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, (n_heads + 2 * n_kv) * D) for _ in range(2))
+        self.out = torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, position_ids):
+        x = self.emb(input_ids)
+        T = input_ids.shape[1]
+        i, j = position_ids[0][:, None], torch.arange(T)[None, :]
+        hidden = (j > i) | ((i - j >= self.window) if self.window else torch.zeros_like(j > i))
+        for qkv in self.qkv:
+            q, k, v = qkv(x).view(1, T, -1, self.D).transpose(1, 2).split([self.h, self.kv, self.kv], 1)
+            k, v = (t.repeat_interleave(self.h // self.kv, 1) for t in (k, v))
+            att = q @ k.transpose(-2, -1) * 4.0 / self.D ** 0.5  # scores large enough for the cap to act
+            if self.softcap:
+                att = torch.tanh(att / self.softcap) * self.softcap
+            att = att.masked_fill(hidden, float("-inf")).softmax(-1)
+            x = x + (att @ v).transpose(1, 2).reshape(1, T, -1)
+        return self.out(x)
 
 
 @st.composite
@@ -30,17 +61,22 @@ def models(draw):
     n_kv = draw(st.sampled_from([1, 2]))
     n_heads = n_kv * draw(st.sampled_from([1, 3]))
     seed = draw(st.integers(0, 100))
-    if draw(st.booleans()):
-        return hf_llama(n_heads, n_kv, seed), 64
+    kind = draw(st.sampled_from(["hf-sdpa", "hf-eager", "eager", "tiny"]))
+    if kind.startswith("hf"):
+        return hf_llama(n_heads, n_kv, seed, kind[3:]), 64
+    if kind == "eager":
+        return EagerAttention(n_heads, n_kv, draw(st.sampled_from([0, 5])), draw(st.sampled_from([0.0, 1.5])), seed), 64
     return build(Args(vocab=64, dim=16 * n_heads, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv, hidden=64), seed), 64
 
 
+@settings(max_examples=24)
 @given(models(), st.data())
 def test_paged_program_equals_original_for_any_packing(m, data):
     model, vocab = m
     gm_ref = normalize(capture(model, max_tokens=128))
     gm = paged_attention(copy.deepcopy(gm_ref))  # the pass rewrites in place
     assert not call_nodes(gm, aten.scaled_dot_product_attention.default)
+    assert not call_nodes(gm, aten._softmax.default)  # eager attention is rewritten too
     assert len(call_nodes(gm, qc.paged_attention.default)) == 2
     # repeat_kv's [1, H_kv, rep, T, D] expansion is no longer computed: the cache holds KV heads only
     assert not [n for n in call_nodes(gm, aten.expand.default) if n.meta["val"].dim() == 5]
@@ -85,3 +121,12 @@ def test_paged_program_equals_original_for_any_packing(m, data):
         for s, seq in enumerate(seqs):
             ref = gm_ref(torch.tensor(seq), torch.arange(len(seq)))
             torch.testing.assert_close(torch.stack(logits[s]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_eager_attention_is_read_op_by_op():
+    """The window from the ``masked_fill`` mask, the scale and soft-cap from the scalar ops around ``tanh``."""
+    gm = paged_attention(normalize(capture(EagerAttention(4, 2, 5, 1.5, seed=0), max_tokens=128)))
+    assert gm.meta["qc_paged"] == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "windows": [5, 5],
+                                   "softcaps": [1.5, 1.5]}
+    scales = {n.args[6] for n in call_nodes(gm, qc.paged_attention.default)}
+    assert scales == {4.0 / 16 ** 0.5}

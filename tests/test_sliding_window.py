@@ -56,6 +56,34 @@ def test_triton_kernels_equal_reference(kernel_device, step, kw, window):
     torch.testing.assert_close(out.cpu(), ref, atol=TOL[f32][0], rtol=TOL[f32][1])
 
 
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("native", [True, False], ids=["native", "aten"])
+def test_cpu_paths_soft_cap_scores(monkeypatch, step, window, native):
+    if native and not cpu_native.available():
+        pytest.skip("our CPU kernels need AVX-512 and g++")
+    if not native:
+        monkeypatch.setattr(cpu_native, "decode_supported", lambda *a: False)
+    seq_lens, q_lens = STEPS[step]
+    args = list(make_step("cpu", 2, 2, 16, 4, seq_lens, q_lens, seed=7 + window))
+    kv = args[1]
+    args[1] = torch.where(kv.isnan(), torch.randn(kv.shape, generator=torch.Generator().manual_seed(1)), kv)
+    ref = paged_attention_ref(*args, window, 1.0)
+    torch.testing.assert_close(paged_attention_impl(*args, window, 1.0), ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(paged_attention_ref(*args, window), ref, atol=1e-3)  # the cap acts
+
+
+@pytest.mark.parametrize("window", [0, 7])
+@pytest.mark.parametrize("step,kw", [("decode", dict(num_splits=3, block_n=16)), ("prompts", dict(block_n=16)),
+                                     ("mixed", dict(block_n=16))], ids=["decode-split3", "prompts", "mixed"])
+def test_triton_kernels_soft_cap_scores(kernel_device, step, kw, window):
+    seq_lens, q_lens = STEPS[step]
+    args = make_step(kernel_device, 2, 3, 16, 5, seq_lens, q_lens, seed=11 + window)
+    out = paged_attention_triton(*args, window, 1.0, **kw)
+    ref = paged_attention_ref(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args), window, 1.0)
+    torch.testing.assert_close(out.cpu(), ref, atol=TOL[f32][0], rtol=TOL[f32][1])
+
+
 class MaskedAttention(nn.Module):
     """One attention layer over embeddings whose mask is any function of (query, key) positions."""
 

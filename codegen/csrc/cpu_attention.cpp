@@ -3,7 +3,8 @@
 //
 //   out[s, h] = softmax(scale * q[s, h] . K[s, F_s:L_s, h / rep]) @ V[s, F_s:L_s, h / rep]
 //
-// with F_s = max(0, L_s - window) for a sliding window (window > 0), else 0.
+// with F_s = max(0, L_s - window) for a sliding window (window > 0), else 0; with softcap > 0 each
+// score x becomes softcap * tanh(x / softcap) before the softmax.
 // with K and V read in place through the block table (no gathered copy, no mask). One work item
 // is a sequence, a KV head and up to kHeads of its query heads: their query vectors stay in
 // registers while the keys stream once, and the weighted sum of V keeps their outputs in
@@ -75,7 +76,7 @@ struct Cache {
 // R query heads (rows of q, D floats apart) against one KV head over the L cached tokens from ``first``.
 template <int D, int R, typename KV>
 QC_AVX512 void attend(const float* q, const Cache<KV>& c, int64_t head_off, const int64_t* table, int64_t first,
-                      int64_t L, float scale, float* scores, float* out) {
+                      int64_t L, float scale, float softcap, float* scores, float* out) {
   constexpr int C = D / 16;
   __m512 qv[R][C];
   for (int r = 0; r < R; ++r)
@@ -97,6 +98,8 @@ QC_AVX512 void attend(const float* q, const Cache<KV>& c, int64_t head_off, cons
       scores[r * L + t] = _mm512_reduce_add_ps(a) * ks;
     }
   }
+  if (softcap > 0.f)
+    for (int64_t i = 0; i < R * L; ++i) scores[i] = softcap * std::tanh(scores[i] / softcap);
   float inv[R];
   for (int r = 0; r < R; ++r) {  // softmax of row r, in place; its normalization is applied at the end
     float* s = scores + r * L;
@@ -130,8 +133,8 @@ QC_AVX512 void attend(const float* q, const Cache<KV>& c, int64_t head_off, cons
 }
 
 template <typename KV>
-using AttendFn = void (*)(const float*, const Cache<KV>&, int64_t, const int64_t*, int64_t, int64_t, float, float*,
-                          float*);
+using AttendFn = void (*)(const float*, const Cache<KV>&, int64_t, const int64_t*, int64_t, int64_t, float, float,
+                          float*, float*);
 
 // query heads per work item: their query and output vectors fit the 32 vector registers
 template <int D>
@@ -153,7 +156,7 @@ AttendFn<KV> pick(int R) {
 // query rows and outputs in Q (fp32 or bf16), staged through fp32 buffers per work item
 template <int D, typename Q, typename KV>
 void run(const at::Tensor& q, const Cache<KV>& c, int64_t Hkv, int64_t W, const at::Tensor& tables, const at::Tensor& lens,
-         double scale, int64_t window, at::Tensor& out) {
+         double scale, int64_t window, double softcap, at::Tensor& out) {
   const int64_t S = q.size(0), Hq = q.size(1), rep = Hq / Hkv, nb = tables.size(1);
   constexpr int RM = max_heads<D>();
   const int64_t chunks = (rep + RM - 1) / RM;
@@ -175,8 +178,8 @@ void run(const at::Tensor& q, const Cache<KV>& c, int64_t Hkv, int64_t W, const 
       const int64_t row = (s * Hq + h * rep + h0) * D;
       for (int64_t j = 0; j < R * D; ++j) qf[j] = static_cast<float>(qp[row + j]);
       const int64_t first = window > 0 ? std::max<int64_t>(0, lp[s] - window) : 0;
-      pick<D, KV>(R)(qf.data(), c, h * W, tp + s * nb, first, lp[s] - first, static_cast<float>(scale), scores.data(),
-                     of.data());
+      pick<D, KV>(R)(qf.data(), c, h * W, tp + s * nb, first, lp[s] - first, static_cast<float>(scale),
+                     static_cast<float>(softcap), scores.data(), of.data());
       for (int64_t j = 0; j < R * D; ++j) op[row + j] = static_cast<Q>(of[j]);
     }
   });
@@ -184,14 +187,14 @@ void run(const at::Tensor& q, const Cache<KV>& c, int64_t Hkv, int64_t W, const 
 
 template <int D>
 void dispatch(const at::Tensor& q, const at::Tensor& kv_cache, int64_t layer, int64_t Hkv, const at::Tensor& tables,
-              const at::Tensor& lens, double scale, int64_t window, at::Tensor& out) {
+              const at::Tensor& lens, double scale, int64_t window, double softcap, at::Tensor& out) {
   const int64_t blocks = kv_cache.size(2), bs = kv_cache.size(3), W = kv_cache.size(5), plane = blocks * bs * Hkv * W;
   auto go = [&](auto kv0) {
     using KV = std::remove_const_t<std::remove_pointer_t<decltype(kv0)>>;
     const KV* base = kv0 + layer * 2 * plane;
     const Cache<KV> c{base, base + plane, bs, bs * Hkv * W, Hkv * W, blocks};
-    if (q.scalar_type() == at::kFloat) run<D, float>(q, c, Hkv, W, tables, lens, scale, window, out);
-    else run<D, at::BFloat16>(q, c, Hkv, W, tables, lens, scale, window, out);
+    if (q.scalar_type() == at::kFloat) run<D, float>(q, c, Hkv, W, tables, lens, scale, window, softcap, out);
+    else run<D, at::BFloat16>(q, c, Hkv, W, tables, lens, scale, window, softcap, out);
   };
   switch (kv_cache.scalar_type()) {
     case at::kFloat: go(kv_cache.data_ptr<float>()); break;
@@ -202,7 +205,7 @@ void dispatch(const at::Tensor& q, const at::Tensor& kv_cache, int64_t layer, in
 }
 
 at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& kv_cache, int64_t layer, const at::Tensor& block_tables,
-                        const at::Tensor& seq_lens, double scale, int64_t window) {
+                        const at::Tensor& seq_lens, double scale, int64_t window, double softcap) {
   TORCH_CHECK(qc_isa() >= 2, "qc_cpu::paged_decode needs a CPU with AVX-512 (F, BW)");
   const auto f32_or_bf16 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16; };
   const bool quantized = kv_cache.scalar_type() == at::kChar || kv_cache.scalar_type() == at::kFloat8_e4m3fn;
@@ -222,12 +225,12 @@ at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& kv_cache, int
   at::Tensor out = at::empty_like(query);
   if (S == 0) return out;
   switch (D) {
-    case 16: dispatch<16>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, out); break;
-    case 32: dispatch<32>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, out); break;
-    case 64: dispatch<64>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, out); break;
-    case 96: dispatch<96>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, out); break;
-    case 128: dispatch<128>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, out); break;
-    case 256: dispatch<256>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, out); break;
+    case 16: dispatch<16>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, softcap, out); break;
+    case 32: dispatch<32>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, softcap, out); break;
+    case 64: dispatch<64>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, softcap, out); break;
+    case 96: dispatch<96>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, softcap, out); break;
+    case 128: dispatch<128>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, softcap, out); break;
+    case 256: dispatch<256>(query, kv_cache, layer, Hkv, block_tables, seq_lens, scale, window, softcap, out); break;
     default: TORCH_CHECK(false, "head_dim ", D, " not built: 16, 32, 64, 96, 128 or 256");
   }
   return out;
@@ -238,7 +241,7 @@ at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& kv_cache, int
 // qc::paged_attention op itself, through the dispatcher. What a compiled CPU program calls.
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& kv_cache, int64_t layer,
                            const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                           double scale, int64_t window) {
+                           double scale, int64_t window, double softcap) {
   const int64_t S = seq_lens.size(0);
   const auto dt = query.scalar_type(), kt = kv_cache.scalar_type();
   bool decode = qc_isa() >= 2 && query.dim() == 3 && query.size(0) == S && query_start_loc.dim() == 1 && query_start_loc.numel() == S + 1 &&
@@ -255,21 +258,22 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& kv_cache, 
     for (int64_t i = 0; i <= S && decode; ++i) decode = st[i] == i;
   }
   if (decode)
-    return paged_decode(query.contiguous(), kv_cache, layer, block_tables.contiguous(), seq_lens.contiguous(), scale, window);
+    return paged_decode(query.contiguous(), kv_cache, layer, block_tables.contiguous(), seq_lens.contiguous(), scale, window,
+                        softcap);
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("qc::paged_attention", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
-                                               const at::Tensor&, const at::Tensor&, double, int64_t)>();
-  return op.call(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window);
+                                               const at::Tensor&, const at::Tensor&, double, int64_t, double)>();
+  return op.call(query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window, softcap);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qc_cpu, m) {
   m.def("paged_decode(Tensor query, Tensor kv_cache, int layer, Tensor block_tables, Tensor seq_lens, float scale, "
-        "int window=0) -> Tensor");
+        "int window=0, float softcap=0.) -> Tensor");
   m.def("paged_attention(Tensor query, Tensor kv_cache, int layer, Tensor block_tables, Tensor seq_lens, "
-        "Tensor query_start_loc, float scale, int window=0) -> Tensor");
+        "Tensor query_start_loc, float scale, int window=0, float softcap=0.) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qc_cpu, CPU, m) {
