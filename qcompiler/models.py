@@ -32,6 +32,7 @@ class ModelSource:
     eval_text: Optional[Callable[[], str]] = None
     config: dict = field(default_factory=dict)  # model facts for the manifest
     checkpoint: Any = None  # a compressed-tensors checkpoint's codes (``checkpoint.CheckpointCodes``)
+    checks: Optional[dict] = None  # what was checked of the input against a reference (GGUF: llama.cpp)
 
 
 def _hf_config_dict(model) -> dict:
@@ -131,9 +132,12 @@ def load_hf_dir(path: Path, dtype=None) -> ModelSource:
 
 def gguf_to_hf_dir(path: Path) -> Path:
     """Dequantizes a GGUF file once into a float HF directory under ``~/.cache/qcompiler``
-    (keyed by the file's SHA-256) and returns that directory."""
+    (keyed by the file's SHA-256) and returns that directory. Its tokenizer and float model are
+    checked against llama.cpp on the way (``qcompiler.gguf``); the findings are kept in
+    ``qcompiler_source.json``. Raises ``GGUFError`` for a file that would be read wrongly."""
+    from .gguf import SAMPLE_TEXT, check_logits, check_tokenizer
     out = CACHE_DIR / "gguf" / sha256_of(path)[:16]
-    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+    if (out / "model.safetensors").exists() and "checks" in _source_record(out):
         return out
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -143,6 +147,8 @@ def gguf_to_hf_dir(path: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"{path}: transformers cannot read this GGUF file: {type(e).__name__}: {e}") from e
+    tok, tokenizer_check = check_tokenizer(path, tok)
+    logits_check = check_logits(path, model, tok.encode(SAMPLE_TEXT, add_special_tokens=False))
     cfg = model.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config  # the weights are float now
@@ -154,7 +160,10 @@ def gguf_to_hf_dir(path: Path) -> Path:
         tied = getattr(cfg, "tie_word_embeddings", False)
         sd = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
         save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "qcompiler_source.json").write_text(json.dumps({"gguf": str(path)}))
+        (tmp / "qcompiler_source.json").write_text(json.dumps(
+            {"gguf": str(path), "checks": {"tokenizer": tokenizer_check, "float_logits": logits_check}}))
+        if out.exists() and "checks" not in _source_record(out):
+            shutil.rmtree(out, ignore_errors=True)  # converted before the checks existed
         if not out.exists():  # else a concurrent conversion finished first
             tmp.rename(out)
         return out
@@ -162,8 +171,17 @@ def gguf_to_hf_dir(path: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)  # a partial conversion, or the loser of a race
 
 
+def _source_record(hf_dir: Path) -> dict:
+    try:
+        return json.loads((hf_dir / "qcompiler_source.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def load_gguf(path: Path, dtype=None) -> ModelSource:
-    src = load_hf_dir(gguf_to_hf_dir(path), dtype)
+    hf_dir = gguf_to_hf_dir(path)
+    src = load_hf_dir(hf_dir, dtype)
+    src.checks = _source_record(hf_dir).get("checks")
     src.kind, src.path = "gguf", str(path)
     return src
 

@@ -1,11 +1,11 @@
-"""Model families beyond Llama, built tiny from their transformers configs and compiled with every
-pass checked: the engine's greedy tokens equal transformers' (its own masks and caches off), past
-any sliding window, prompts chunked. Qwen3: QK-norm. Gemma 3: QK-norm, a custom softmax
-scale (``query_pre_attn_scalar``), windowed and full layers with their own RoPE bases, (1 + w)
-norms, scaled embeddings. Phi-3: fused QKV and gate/up projections, a window on every layer. Gemma 2: eager attention
-(read op by op), scores and logits soft-capped, windowed and full layers; built with SDPA, which
-ignores the soft-cap, it is captured eagerly all the same. Attention sinks are refused with one
-line."""
+"""Model families beyond Llama 2, built tiny from their transformers configs and compiled with
+every pass checked: the engine's greedy tokens equal transformers' (its own masks and caches off),
+past any sliding window, prompts chunked. Llama 3: RoPE scaling (``llama3``). Qwen3: QK-norm.
+Gemma 3: QK-norm, a custom softmax scale (``query_pre_attn_scalar``), windowed and full layers
+with their own RoPE bases, (1 + w) norms, scaled embeddings. Phi-3: fused QKV and gate/up
+projections, a window on every layer. Gemma 2: eager attention (read op by op), scores and logits
+soft-capped, windowed and full layers; built with SDPA, which ignores the soft-cap, it is captured
+eagerly all the same. Attention sinks are refused with one line."""
 import pytest
 import torch
 
@@ -16,6 +16,14 @@ from qcompiler.targets import Float
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256, use_cache=False)
+
+
+def llama3():
+    """Llama 3.1's RoPE scaling: low frequencies stretched 8x past 64 original positions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, rope_parameters=rope, attn_implementation="sdpa", **COMMON))
 
 
 def qwen3():
@@ -49,7 +57,7 @@ def gemma2():
     return model
 
 
-FAMILIES = {"qwen3": (qwen3, None), "gemma3": (gemma3, [12, 12, 0]), "phi3": (phi3, [20, 20]),
+FAMILIES = {"llama3": (llama3, None), "qwen3": (qwen3, None), "gemma3": (gemma3, [12, 12, 0]), "phi3": (phi3, [20, 20]),
             "gemma2": (gemma2, [12, 0])}
 
 
@@ -107,3 +115,29 @@ def test_attention_sinks_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"layer 0 .*aten\.cat: attention sinks") as e:
         compile_model(source(GptOssForCausalLM(cfg).eval(), "gpt-oss"), Float(), tmp_path / "oss", progress=False)
     assert len(str(e.value).strip().splitlines()) == 1
+
+
+def test_w4a16_artifact_is_the_source_quantized_alike(family, tmp_path):
+    """The W4A16 artifact (RTN, g32) computes what fake-quantizing the source model's linears the
+    same way computes: its SQNR against float is the source's, and its logits are that model's."""
+    import copy
+
+    import qcompiler
+    from qcompiler.codegen.quant import sqnr_db
+    from qcompiler.passes.quantization.rounding import fake_quantize
+    from qcompiler.targets import W4A16
+    model, _, _, _ = family
+    compile_model(source(model, model.config.model_type), W4A16(group_size=32, method="rtn", lm_head_bits=None),
+                  tmp_path / "w4", progress=False)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, m in ref.named_modules():
+            if isinstance(m, torch.nn.Linear) and name != "lm_head":
+                m.weight.copy_(fake_quantize(m.weight, 4, 32, symmetric=False))
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(40)[None]
+    with torch.no_grad():
+        want, fp = ref(input_ids=ids).logits, model(input_ids=ids).logits
+        got = qcompiler.load(tmp_path / "w4")(ids, pos)
+    assert abs(sqnr_db(fp, got) - sqnr_db(fp, want)) < 0.5
+    assert sqnr_db(want, got) > 30  # the same model, up to the int4 kernels' 16-bit activations
