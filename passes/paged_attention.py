@@ -30,7 +30,7 @@ from typing import Optional
 from torch.fx.graph import CodeGen
 
 from qcompiler.codegen import attention  # noqa: F401  (registers the paged ops)
-from qcompiler.codegen.fx import call_nodes, fake_mode_of, finish, insert_call
+from qcompiler.codegen.fx import fake_mode_of, finish, insert_call
 
 aten, qc = torch.ops.aten, torch.ops.qc
 PAGED_INPUTS = ("kv_cache", "slot_mapping", "block_tables", "seq_lens", "query_start_loc", "logits_indices")

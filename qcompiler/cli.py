@@ -1,6 +1,5 @@
 """``qcompile``: compile a model to an artifact (the default action), or evaluate one."""
 import argparse
-import json
 import logging
 import os
 import sys

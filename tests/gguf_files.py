@@ -1,29 +1,36 @@
 """Tiny GGUF files written with the ``gguf`` library as llama.cpp's converter writes them: a random
 Llama in float32 (query and key rows permuted to GGML's rotary layout) and a vocabulary of one of
-two styles: GPT-2 byte-level BPE (the bundled SmolLM2's: tokens, merges, ``smollm`` pre-tokenizer)
-or SentencePiece (a BPE model trained here on the bundled plays: pieces, scores, token types,
-byte fallback)."""
-import sys
+two styles, trained here on the bundled plays: GPT-2 byte-level BPE (tokens, merges, ``gpt-2``
+pre-tokenizer) or SentencePiece (pieces, scores, token types, byte fallback). The bundled
+SmolLM2's own vocabulary is checked in ``test_smollm2``."""
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from qcompiler import data
-from tests_paths import EXAMPLES
 
 # llama.cpp's token types (llama_token_type)
 NORMAL, UNKNOWN, CONTROL, UNUSED, BYTE = 1, 2, 3, 5, 6
 
 
-def gpt2_vocab() -> dict:
-    sys.path.insert(0, str(EXAMPLES))
-    import smollm2
+def gpt2_vocab(size: int = 600) -> dict:
+    """A byte-level BPE (GPT-2's pre-tokenizer) trained on the plays with the ``tokenizers`` library,
+    three special tokens first, as llama.cpp's converter lists it."""
+    import json
 
-    from qcompiler.gguf import metadata
-    meta = metadata(smollm2.gguf_path())
-    return {"model": "gpt2", "pre": meta["pre"], "tokens": meta["tokens"], "types": meta["token_type"],
-            "merges": meta["merges"], "bos": meta["bos_token_id"], "eos": meta["eos_token_id"], "unk": None}
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator([data.plays_text()[:200_000]], trainers.BpeTrainer(
+        vocab_size=size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+    return {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "merges": merges,
+            "types": [CONTROL if t in special else NORMAL for t in tokens], "bos": 0, "eos": 0, "unk": None}
 
 
 def sentencepiece_vocab(tmp: Path, size: int = 400) -> dict:

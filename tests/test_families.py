@@ -141,3 +141,25 @@ def test_w4a16_artifact_is_the_source_quantized_alike(family, tmp_path):
         got = qcompiler.load(tmp_path / "w4")(ids, pos)
     assert abs(sqnr_db(fp, got) - sqnr_db(fp, want)) < 0.5
     assert sqnr_db(want, got) > 30  # the same model, up to the int4 kernels' 16-bit activations
+
+
+# the other targets on the families with quirks of their own: (1 + w) norms that SmoothQuant folds
+# into, fused projections, soft-caps
+ROTATION = {"gemma3": "w8a8", "phi3": "w8a16", "gemma2": "fp8"}
+
+
+@pytest.mark.parametrize("name", list(ROTATION))
+def test_other_targets_compile_and_serve(name, tmp_path):
+    from qcompiler.targets import make_target
+    build, windows = FAMILIES[name]
+    torch.manual_seed(0)
+    src = source(build().eval(), name)
+    src.calibration_data = lambda: [torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(i))
+                                    for i in range(4)]  # SmoothQuant's activation ranges
+    rep = compile_model(src, make_target(ROTATION[name]), tmp_path / "q", progress=False)
+    checks = [p["check"] for p in rep.manifest["passes"] if p.get("check")]
+    assert checks[-1]["sqnr_db_vs_float"] > 15, checks[-1]  # a broken pass gives a few dB
+    assert rep.manifest["program"]["paged"].get("windows") == windows
+    outs = LLM(tmp_path / "q", kv_cache_dtype="float32").generate([[1, 2, 3, 4, 5]], SamplingParams(
+        max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert len(outs[0].token_ids) == 8

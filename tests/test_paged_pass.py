@@ -6,7 +6,7 @@ Models attend through SDPA or eagerly (transformers' eager attention; a hand-wri
 import copy
 
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -69,7 +69,6 @@ def models(draw):
     return build(Args(vocab=64, dim=16 * n_heads, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv, hidden=64), seed), 64
 
 
-@settings(max_examples=24)
 @given(models(), st.data())
 def test_paged_program_equals_original_for_any_packing(m, data):
     model, vocab = m

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import qcompiler
+from qcompiler.gguf import SAMPLE_TEXT
 from qcompiler.capture import FlatTokenModule
 from qcompiler.cli import main
 from qcompiler.data import britannica_text
@@ -29,6 +30,10 @@ def test_smollm2_w4a16_perplexity_near_float(tmp_path):
     man = json.loads((out / "manifest.json").read_text())
     quantized = [v for k, v in man["layers"].items() if v["status"] == "quantized" and k != "lm_head"]
     assert len(quantized) == 30 * 7 and man["model"]["source"] == "gguf"
+    checks = man["model"]["checks"]  # the real GPT-2 BPE vocabulary and Q4_1 weights, against llama.cpp
+    assert checks["tokenizer"] == {"reference": "llama.cpp", "sample_chars": len(SAMPLE_TEXT), "sample_tokens": 176,
+                                   "tokenizer": "transformers"}
+    assert checks["float_logits"]["argmax_agreement"] >= 0.9 and abs(checks["float_logits"]["ppl_ratio"] - 1) < 0.05
     assert all(v["bits"] == 4 and v["weight_sqnr_db"] > 15 for v in quantized)
     # a GGUF has no calibration data: RTN, and no measure of what an int8 head would cost
     assert man["layers"]["lm_head"]["status"] == "float" and man["target"]["method"] == "rtn"
