@@ -25,10 +25,11 @@ STEPS = {"decode": ([1, 9, 40, 70], [1, 1, 1, 1]), "prompts": ([30, 7], [30, 7])
          "chunks": ([50, 64], [13, 30]), "mixed": ([40, 9, 33], [1, 9, 17])}
 
 
-@pytest.mark.parametrize("window", [1, 5, 16, 100])
+@pytest.mark.parametrize("softcap", [0.0, 1.0], ids=["uncapped", "capped"])
+@pytest.mark.parametrize("window", [0, 1, 5, 16, 100])
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("native", [True, False], ids=["native", "aten"])
-def test_cpu_paths_equal_reference(monkeypatch, step, window, native):
+def test_cpu_paths_equal_reference(monkeypatch, step, window, native, softcap):
     if native and not cpu_native.available():
         pytest.skip("our CPU kernels need AVX-512 and g++")
     if not native:
@@ -37,10 +38,12 @@ def test_cpu_paths_equal_reference(monkeypatch, step, window, native):
     args = list(make_step("cpu", 2, 2, 16, 4, seq_lens, q_lens, seed=window))
     kv = args[1]  # slots no sequence wrote: finite garbage (the ATen path masks scores, not loads)
     args[1] = torch.where(kv.isnan(), torch.randn(kv.shape, generator=torch.Generator().manual_seed(1)), kv)
-    ref = paged_attention_ref(*args, window)
-    torch.testing.assert_close(paged_attention_impl(*args, window), ref, atol=1e-5, rtol=1e-5)
-    if window < max(seq_lens):  # the window changes the result: the test can tell
-        assert not torch.allclose(paged_attention_ref(*args), ref, atol=1e-3)
+    ref = paged_attention_ref(*args, window, softcap)
+    torch.testing.assert_close(paged_attention_impl(*args, window, softcap), ref, atol=1e-5, rtol=1e-5)
+    if 0 < window < max(seq_lens):  # the window changes the result: the test can tell
+        assert not torch.allclose(paged_attention_ref(*args, 0, softcap), ref, atol=1e-3)
+    if softcap and window != 1:  # so does the cap (one key a query: nothing to reweigh)
+        assert not torch.allclose(paged_attention_ref(*args, window), ref, atol=1e-3)
 
 
 @pytest.mark.parametrize("window", [1, 7, 16, 37])
@@ -54,23 +57,6 @@ def test_triton_kernels_equal_reference(kernel_device, step, kw, window):
     out = paged_attention_triton(*args, window, **kw)
     ref = paged_attention_ref(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args), window)
     torch.testing.assert_close(out.cpu(), ref, atol=TOL[f32][0], rtol=TOL[f32][1])
-
-
-@pytest.mark.parametrize("window", [0, 5])
-@pytest.mark.parametrize("step", STEPS)
-@pytest.mark.parametrize("native", [True, False], ids=["native", "aten"])
-def test_cpu_paths_soft_cap_scores(monkeypatch, step, window, native):
-    if native and not cpu_native.available():
-        pytest.skip("our CPU kernels need AVX-512 and g++")
-    if not native:
-        monkeypatch.setattr(cpu_native, "decode_supported", lambda *a: False)
-    seq_lens, q_lens = STEPS[step]
-    args = list(make_step("cpu", 2, 2, 16, 4, seq_lens, q_lens, seed=7 + window))
-    kv = args[1]
-    args[1] = torch.where(kv.isnan(), torch.randn(kv.shape, generator=torch.Generator().manual_seed(1)), kv)
-    ref = paged_attention_ref(*args, window, 1.0)
-    torch.testing.assert_close(paged_attention_impl(*args, window, 1.0), ref, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(paged_attention_ref(*args, window), ref, atol=1e-3)  # the cap acts
 
 
 @pytest.mark.parametrize("window", [0, 7])
