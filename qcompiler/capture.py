@@ -106,11 +106,11 @@ def _quiet_torch_logs():
 
 def use_exact_attention(model: nn.Module) -> None:
     """A transformers model whose attention computes what SDPA drops (a score soft-cap) is switched
-    to its eager attention, in place: the paged rewrite reads the soft-cap from its ops."""
-    from qcompiler.models import attention_implementation
+    to its eager attention, in place: the paged rewrite reads the soft-cap from its ops. Models
+    are loaded with SDPA (``qcompiler.models``); this is the one place that changes it."""
     cfg = getattr(model, "config", None)
     impl = getattr(cfg, "_attn_implementation", None)
-    if impl not in (None, "eager") and attention_implementation(cfg) == "eager" and \
+    if impl not in (None, "eager") and getattr(cfg, "attn_logit_softcapping", None) and \
             hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
 

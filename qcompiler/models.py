@@ -66,13 +66,6 @@ def hf_checkpoint_facts(model) -> Optional[dict]:
     return {"config": cfg, "generation_config": json.loads(gen.to_json_string(use_diff=True)) if gen else None}
 
 
-def attention_implementation(cfg) -> str:
-    """The transformers attention a model is captured with: SDPA, whose node the paged rewrite
-    reads, unless the model's attention computes what SDPA drops (a score soft-cap): then its eager
-    code, whose scores the rewrite reads op by op."""
-    return "eager" if getattr(cfg, "attn_logit_softcapping", None) else "sdpa"
-
-
 def _prepare(model: torch.nn.Module, dtype: Optional[torch.dtype]) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"build_model() must return a torch.nn.Module, got {type(model).__name__}")
@@ -118,9 +111,7 @@ def load_hf_dir(path: Path, dtype=None) -> ModelSource:
         return ModelSource(model=_prepare(model, None), kind="hf", path=str(path), tokenizer=tok,
                            config=_hf_config_dict(model), checkpoint=ck)
     try:
-        from transformers import AutoConfig
-        impl = attention_implementation(AutoConfig.from_pretrained(path))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation=impl)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa")
         tok = None
         if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             tok = AutoTokenizer.from_pretrained(path)
@@ -135,6 +126,7 @@ def gguf_to_hf_dir(path: Path) -> Path:
     (keyed by the file's SHA-256) and returns that directory. Its tokenizer and float model are
     checked against llama.cpp on the way (``qcompiler.gguf``); the findings are kept in
     ``qcompiler_source.json``. Raises ``GGUFError`` for a file that would be read wrongly."""
+    from .capture import use_exact_attention
     from .gguf import SAMPLE_TEXT, check_logits, check_tokenizer
     out = CACHE_DIR / "gguf" / sha256_of(path)[:16]
     if (out / "model.safetensors").exists() and "checks" in _source_record(out):
@@ -148,6 +140,7 @@ def gguf_to_hf_dir(path: Path) -> Path:
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"{path}: transformers cannot read this GGUF file: {type(e).__name__}: {e}") from e
     tok, tokenizer_check = check_tokenizer(path, tok)
+    use_exact_attention(model)  # the logits compared are the ones the compile will capture
     logits_check = check_logits(path, model, tok.encode(SAMPLE_TEXT, add_special_tokens=False))
     cfg = model.config
     if hasattr(cfg, "quantization_config"):
