@@ -247,7 +247,7 @@ def paged_attention_impl(query: Tensor, kv_cache: Tensor, layer: int, block_tabl
     """``query [T, H, D]`` -> ``[T, H, D]``: causal attention over each sequence's cached KV
     (the step's own keys must already be written), within the last ``window`` keys when
     ``window > 0``, scores soft-capped when ``softcap > 0``. CPU/any device: a decode step is one batched SDPA; a step with prompt chunks
-    runs one SDPA per sequence."""
+    runs one SDPA per prompt chunk, its decodes batched through ``qc_cpu::paged_decode`` where that takes them."""
     T, Hq, D = query.shape
     Hkv = kv_cache.shape[4]
     assert Hq % Hkv == 0, f"{Hq} query heads not a multiple of {Hkv} KV heads"
@@ -256,9 +256,17 @@ def paged_attention_impl(query: Tensor, kv_cache: Tensor, layer: int, block_tabl
         return decode_attention(query, kv_cache, layer, block_tables, seq_lens, scale, lens, window, softcap)
     out = torch.empty_like(query)
     dt = _compute_dtype(query, kv_cache)
+    single = [s for s in range(len(lens)) if starts[s + 1] - starts[s] == 1]
+    if single and cpu_native.decode_supported(query, kv_cache):  # a mixed step's decodes: one call, in place
+        rows, seqs = torch.tensor([starts[s] for s in single]), torch.tensor(single)
+        out[rows] = torch.ops.qc_cpu.paged_decode(query[rows].contiguous(), kv_cache, layer, block_tables[seqs].contiguous(),
+                                                  seq_lens[seqs].contiguous(), scale, window, softcap)
+        single = set(single)
+    else:
+        single = set()
     for s, n in enumerate(lens):
         q0, q1 = starts[s], starts[s + 1]
-        if q1 == q0:
+        if q1 == q0 or s in single:
             continue
         k, v = gather_kv(kv_cache, layer, block_tables[s], n, dt)
         q = query[q0:q1].transpose(0, 1).unsqueeze(0).to(dt)     # [1, Hq, q_len, D]
