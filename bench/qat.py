@@ -1,7 +1,7 @@
 """Quantization-aware training on SmolLM2-135M: perplexity (ANCHORS protocol: 16 windows x 1024
 tokens of the Britannica article) against training minutes, beside the PTQ anchors.
 
-    .venv/bin/python bench/qat.py --threads 2 --init gptq --symmetric|--asymmetric [--steps 400 --lr 1e-3 ...] [--points 4]
+    .venv/bin/python bench/qat.py --threads 2 --init gptq --symmetric|--asymmetric [--steps 200 --generate 200 --train-norms ...] [--points 4]
 
 Options after the bench's own are ``qcompile qat``'s (the same parser). Each curve point
 evaluates the fake-quantized model in fp32 (the reference ops' arithmetic) at evenly spaced
@@ -55,7 +55,8 @@ def main():
 
     sym = bool(a.symmetric)  # w4a16's default: asymmetric
     print(f"SmolLM2-135M W4A16 g64 {'sym' if sym else 'asym'}, QAT init {a.init}, {a.steps} steps x "
-          f"{a.batch_tokens} tokens, lr {a.lr}, {cpu_name()}, torch {torch.__version__}, {ours.threads} threads",
+          f"{a.batch_tokens} tokens, lr {a.lr}, --generate {a.generate}, --train-norms {a.train_norms}, "
+          f"{cpu_name()}, torch {torch.__version__}, {ours.threads} threads",
           flush=True)
     res = train_source(a, src, on_step)
     out = ROOT / "build" / f"smollm2-qat-g64{'sym' if sym else 'asym'}-{a.init}"
@@ -64,8 +65,10 @@ def main():
     print(f"\n| training min | step | perplexity (fake-quant, fp32) |\n|---|---|---|")
     for c in curve:
         print(f"| {c['train_min']} | {c['step']} | {c['ppl']:.2f} |")
+    rec = src.checkpoint.record
     print(f"\nartifact {out.name}: served {served:.3f}, reference ops {reference:.3f}; training {res.seconds / 60:.1f} min, "
-          f"{res.tokens} tokens, KD loss {res.loss_first:.4f} -> {res.loss_last:.4f}")
+          f"{res.tokens} tokens, KD loss {res.loss_first:.4f} -> {res.loss_last:.4f}; data: {rec['data']['source']}, "
+          f"sampled in {rec['sampling_seconds'] / 60:.1f} min")
     print("anchors: " + ", ".join(f"{k} {v}" for k, v in ANCHORS[sym].items()))
 
 

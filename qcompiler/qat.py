@@ -1,6 +1,7 @@
 """Quantization-aware training: fake quantization with a straight-through estimator (STE) on
 every linear a target quantizes, trained by self-distillation (or next-token cross entropy), then
 converted into the ordinary pipeline's codes (method ``qat``), which keeps them as they are.
+Training text may be the model's own: ``sample_sequences`` draws it from the float model.
 
     model = prepare(model, W4A16(group_size=64, symmetric=True))   # FakeQuantLinear everywhere
     train(model, teacher, samples, steps=200)                       # or your own loop
@@ -10,8 +11,9 @@ converted into the ordinary pipeline's codes (method ``qat``), which keeps them 
 The grid is the compile passes' own (``codegen.quant``: groups, symmetric or with integer zero
 points, codes in ``[qmin, qmax]``, ``w = (q - zero) * scale``); rounding and clamping pass gradients
 straight through inside the range and none outside it. Scales are learned too (``learn_scales``,
-LSQ-style); zero points stay the integers they were initialized to. W8A8 also fake-quantizes each
-linear's input per token (int8, absmax / 127, as ``qc::w8a8_linear``). Exactness: the artifact's
+LSQ-style), and on request the norms and biases, which the artifact keeps float; zero points stay
+the integers they were initialized to. W8A8 also fake-quantizes each linear's input per token
+(int8, absmax / 127, as ``qc::w8a8_linear``). Exactness: the artifact's
 reference ops compute what the fake-quantized model computes, weights bit for bit."""
 import hashlib
 import math
@@ -208,14 +210,64 @@ def _keep_freed_memory() -> None:
         pass
 
 
+def vectors_to_train(model: nn.Module) -> list[nn.Parameter]:
+    """The float vectors a quantized program keeps as they are: norm weights and biases (every
+    1-D parameter outside the embeddings and the output projection)."""
+    skip = set()
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        mod = getattr(model, get, lambda: None)()
+        if mod is not None:
+            skip |= {id(p) for p in mod.parameters()}
+    return [p for p in model.parameters() if p.dim() == 1 and id(p) not in skip]
+
+
+@torch.no_grad()
+def sample_sequences(model: nn.Module, n: int, seq_len: int, start: list[int], seed: int = 0, batch: int = 16,
+                     autocast: Optional[torch.dtype] = None, progress: bool = False) -> list[Tensor]:
+    """``n`` sequences of ``seq_len`` tokens that ``model`` writes itself at temperature 1, each
+    opening with ``start`` (its BOS, say): training text for self-distillation where there is
+    none, in the model's own distribution. Uses the model's KV cache where it returns one
+    (``past_key_values``, as transformers' models do), else recomputes each prefix."""
+    from tqdm import tqdm
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    out, bar = [], tqdm(total=n * seq_len, desc="sampling", unit="tok", disable=None if progress else True)
+    was_training = model.training
+    model.eval()
+    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        for first in range(0, n, batch):
+            b = min(batch, n - first)
+            ids = torch.tensor(start, dtype=torch.long).expand(b, -1).to(device)
+            try:
+                res = model(input_ids=ids, use_cache=True)
+                past, logits = res.past_key_values, res.logits[:, -1]
+            except (TypeError, AttributeError):  # a model without a cache
+                past, logits = None, _logits(model, ids)[:, -1]
+            while ids.shape[1] < seq_len:
+                nxt = torch.multinomial(torch.softmax(logits.float(), -1).cpu(), 1, generator=g).to(device)
+                ids = torch.cat([ids, nxt], 1)
+                bar.update(b)
+                if ids.shape[1] == seq_len:
+                    break
+                if past is not None:
+                    res = model(input_ids=nxt, past_key_values=past, use_cache=True)
+                    past, logits = res.past_key_values, res.logits[:, -1]
+                else:
+                    logits = _logits(model, ids)[:, -1]
+            out.extend(ids.cpu())
+    bar.close()
+    model.train(was_training)
+    return out
+
+
 def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor], steps: int, lr: float = 1e-3,
           batch: int = 4, loss: str = "kd", progress: bool = False, autocast: Optional[torch.dtype] = None,
-          on_step: Optional[Callable[[int, float], None]] = None) -> TrainResult:
-    """AdamW on the fake-quantized linears' weights and scales (everything else frozen), ``batch``
-    samples a step, cycling through ``samples``. ``autocast``: the dtype forward and backward
-    matmuls run in (master weights, scales and the fake quantization stay fp32). ``on_step(n,
-    seconds)`` runs after the n-th step (``seconds`` of training so far), in eval mode, its own
-    time not counted."""
+          on_step: Optional[Callable[[int, float], None]] = None, train_vectors: bool = False) -> TrainResult:
+    """AdamW on the fake-quantized linears' weights and scales (everything else frozen, but for
+    the norms and biases with ``train_vectors``), ``batch`` samples a step, cycling through
+    ``samples``. ``autocast``: the dtype forward and backward matmuls run in (master weights,
+    scales and the fake quantization stay fp32). ``on_step(n, seconds)`` runs after the n-th step
+    (``seconds`` of training so far), in eval mode, its own time not counted."""
     if steps < 1:
         raise ValueError(f"QAT steps must be >= 1, got {steps}")
     if loss not in ("kd", "ce"):
@@ -226,11 +278,13 @@ def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor],
     from tqdm import tqdm
     fq = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
     weights, scales = [m.weight for m in fq], [m.scale for m in fq if m.scale.requires_grad]
+    vectors = vectors_to_train(model) if train_vectors else []
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in weights + scales:
+    for p in weights + scales + vectors:
         p.requires_grad_(True)
-    groups = [{"params": weights, "lr": lr}] + ([{"params": scales, "lr": lr * SCALE_LR}] if scales else [])
+    groups = ([{"params": weights + vectors, "lr": lr}]
+              + ([{"params": scales, "lr": lr * SCALE_LR}] if scales else []))
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     h, losses, tokens, t0, paused = hashlib.sha256(), [], 0, time.perf_counter(), 0.0

@@ -27,6 +27,11 @@ def add_parser(sub) -> None:
                    help="kd (default): KL divergence to the float model's next-token distribution; ce: cross entropy")
     q.add_argument("--train-file", default=None, help="UTF-8 text to train on (default: the model file's "
                                                       "calibration texts)")
+    q.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="train on N sequences the float model writes itself (sampled at temperature 1 from its "
+                        "BOS; cycled over the steps) instead of text: the model's own distribution, no text needed")
+    q.add_argument("--train-norms", action="store_true",
+                   help="train the norm weights and biases as well (the artifact keeps them float)")
     q.add_argument("--fixed-scales", action="store_true", help="train the weights only, not the scales")
     q.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="matmuls of the training steps: auto (default) = bf16 where the hardware has it "
@@ -41,18 +46,43 @@ def ptq_target(target, method: str):
     return replace(target, method=method, act_order=None, clip=None)
 
 
-def ptq_codes(src, target, method: str, cfg) -> dict:
-    """The codes a calibrated PTQ method gives the model (module name -> ``QuantizedWeight``)."""
+def ptq_codes(src, target, method: str, cfg, samples=None) -> dict:
+    """The codes a calibrated PTQ method gives the model (module name -> ``QuantizedWeight``),
+    calibrated on ``samples`` (token-id tensors) if given, else on the data ``cfg`` names."""
     from .calibration import load_calibration
     from .capture import capture, max_tokens_of
     from .passes.quantize_weights import layer_name
     from .pipeline import passes_for
     t = ptq_target(target, method)
-    calib = load_calibration(src, cfg, src.config.get("vocab_size"), method)
+    if samples is None:
+        samples = load_calibration(src, cfg, src.config.get("vocab_size"), method).samples
     prog = capture(src.model, max_tokens_of(src.model))
-    for p in passes_for(t, samples=calib.samples)[:2]:  # normalize, then the method's own pass
+    for p in passes_for(t, samples=samples)[:2]:  # normalize, then the method's own pass
         prog = p.fn(prog)
     return {layer_name(fqn): qw for fqn, (qw, _) in prog.meta["qc_codes"].items()}
+
+
+def sampling_batch(config: dict, seq_len: int, budget: int = 4 << 30) -> int:
+    """Sequences sampled at once: up to 128, their fp32 KV cache within ``budget`` bytes (32 where
+    the config does not say the model's shape)."""
+    try:
+        heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        per_seq = seq_len * config["num_hidden_layers"] * 2 * heads * head_dim * 4
+    except (KeyError, TypeError, ZeroDivisionError):
+        return 32
+    return max(1, min(128, budget // per_seq))
+
+
+def start_tokens(src) -> list[int]:
+    """What sampled training sequences open with: the tokenizer's BOS, else its EOS (a document
+    boundary), else token 0."""
+    tok = src.tokenizer
+    for name in ("bos_token_id", "eos_token_id"):
+        tid = getattr(tok, name, None)
+        if isinstance(tid, int):
+            return [tid]
+    return [0]
 
 
 def train_source(a, src, on_step=None):
@@ -65,7 +95,7 @@ def train_source(a, src, on_step=None):
     from .calibration import CalibrationConfig, load_calibration
     from .checkpoint import CheckpointCodes
     from .cli import PER_CHANNEL, _group_size
-    from .qat import autocast_dtype, convert, prepare, qat_target, train
+    from .qat import autocast_dtype, convert, prepare, qat_target, sample_sequences, train
     from .targets import W8A8, make_target
     if a.target not in ("w4a16", "w8a16", "w8a8"):
         raise ValueError(f"qcompile qat trains w4a16, w8a16 or w8a8, not {a.target}")
@@ -77,25 +107,39 @@ def train_source(a, src, on_step=None):
               make_target(a.target, group_size=group, symmetric=a.symmetric, method="rtn"))
     if a.init != "rtn" and isinstance(target, W8A8):
         raise ValueError("--init applies to w4a16 and w8a16")
-    if not (a.train_file or src.calibration_data or src.calibration_texts):
-        raise ValueError(f"{a.model}: no training data: pass --train-file TEXT, or define calibration_texts() or "
-                         "calibration_data() in the model file")
+    if a.generate < 0:
+        raise ValueError(f"--generate takes a number of sequences >= 0, got {a.generate}")
+    if not (a.generate or a.train_file or src.calibration_data or src.calibration_texts):
+        raise ValueError(f"{a.model}: no training data: pass --train-file TEXT or --generate N, or define "
+                         "calibration_texts() or calibration_data() in the model file")
     batch = a.batch_tokens // a.seq_len
-    cfg = CalibrationConfig(samples=a.steps * batch, seq_len=a.seq_len, file=a.train_file, seed=1)
-    data = load_calibration(src, cfg, src.config.get("vocab_size"), "qat")
-    init = ptq_codes(src, target, a.init, CalibrationConfig(file=a.train_file)) if a.init != "rtn" else None
-    teacher = copy.deepcopy(src.model) if a.loss == "kd" else None
-    prepare(src.model, target, learn_scales=not a.fixed_scales, init=init)
     device = next(src.model.parameters()).device
     autocast = {"auto": autocast_dtype(device), "bf16": torch.bfloat16, "fp32": None}[a.precision]
-    res = train(src.model, teacher, data.samples, a.steps, a.lr, batch, a.loss, progress=not a.quiet,
-                autocast=autocast, on_step=on_step)
+    has_text = bool(a.train_file or src.calibration_data or src.calibration_texts)
+    t0 = time.perf_counter()
+    if a.generate:
+        samples = sample_sequences(src.model, a.generate, a.seq_len, start_tokens(src), seed=1,
+                                   batch=sampling_batch(src.config, a.seq_len),
+                                   autocast=autocast if device.type == "cuda" else None, progress=not a.quiet)
+        source = f"{a.generate} sequences of {a.seq_len} tokens sampled from the float model"
+    else:
+        cfg = CalibrationConfig(samples=a.steps * batch, seq_len=a.seq_len, file=a.train_file, seed=1)
+        data = load_calibration(src, cfg, src.config.get("vocab_size"), "qat")
+        samples, source = data.samples, data.source
+    sampling_s = time.perf_counter() - t0 if a.generate else 0.0
+    init = (ptq_codes(src, target, a.init, CalibrationConfig(file=a.train_file), None if has_text else samples)
+            if a.init != "rtn" else None)
+    teacher = copy.deepcopy(src.model) if a.loss == "kd" else None
+    prepare(src.model, target, learn_scales=not a.fixed_scales, init=init)
+    res = train(src.model, teacher, samples, a.steps, a.lr, batch, a.loss, progress=not a.quiet,
+                autocast=autocast, on_step=on_step, train_vectors=a.train_norms)
     codes = convert(src.model)
     record = {"init": a.init, "loss": a.loss, "steps": res.steps, "tokens": res.tokens, "lr": a.lr,
-              "batch_tokens": batch * a.seq_len, "learn_scales": not a.fixed_scales, "seconds": res.seconds,
+              "batch_tokens": batch * a.seq_len, "learn_scales": not a.fixed_scales,
+              "train_norms": a.train_norms, "seconds": res.seconds, "sampling_seconds": round(sampling_s, 1),
               "precision": "bf16" if autocast is not None else "fp32",
               "loss_first": res.loss_first, "loss_last": res.loss_last, "curve": res.curve,
-              "data": {"source": data.source, "sha256": res.data_sha256}}
+              "data": {"source": source, "sha256": res.data_sha256}}
     src.checkpoint = CheckpointCodes(qat_target(target), codes, record)
     return res
 

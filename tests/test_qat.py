@@ -11,7 +11,8 @@ from qcompiler.checkpoint import CheckpointCodes
 from qcompiler.cli import main
 from qcompiler.compiler import compile_model
 from qcompiler.models import load_source
-from qcompiler.qat import FakeQuantLinear, convert, fake_quantize, fake_quantize_per_token, prepare, qat_target, train
+from qcompiler.qat import (FakeQuantLinear, convert, fake_quantize, fake_quantize_per_token, prepare, qat_target,
+                           sample_sequences, train)
 from qcompiler.targets import W4A16, W8A8, W8A16
 from safetensors.torch import load_file
 from tests_paths import EXAMPLES
@@ -97,6 +98,51 @@ def test_a_short_run_lowers_held_out_kd_loss_and_beats_rtn(tmp_path):
     assert kl_to_float(teacher, run(qat.out), held) < 0.8 * kl_to_float(teacher, run(rtn.out), held)
 
 
+class _NoCache(torch.nn.Module):
+    """The same model, without its KV cache: every prefix recomputed."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids=None):
+        return self.model(input_ids=input_ids, position_ids=position_ids)
+
+
+def test_sampled_training_text_is_reproducible_and_the_same_with_or_without_a_cache():
+    model = load_source(str(EXAMPLES / "tiny_llama.py")).model
+    seqs = sample_sequences(model, 3, 20, [1], seed=5, batch=2)
+    assert len(seqs) == 3 and all(s.shape == (20,) and s[0] == 1 for s in seqs)
+    assert len({tuple(s.tolist()) for s in seqs}) == 3
+    again = sample_sequences(model, 3, 20, [1], seed=5, batch=2)
+    recomputed = sample_sequences(_NoCache(model), 3, 20, [1], seed=5, batch=2)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(seqs, again, recomputed))
+    assert not torch.equal(torch.stack(seqs), torch.stack(sample_sequences(model, 3, 20, [1], seed=6, batch=2)))
+
+
+def test_norms_train_only_when_asked_and_reach_the_artifact(tmp_path):
+    import copy
+    target = TARGETS["w4a16-g64-asym"]
+    samples = [_ids(32, seed=i)[0] for i in range(4)]
+    moved = {}
+    for vectors in (False, True):
+        src = load_source(str(EXAMPLES / "tiny_llama.py"))
+        teacher = copy.deepcopy(src.model)
+        float_params = dict(teacher.named_parameters())
+        prepare(src.model, target)
+        train(src.model, teacher, samples, steps=4, lr=1e-3, batch=2, train_vectors=vectors)
+        fq = [n + "." for n, m in src.model.named_modules() if isinstance(m, FakeQuantLinear)]
+        moved[vectors] = {n for n, p in src.model.named_parameters()  # beyond the quantized linears
+                          if n in float_params and not n.startswith(tuple(fq)) and not torch.equal(p, float_params[n])}
+    norms = {n for n, p in teacher.named_parameters() if "norm" in n}
+    assert len(norms) == 5 and moved[False] == set() and moved[True] == norms
+    src.checkpoint = CheckpointCodes(qat_target(target), convert(src.model))
+    rep = compile_model(src, None, tmp_path / "art", verify=False)
+    stored = {k.removeprefix("model."): v for k, v in load_file(rep.out / "weights.safetensors").items()}
+    trained = dict(src.model.named_parameters())
+    assert all(torch.equal(stored[n].float(), trained[n].float()) for n in norms)
+
+
 def test_qcompile_qat_and_its_bad_input(tmp_path, capsys):
     model = str(EXAMPLES / "tiny_llama.py")
     args = ["--steps", "3", "--batch-tokens", "64", "--seq-len", "32", "-g", "32", "--symmetric", "-q"]
@@ -113,6 +159,14 @@ def test_qcompile_qat_and_its_bad_input(tmp_path, capsys):
     plain = str(EXAMPLES.parent / "tests" / "fixtures" / "plain_lm.py")
     assert main(["qat", plain, "-o", str(tmp_path / "bad"), *args]) == 1
     assert "no training data" in capsys.readouterr().err
+    assert main(["qat", plain, "-o", str(tmp_path / "bad"), *args, "--generate", "-1"]) == 1
+    assert "--generate takes a number" in capsys.readouterr().err
+    # text the model writes itself stands in for none (GPTQ calibrates on it); the norms train too, kept float
+    assert main(["qat", plain, "-o", str(tmp_path / "gen"), *args, "--generate", "4", "--train-norms",
+                 "--init", "gptq"]) == 0
+    man = json.loads((tmp_path / "gen" / "manifest.json").read_text())["training"]
+    assert man["data"]["source"] == "4 sequences of 32 tokens sampled from the float model" and man["train_norms"]
+    assert man["tokens"] == 3 * 64
 
 
 def test_init_takes_the_methods_own_defaults():
