@@ -256,17 +256,16 @@ def paged_attention_impl(query: Tensor, kv_cache: Tensor, layer: int, block_tabl
         return decode_attention(query, kv_cache, layer, block_tables, seq_lens, scale, lens, window, softcap)
     out = torch.empty_like(query)
     dt = _compute_dtype(query, kv_cache)
-    single = [s for s in range(len(lens)) if starts[s + 1] - starts[s] == 1]
-    if single and cpu_native.decode_supported(query, kv_cache):  # a mixed step's decodes: one call, in place
-        rows, seqs = torch.tensor([starts[s] for s in single]), torch.tensor(single)
+    native = ([s for s in range(len(lens)) if starts[s + 1] - starts[s] == 1]
+              if cpu_native.decode_supported(query, kv_cache) else [])
+    if native:  # a mixed step's decodes: one call, in place
+        rows, seqs = torch.tensor([starts[s] for s in native]), torch.tensor(native)
         out[rows] = torch.ops.qc_cpu.paged_decode(query[rows].contiguous(), kv_cache, layer, block_tables[seqs].contiguous(),
                                                   seq_lens[seqs].contiguous(), scale, window, softcap)
-        single = set(single)
-    else:
-        single = set()
+    done = set(native)
     for s, n in enumerate(lens):
         q0, q1 = starts[s], starts[s + 1]
-        if q1 == q0 or s in single:
+        if q1 == q0 or s in done:
             continue
         k, v = gather_kv(kv_cache, layer, block_tables[s], n, dt)
         q = query[q0:q1].transpose(0, 1).unsqueeze(0).to(dt)     # [1, Hq, q_len, D]

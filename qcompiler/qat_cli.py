@@ -109,13 +109,13 @@ def train_source(a, src, on_step=None):
         raise ValueError("--init applies to w4a16 and w8a16")
     if a.generate < 0:
         raise ValueError(f"--generate takes a number of sequences >= 0, got {a.generate}")
-    if not (a.generate or a.train_file or src.calibration_data or src.calibration_texts):
+    has_text = bool(a.train_file or src.calibration_data or src.calibration_texts)
+    if not (a.generate or has_text):
         raise ValueError(f"{a.model}: no training data: pass --train-file TEXT or --generate N, or define "
                          "calibration_texts() or calibration_data() in the model file")
     batch = a.batch_tokens // a.seq_len
     device = next(src.model.parameters()).device
     autocast = {"auto": autocast_dtype(device), "bf16": torch.bfloat16, "fp32": None}[a.precision]
-    has_text = bool(a.train_file or src.calibration_data or src.calibration_texts)
     t0 = time.perf_counter()
     if a.generate:
         samples = sample_sequences(src.model, a.generate, a.seq_len, start_tokens(src), seed=1,
