@@ -26,11 +26,14 @@ demo: $(STAMP)
 	$(BIN)/qcompile eval build/smollm2-w4a16 --compare-float
 	$(BIN)/qcompile generate build/smollm2-w4a16 "What is the capital of France?" --chat --max-tokens 48
 
+# two workers (pytest-xdist), each on its share of the cores (tests/conftest.py), a test file
+# each at a time so that a file's fixtures are built once
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # llama.cpp for the serving anchor, built for the instruction sets this CPU reports, never AMX:
 # AMX tiles need a kernel permission this sandbox does not grant (a native build dies with SIGILL),

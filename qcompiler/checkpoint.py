@@ -161,7 +161,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model(path: Path, dtype: Optional[torch.dtype]):
     """(the float model, its tokenizer or None, the checkpoint's codes)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.from_pretrained(path)
     del cfg.quantization_config  # built float; the codes come back through the compile
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.float32, attn_implementation="sdpa")
@@ -176,6 +176,7 @@ def load_model(path: Path, dtype: Optional[torch.dtype]):
     model.tie_weights()
     tok = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        tok = AutoTokenizer.from_pretrained(path)
+        from .models import load_tokenizer
+        tok = load_tokenizer(path)
     return model, tok, ck
 

@@ -70,9 +70,11 @@ def llama_cpp_tokens(path: Path, text: str) -> list[int]:
 
 
 def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
-    """llama.cpp's logits ``[len(tokens), vocab]`` for ``tokens`` as one sequence."""
+    """llama.cpp's logits ``[len(tokens), vocab]`` for ``tokens`` as one sequence, on as many
+    threads as torch has (at most 4)."""
+    import torch
     with _llama(path, n_ctx=max(64, len(tokens) + 8), n_batch=max(64, len(tokens)), logits_all=True,
-                n_threads=max(1, min(4, os.cpu_count() or 1))) as llm:
+                n_threads=max(1, min(4, torch.get_num_threads()))) as llm:
         llm.eval(tokens)
         return np.array(llm.scores[:len(tokens)], dtype=np.float32)
 
@@ -150,7 +152,8 @@ def tokenizer_from_metadata(path: Path):
     named = {k: tokens[meta[f"{k}_token_id"]] for k in ("bos", "eos", "unknown", "padding")
              if isinstance(meta.get(f"{k}_token_id"), int) and 0 <= meta[f"{k}_token_id"] < len(tokens)}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=named.get("bos"), eos_token=named.get("eos"),
-                                   unk_token=named.get("unknown"), pad_token=named.get("padding"))
+                                   unk_token=named.get("unknown"), pad_token=named.get("padding"),
+                                   clean_up_tokenization_spaces=False)  # llama.cpp detokenizes without it
     fast.chat_template = meta.get("chat_template")
     return fast
 

@@ -78,8 +78,8 @@ class CompiledModel:
         if self._tokenizer is None:
             if not self.manifest.get("tokenizer"):
                 raise ValueError(f"{self.path}: the artifact has no tokenizer (the model had none)")
-            from transformers import AutoTokenizer
-            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+            from .models import load_tokenizer
+            self._tokenizer = load_tokenizer(self.path)
         return self._tokenizer
 
     def flat(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -102,8 +102,21 @@ def load_model_py(path: Path, dtype=None) -> ModelSource:
                        eval_text=getattr(mod, "eval_text", None), config=_hf_config_dict(model))
 
 
+def load_tokenizer(path):
+    """``AutoTokenizer.from_pretrained(path)``, less the cleanup flag a BPE tokenizer ignores
+    anyway (transformers warns about it on every decode): the text it decodes is unchanged."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if (getattr(tok, "clean_up_tokenization_spaces", False) and backend is not None
+            and type(backend.model).__name__ == "BPE"
+            and not getattr(tok, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)):
+        tok.clean_up_tokenization_spaces = False
+    return tok
+
+
 def load_hf_dir(path: Path, dtype=None) -> ModelSource:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .checkpoint import load_model, quantization_config
     if quantization_config(path) is not None:  # quantized already: the float its codes stand for, and the codes
@@ -114,7 +127,7 @@ def load_hf_dir(path: Path, dtype=None) -> ModelSource:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa")
         tok = None
         if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = load_tokenizer(path)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: not a loadable Hugging Face causal LM: {type(e).__name__}: {e}") from e
     return ModelSource(model=_prepare(model, None), kind="hf", path=str(path), tokenizer=tok,

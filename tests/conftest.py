@@ -19,7 +19,10 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# NOTE: under pytest-xdist (`make test` runs two workers) the cores are shared out: a worker that
+# spins more threads than its share slows every other worker's torch by orders of magnitude
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 warnings.filterwarnings("ignore", category=FutureWarning)
 # NOTE: no shrink phase: each example captures a model (seconds); a failure prints its example as drawn.
 settings.register_profile("qc", deadline=None, max_examples=12, derandomize=True,

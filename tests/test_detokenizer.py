@@ -101,3 +101,42 @@ def test_engine_stop_strings_and_streaming(tmp_path_factory):
     assert o.finish_reason == "length" and o.text == ref[:5]
     check_pool(llm)
 
+
+
+def test_a_bpe_tokenizer_saved_with_cleanup_loads_quietly_and_decodes_alike(tokenizer, tmp_path):
+    """A byte-level BPE tokenizer whose config asks for WordPiece space cleanup (as SmolLM2's does)
+    loads without transformers' warning on each decode, and decodes the same text."""
+    import logging
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from qcompiler.models import load_tokenizer
+    tokenizer.save_pretrained(tmp_path)
+    cfg = tmp_path / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text().replace('"clean_up_tokenization_spaces": false',
+                                           '"clean_up_tokenization_spaces": true'))
+    plain = AutoTokenizer.from_pretrained(tmp_path)
+    assert plain.clean_up_tokenization_spaces
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    log = hf_logging.get_logger("transformers.tokenization_utils_tokenizers")
+    handler = Keep()
+    log.addHandler(handler)
+    warned = lambda: [m for m in seen if "clean_up_tokenization_spaces" in m]  # noqa: E731
+    try:
+        ids = tokenizer(TEXT + " Hello , world . It 's").input_ids
+        hf_logging.warning_once.cache_clear()  # transformers warns once a process
+        loud = plain.decode(ids)
+        assert warned()
+        seen.clear()
+        hf_logging.warning_once.cache_clear()
+        quiet = load_tokenizer(tmp_path).decode(ids)
+        assert not warned()
+        assert quiet == loud == tokenizer.decode(ids)
+    finally:
+        log.removeHandler(handler)

@@ -41,7 +41,6 @@ def test_smollm2_w4a16_perplexity_near_float(tmp_path):
     m = qcompiler.load(out)
     tokens = eval_tokens(m.tokenizer, britannica_text(), WINDOWS * WINDOW_LEN)
     src = load_source(man["model"]["path"])
-    torch.set_num_threads(2)
     ppl_float = perplexity(FlatTokenModule(src.model), tokens, WINDOW_LEN)
     ppl_w4 = perplexity(m.flat, tokens, WINDOW_LEN)
     assert 5 < ppl_float < 40, ppl_float
