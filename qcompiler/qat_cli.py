@@ -1,10 +1,13 @@
 """``qcompile qat``: quantization-aware training of a model file, then the ordinary compile of its
 trained codes (``qcompiler.qat``)."""
 import copy
+import logging
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 
 def add_parser(sub) -> None:
     q = sub.add_parser("qat", help="quantization-aware training (straight-through estimator), then compile")
@@ -29,7 +32,8 @@ def add_parser(sub) -> None:
                                                       "calibration texts)")
     q.add_argument("--generate", type=int, default=0, metavar="N",
                    help="train on N sequences the float model writes itself (sampled at temperature 1 from its "
-                        "BOS; cycled over the steps) instead of text: the model's own distribution, no text needed")
+                        "BOS; cycled over the steps) instead of text: the model's own distribution, no text needed; "
+                        "seen more than twice, they overfit")
     q.add_argument("--train-norms", action="store_true",
                    help="train the norm weights and biases as well (the artifact keeps them float)")
     q.add_argument("--fixed-scales", action="store_true", help="train the weights only, not the scales")
@@ -127,6 +131,9 @@ def train_source(a, src, on_step=None):
         data = load_calibration(src, cfg, src.config.get("vocab_size"), "qat")
         samples, source = data.samples, data.source
     sampling_s = time.perf_counter() - t0 if a.generate else 0.0
+    if a.generate and a.steps * batch > 2 * a.generate:
+        log.warning("each of the %d sampled sequences is trained on %.1f times: more than twice overfits them "
+                    "(--generate %d or more)", a.generate, a.steps * batch / a.generate, math.ceil(a.steps * batch / 2))
     init = (ptq_codes(src, target, a.init, CalibrationConfig(file=a.train_file), None if has_text else samples)
             if a.init != "rtn" else None)
     teacher = copy.deepcopy(src.model) if a.loss == "kd" else None

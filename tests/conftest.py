@@ -32,6 +32,9 @@ settings.load_profile("qc")
 
 
 def pytest_collection_modifyitems(config, items):
+    # the bundled model's tests first: xdist hands files out in this order, and the longest file
+    # handed out last would run alone on one worker
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

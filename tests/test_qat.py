@@ -2,6 +2,7 @@
 compile exact for every supported target (weights bit for bit, outputs within float tolerance),
 a short run that beats RTN on held-out data, and ``qcompile qat`` with its bad input."""
 import json
+import logging
 
 import pytest
 import torch
@@ -143,7 +144,7 @@ def test_norms_train_only_when_asked_and_reach_the_artifact(tmp_path):
     assert all(torch.equal(stored[n].float(), trained[n].float()) for n in norms)
 
 
-def test_qcompile_qat_and_its_bad_input(tmp_path, capsys):
+def test_qcompile_qat_and_its_bad_input(tmp_path, capsys, caplog):
     model = str(EXAMPLES / "tiny_llama.py")
     args = ["--steps", "3", "--batch-tokens", "64", "--seq-len", "32", "-g", "32", "--symmetric", "-q"]
     assert main(["qat", model, "-o", str(tmp_path / "art"), *args]) == 0
@@ -167,6 +168,9 @@ def test_qcompile_qat_and_its_bad_input(tmp_path, capsys):
     man = json.loads((tmp_path / "gen" / "manifest.json").read_text())["training"]
     assert man["data"]["source"] == "4 sequences of 32 tokens sampled from the float model" and man["train_norms"]
     assert man["tokens"] == 3 * 64
+    with caplog.at_level(logging.WARNING, logger="qcompiler.qat_cli"):  # 6 sequences' worth from 2
+        assert main(["qat", plain, "-o", str(tmp_path / "gen2"), *args, "--generate", "2"]) == 0
+    assert "trained on 3.0 times" in caplog.text and "--generate 3 or more" in caplog.text
 
 
 def test_init_takes_the_methods_own_defaults():
