@@ -9,6 +9,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+
 def add_parser(sub) -> None:
     q = sub.add_parser("qat", help="quantization-aware training (straight-through estimator), then compile")
     q.add_argument("model", help="model.py, Hugging Face model directory, or .gguf file")
@@ -120,20 +121,22 @@ def train_source(a, src, on_step=None):
     batch = a.batch_tokens // a.seq_len
     device = next(src.model.parameters()).device
     autocast = {"auto": autocast_dtype(device), "bf16": torch.bfloat16, "fp32": None}[a.precision]
-    t0 = time.perf_counter()
+    sampling_s = 0.0
     if a.generate:
+        if a.steps * batch > 2 * a.generate:
+            log.warning("each of the %d sampled sequences is trained on %.1f times: more than twice overfits "
+                        "them (--generate %d or more)", a.generate, a.steps * batch / a.generate,
+                        math.ceil(a.steps * batch / 2))
+        t0 = time.perf_counter()
         samples = sample_sequences(src.model, a.generate, a.seq_len, start_tokens(src), seed=1,
                                    batch=sampling_batch(src.config, a.seq_len),
                                    autocast=autocast if device.type == "cuda" else None, progress=not a.quiet)
+        sampling_s = time.perf_counter() - t0
         source = f"{a.generate} sequences of {a.seq_len} tokens sampled from the float model"
     else:
         cfg = CalibrationConfig(samples=a.steps * batch, seq_len=a.seq_len, file=a.train_file, seed=1)
         data = load_calibration(src, cfg, src.config.get("vocab_size"), "qat")
         samples, source = data.samples, data.source
-    sampling_s = time.perf_counter() - t0 if a.generate else 0.0
-    if a.generate and a.steps * batch > 2 * a.generate:
-        log.warning("each of the %d sampled sequences is trained on %.1f times: more than twice overfits them "
-                    "(--generate %d or more)", a.generate, a.steps * batch / a.generate, math.ceil(a.steps * batch / 2))
     init = (ptq_codes(src, target, a.init, CalibrationConfig(file=a.train_file), None if has_text else samples)
             if a.init != "rtn" else None)
     teacher = copy.deepcopy(src.model) if a.loss == "kd" else None

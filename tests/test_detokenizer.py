@@ -102,7 +102,6 @@ def test_engine_stop_strings_and_streaming(tmp_path_factory):
     check_pool(llm)
 
 
-
 def test_a_bpe_tokenizer_saved_with_cleanup_loads_quietly_and_decodes_alike(tokenizer, tmp_path):
     """A byte-level BPE tokenizer whose config asks for WordPiece space cleanup (as SmolLM2's does)
     loads without transformers' warning on each decode, and decodes the same text."""
