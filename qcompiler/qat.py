@@ -227,9 +227,14 @@ def sample_sequences(model: nn.Module, n: int, seq_len: int, start: list[int], s
     """``n`` sequences of ``seq_len`` tokens that ``model`` writes itself at temperature 1, each
     opening with ``start`` (its BOS, say): training text for self-distillation where there is
     none, in the model's own distribution. Uses the model's KV cache where it returns one
-    (``past_key_values``, as transformers' models do), else recomputes each prefix."""
+    (``past_key_values``, as transformers' models do), else recomputes each prefix. Tokens are
+    drawn as the engine draws them (``runtime.sampling.sample_batch``: inverse CDF, one uniform
+    per row from a generator seeded with ``seed``)."""
     from tqdm import tqdm
+
+    from qcompiler.runtime.sampling import SamplingParams, sample_batch
     g = torch.Generator().manual_seed(seed)
+    params = [SamplingParams(temperature=1.0)] * batch
     device = next(model.parameters()).device
     out, bar = [], tqdm(total=n * seq_len, desc="sampling", unit="tok", disable=None if progress else True)
     was_training = model.training
@@ -244,7 +249,7 @@ def sample_sequences(model: nn.Module, n: int, seq_len: int, start: list[int], s
             except (TypeError, AttributeError):  # a model without a cache
                 past, logits = None, _logits(model, ids)[:, -1]
             while ids.shape[1] < seq_len:
-                nxt = torch.multinomial(torch.softmax(logits.float(), -1).cpu(), 1, generator=g).to(device)
+                nxt = torch.tensor(sample_batch(logits.float().cpu(), params[:b], [g] * b), device=device)[:, None]
                 ids = torch.cat([ids, nxt], 1)
                 bar.update(b)
                 if ids.shape[1] == seq_len:
