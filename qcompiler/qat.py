@@ -234,7 +234,7 @@ def sample_sequences(model: nn.Module, n: int, seq_len: int, start: list[int], s
 
     from qcompiler.runtime.sampling import SamplingParams, sample_batch
     g = torch.Generator().manual_seed(seed)
-    params = [SamplingParams(temperature=1.0)] * batch
+    temp1 = SamplingParams(temperature=1.0)
     device = next(model.parameters()).device
     out, bar = [], tqdm(total=n * seq_len, desc="sampling", unit="tok", disable=None if progress else True)
     was_training = model.training
@@ -249,7 +249,7 @@ def sample_sequences(model: nn.Module, n: int, seq_len: int, start: list[int], s
             except (TypeError, AttributeError):  # a model without a cache
                 past, logits = None, _logits(model, ids)[:, -1]
             while ids.shape[1] < seq_len:
-                nxt = torch.tensor(sample_batch(logits.float().cpu(), params[:b], [g] * b), device=device)[:, None]
+                nxt = torch.tensor(sample_batch(logits.float().cpu(), [temp1] * b, [g] * b), device=device)[:, None]
                 ids = torch.cat([ids, nxt], 1)
                 bar.update(b)
                 if ids.shape[1] == seq_len:
