@@ -174,9 +174,6 @@ def load_model(path: Path, dtype: Optional[torch.dtype]):
         raise ValueError(f"{path}: the tensors do not match {type(model).__name__}: "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
-    tok = None
-    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        from .models import load_tokenizer
-        tok = load_tokenizer(path)
-    return model, tok, ck
+    from .models import tokenizer_in
+    return model, tokenizer_in(path), ck
 

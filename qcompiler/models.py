@@ -115,6 +115,14 @@ def load_tokenizer(path):
     return tok
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def tokenizer_in(path: Path):
+    """The tokenizer saved in the directory ``path`` (``load_tokenizer``), or None where it holds none."""
+    return load_tokenizer(path) if any((path / f).exists() for f in TOKENIZER_FILES) else None
+
+
 def load_hf_dir(path: Path, dtype=None) -> ModelSource:
     from transformers import AutoModelForCausalLM
 
@@ -125,9 +133,7 @@ def load_hf_dir(path: Path, dtype=None) -> ModelSource:
                            config=_hf_config_dict(model), checkpoint=ck)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa")
-        tok = None
-        if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            tok = load_tokenizer(path)
+        tok = tokenizer_in(path)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: not a loadable Hugging Face causal LM: {type(e).__name__}: {e}") from e
     return ModelSource(model=_prepare(model, None), kind="hf", path=str(path), tokenizer=tok,

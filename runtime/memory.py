@@ -8,11 +8,25 @@ the pool exists. It includes the profiling step's own KV blocks, which are freed
 they are taken back out. The decode graphs, captured later, and the sampler's buffers are not
 counted: they come out of what ``1 - utilization`` leaves (decode steps are at most
 ``max_num_seqs`` tokens, and the graphs share one memory pool)."""
-from typing import NamedTuple
+import ctypes
+import ctypes.util
+from functools import lru_cache
+from typing import NamedTuple, Optional
 
 import torch
 
 from .step_inputs import single_sequence
+
+
+@lru_cache(maxsize=1)
+def glibc() -> Optional[ctypes.CDLL]:
+    """The process's C library where it is glibc (it has ``malloc_trim`` and ``mallopt``: the host
+    heap's policy), else None: the allocator's own policy stands."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
 
 
 class MemoryProfile(NamedTuple):

@@ -6,8 +6,6 @@ Invariants: only the loop thread touches the engine; a request leaves ``active``
 a final ``done`` event; an aborted request's blocks are back in the pool (or, when full and
 computed, unlocked in the prefix cache) before its ``done`` event is posted."""
 import asyncio
-import ctypes
-import ctypes.util
 import queue
 import threading
 import time
@@ -16,17 +14,9 @@ from typing import Optional, Union
 
 from qcompiler.runtime.beam_search import BeamGroup, BeamSearchParams
 from qcompiler.runtime.engine import Engine, Request
+from qcompiler.runtime.memory import glibc
 from qcompiler.runtime.sequence import Sequence
 from qcompiler.runtime.sampling import SamplingParams
-
-
-def _malloc_trim():
-    """glibc's ``malloc_trim(0)`` (memory freed by the process handed back to the OS), or None."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 TRIM_EVERY_S = 2.0  # how often the loop hands freed heap memory back, while it works or idles
@@ -129,7 +119,7 @@ class EngineLoop:
     # --- the loop thread ------------------------------------------------------------------------
     def _run(self) -> None:
         eng = self.engine
-        trim, last_trim = _malloc_trim(), time.monotonic()
+        trim, last_trim = getattr(glibc(), "malloc_trim", None), time.monotonic()
         try:
             while not self._stop.is_set():
                 self._drain()
