@@ -10,11 +10,12 @@ Training text may be the model's own: ``sample_sequences`` draws it from the flo
 
 The grid is the compile passes' own (``codegen.quant``: groups, symmetric or with integer zero
 points, codes in ``[qmin, qmax]``, ``w = (q - zero) * scale``); rounding and clamping pass gradients
-straight through inside the range and none outside it. Scales are learned too (``learn_scales``,
-LSQ-style), and on request the norms and biases, which the artifact keeps float; zero points stay
-the integers they were initialized to. W8A8 also fake-quantizes each linear's input per token
-(int8, absmax / 127, as ``qc::w8a8_linear``). Exactness: the artifact's
-reference ops compute what the fake-quantized model computes, weights bit for bit."""
+straight through inside the range and none outside it. Scales are learned too (``learn_scales``;
+their gradient is the derivative with the codes held), or alone (``train_weights=False``), and on
+request the norms and biases, which the artifact keeps float; zero points stay the integers they
+were initialized to. W8A8 also fake-quantizes each linear's input per token (int8, absmax / 127,
+as ``qc::w8a8_linear``). Exactness: the artifact's reference ops compute what the fake-quantized
+model computes, weights bit for bit."""
 import hashlib
 import math
 import time
@@ -38,13 +39,15 @@ def ste_round(x: Tensor) -> Tensor:
 
 
 def fake_quantize(w: Tensor, scale: Tensor, zero: Optional[Tensor], bits: int) -> Tensor:
-    """``(clamp(round(w / s) + z, qmin, qmax) - z) * s`` per group (``scale [N, groups]``), the
-    rounding straight through, the clamp's gradient zero outside the range."""
+    """``(clamp(round(w / s) + z, qmin, qmax) - z) * s`` per group (``scale [N, groups]``). The
+    weights' gradient passes the rounding straight through inside the range and is zero where
+    clamped. The scales' is the exact derivative with the codes held (``sum (q - z) * grad`` over
+    the group), not LSQ's ``round(w / s) - w / s``, which is zero for weights on their grid."""
     N, K = w.shape
     qmin, qmax = qrange(bits)
     g = scale.shape[1]
     s = scale.float().unsqueeze(-1)
-    q = ste_round(w.float().reshape(N, g, K // g) / s)
+    q = ste_round(w.float().reshape(N, g, K // g) / s.detach())
     z = zero.float().unsqueeze(-1) if zero is not None else 0.0
     q = torch.clamp(q + z, qmin, qmax)
     return ((q - z) * s).reshape(N, K)
@@ -198,16 +201,13 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 def _keep_freed_memory() -> None:
     """glibc: keep freed memory in the heap instead of returning it to the system, so each
     step's activations reuse pages rather than fault new ones in (half a step's time on CPUs)."""
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    from qcompiler.runtime.memory import glibc
+    libc = glibc()
+    if libc is not None:  # else the allocator's own policy stands
         M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
         libc.mallopt(M_MMAP_MAX, 0)
         libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
         libc.mallopt(M_TOP_PAD, 256 << 20)
-    except (OSError, AttributeError):  # not glibc: the allocator's own policy stands
-        pass
 
 
 def vectors_to_train(model: nn.Module) -> list[nn.Parameter]:
@@ -267,9 +267,11 @@ def sample_sequences(model: nn.Module, n: int, seq_len: int, start: list[int], s
 
 def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor], steps: int, lr: float = 1e-3,
           batch: int = 4, loss: str = "kd", progress: bool = False, autocast: Optional[torch.dtype] = None,
-          on_step: Optional[Callable[[int, float], None]] = None, train_vectors: bool = False) -> TrainResult:
-    """AdamW on the fake-quantized linears' weights and scales (everything else frozen, but for
-    the norms and biases with ``train_vectors``), ``batch`` samples a step, cycling through
+          on_step: Optional[Callable[[int, float], None]] = None, train_vectors: bool = False,
+          train_weights: bool = True) -> TrainResult:
+    """AdamW on the fake-quantized linears' weights (but with ``train_weights=False``) and scales
+    (where ``learn_scales``), everything else frozen, but for the norms and biases with
+    ``train_vectors``; ``batch`` samples a step, cycling through
     ``samples``. ``autocast``: the dtype forward and backward matmuls run in (master weights,
     scales and the fake quantization stay fp32). ``on_step(n, seconds)`` runs after the n-th step
     (``seconds`` of training so far), in eval mode, its own time not counted."""
@@ -282,21 +284,23 @@ def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor],
                          "or calibration_data()")
     from tqdm import tqdm
     fq = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
-    weights, scales = [m.weight for m in fq], [m.scale for m in fq if m.scale.requires_grad]
+    weights, scales = [m.weight for m in fq] if train_weights else [], [m.scale for m in fq if m.scale.requires_grad]
+    if not (weights or scales):
+        raise ValueError("QAT has nothing to train: the weights, the scales or both")
     vectors = vectors_to_train(model) if train_vectors else []
     for p in model.parameters():
         p.requires_grad_(False)
     for p in weights + scales + vectors:
         p.requires_grad_(True)
-    groups = ([{"params": weights + vectors, "lr": lr}]
-              + ([{"params": scales, "lr": lr * SCALE_LR}] if scales else []))
+    groups = ([{"params": weights + vectors, "lr": lr}] if weights + vectors else []) + (
+        [{"params": scales, "lr": lr * SCALE_LR}] if scales else [])
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     h, losses, tokens, t0, paused = hashlib.sha256(), [], 0, time.perf_counter(), 0.0
     for s in samples:
         h.update(s.numpy().tobytes())
     model.train()
-    device = weights[0].device
+    device = fq[0].weight.device
     if device.type == "cpu":
         _keep_freed_memory()
     bar = tqdm(range(steps), desc="qat", unit="step", disable=None if progress else True)

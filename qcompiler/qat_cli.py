@@ -37,7 +37,9 @@ def add_parser(sub) -> None:
                         "seen more than twice, they overfit")
     q.add_argument("--train-norms", action="store_true",
                    help="train the norm weights and biases as well (the artifact keeps them float)")
-    q.add_argument("--fixed-scales", action="store_true", help="train the weights only, not the scales")
+    q.add_argument("--learn", default="all", choices=["all", "scales", "weights"],
+                   help="what trains: all (default): the weights and their scales; scales: the scales only, "
+                        "the weights as the init left them; weights: the weights only")
     q.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="matmuls of the training steps: auto (default) = bf16 where the hardware has it "
                         "(CUDA, AVX512-BF16/AMX CPUs), else fp32; weights, scales and fake quantization stay fp32")
@@ -140,12 +142,12 @@ def train_source(a, src, on_step=None):
     init = (ptq_codes(src, target, a.init, CalibrationConfig(file=a.train_file), None if has_text else samples)
             if a.init != "rtn" else None)
     teacher = copy.deepcopy(src.model) if a.loss == "kd" else None
-    prepare(src.model, target, learn_scales=not a.fixed_scales, init=init)
+    prepare(src.model, target, learn_scales=a.learn != "weights", init=init)
     res = train(src.model, teacher, samples, a.steps, a.lr, batch, a.loss, progress=not a.quiet,
-                autocast=autocast, on_step=on_step, train_vectors=a.train_norms)
+                autocast=autocast, on_step=on_step, train_vectors=a.train_norms, train_weights=a.learn != "scales")
     codes = convert(src.model)
     record = {"init": a.init, "loss": a.loss, "steps": res.steps, "tokens": res.tokens, "lr": a.lr,
-              "batch_tokens": batch * a.seq_len, "learn_scales": not a.fixed_scales,
+              "batch_tokens": batch * a.seq_len, "learn": a.learn,
               "train_norms": a.train_norms, "seconds": res.seconds, "sampling_seconds": round(sampling_s, 1),
               "precision": "bf16" if autocast is not None else "fp32",
               "loss_first": res.loss_first, "loss_last": res.loss_last, "curve": res.curve,

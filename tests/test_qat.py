@@ -39,6 +39,20 @@ def test_ste_passes_gradients_inside_the_range_and_none_outside():
     assert torch.equal(x.grad, torch.ones_like(x))  # absmax / 127: every value inside the range
 
 
+def test_the_scales_gradient_is_the_derivative_with_the_codes_held():
+    # weights on their grid, as a PTQ method's codes leave them: round(w / s) - w / s is zero there
+    scale, zero = torch.tensor([[0.1, 0.2]], requires_grad=True), torch.tensor([[1, -2]], dtype=torch.int8)
+    codes = torch.tensor([[-8, -3, 0, 5, 7, 2, -1, 4]])
+    w = (codes - zero.repeat_interleave(4, 1)) * scale.detach().repeat_interleave(4, 1)
+    g = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
+    (fake_quantize(w, scale, zero, 4) * g).sum().backward()
+    eps = 1e-3  # moves w / s by at most 0.1: no code changes
+    fd = torch.stack([((fake_quantize(w, scale.detach() + d, zero, 4) - fake_quantize(w, scale.detach() - d, zero, 4))
+                       * g).sum() / (2 * eps) for d in torch.eye(2)[:, None] * eps]).reshape(1, 2)
+    torch.testing.assert_close(scale.grad, fd, rtol=1e-3, atol=1e-4)
+    assert (scale.grad.abs() > 0.1).all()
+
+
 def _ids(n=40, seed=0):
     return torch.randint(0, 1024, (1, n), generator=torch.Generator().manual_seed(seed))
 
@@ -144,6 +158,22 @@ def test_norms_train_only_when_asked_and_reach_the_artifact(tmp_path):
     assert all(torch.equal(stored[n].float(), trained[n].float()) for n in norms)
 
 
+def test_scales_alone_train_with_the_weights_held():
+    import copy
+    src = load_source(str(EXAMPLES / "tiny_llama.py"))
+    teacher = copy.deepcopy(src.model)
+    prepare(src.model, TARGETS["w4a16-g64-asym"])
+    fq = [m for m in src.model.modules() if isinstance(m, FakeQuantLinear)]
+    weights, scales = [m.weight.clone() for m in fq], [m.scale.clone() for m in fq]
+    res = train(src.model, teacher, [_ids(32, seed=i)[0] for i in range(2)], steps=10, lr=1e-3, batch=2,
+                train_weights=False)  # the same batch every step: its loss falls
+    assert all(torch.equal(m.weight, w) for m, w in zip(fq, weights))
+    assert all(not torch.equal(m.scale, s) for m, s in zip(fq, scales)) and res.loss_last < res.loss_first
+    held = prepare(load_source(str(EXAMPLES / "tiny_llama.py")).model, TARGETS["w4a16-g64-asym"], learn_scales=False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        train(held, teacher, [_ids(32)[0]], steps=1, train_weights=False)
+
+
 def test_qcompile_qat_and_its_bad_input(tmp_path, capsys, caplog):
     model = str(EXAMPLES / "tiny_llama.py")
     args = ["--steps", "3", "--batch-tokens", "64", "--seq-len", "32", "-g", "32", "--symmetric", "-q"]
@@ -164,9 +194,10 @@ def test_qcompile_qat_and_its_bad_input(tmp_path, capsys, caplog):
     assert "--generate takes a number" in capsys.readouterr().err
     # text the model writes itself stands in for none (GPTQ calibrates on it); the norms train too, kept float
     assert main(["qat", plain, "-o", str(tmp_path / "gen"), *args, "--generate", "4", "--train-norms",
-                 "--init", "gptq"]) == 0
+                 "--init", "gptq", "--learn", "scales"]) == 0
     man = json.loads((tmp_path / "gen" / "manifest.json").read_text())["training"]
     assert man["data"]["source"] == "4 sequences of 32 tokens sampled from the float model" and man["train_norms"]
+    assert man["learn"] == "scales"
     assert man["tokens"] == 3 * 64
     with caplog.at_level(logging.WARNING, logger="qcompiler.qat_cli"):  # 6 sequences' worth from 2
         assert main(["qat", plain, "-o", str(tmp_path / "gen2"), *args, "--generate", "2"]) == 0
