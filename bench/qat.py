@@ -1,7 +1,8 @@
 """Quantization-aware training on SmolLM2-135M: perplexity (ANCHORS protocol: 16 windows x 1024
 tokens of the Britannica article) against training minutes, beside the PTQ anchors.
 
-    .venv/bin/python bench/qat.py --threads 2 --init gptq --symmetric|--asymmetric [--steps 200 --generate 200 --train-norms ...] [--points 4]
+    .venv/bin/python bench/qat.py --threads 2 --init gptq --learn scales --symmetric|--asymmetric \
+        [--steps 200 --generate 200 ...] [--points 4]
 
 Options after the bench's own are ``qcompile qat``'s (the same parser). Each curve point
 evaluates the fake-quantized model in fp32 (the reference ops' arithmetic) at evenly spaced
@@ -55,7 +56,8 @@ def main():
 
     sym = bool(a.symmetric)  # w4a16's default: asymmetric
     print(f"SmolLM2-135M W4A16 g64 {'sym' if sym else 'asym'}, QAT init {a.init}, {a.steps} steps x "
-          f"{a.batch_tokens} tokens, lr {a.lr}, --generate {a.generate}, --train-norms {a.train_norms}, "
+          f"{a.batch_tokens} tokens, lr {a.lr}, --learn {a.learn}, --generate {a.generate}, "
+          f"--train-norms {a.train_norms}, "
           f"{cpu_name()}, torch {torch.__version__}, {ours.threads} threads",
           flush=True)
     res = train_source(a, src, on_step)
