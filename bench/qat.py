@@ -1,8 +1,8 @@
 """Quantization-aware training on SmolLM2-135M: perplexity (ANCHORS protocol: 16 windows x 1024
 tokens of the Britannica article) against training minutes, beside the PTQ anchors.
 
-    .venv/bin/python bench/qat.py --threads 2 --init gptq --learn scales --symmetric|--asymmetric \
-        [--steps 200 --generate 200 ...] [--points 4]
+    .venv/bin/python bench/qat.py --threads 2 --init gptq|rtn --symmetric|--asymmetric \
+        [--steps 300 --generate 300 --learn scales|all ...] [--points 4]
 
 Options after the bench's own are ``qcompile qat``'s (the same parser). Each curve point
 evaluates the fake-quantized model in fp32 (the reference ops' arithmetic) at evenly spaced
@@ -70,7 +70,7 @@ def main():
     rec = src.checkpoint.record
     print(f"\nartifact {out.name}: served {served:.3f}, reference ops {reference:.3f}; training {res.seconds / 60:.1f} min, "
           f"{res.tokens} tokens, KD loss {res.loss_first:.4f} -> {res.loss_last:.4f}; data: {rec['data']['source']}, "
-          f"sampled in {rec['sampling_seconds'] / 60:.1f} min")
+          + ("read from the cache" if rec["samples_cached"] else f"sampled in {rec['sampling_seconds'] / 60:.1f} min"))
     print("anchors: " + ", ".join(f"{k} {v}" for k, v in ANCHORS[sym].items()))
 
 

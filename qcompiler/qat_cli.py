@@ -1,8 +1,12 @@
 """``qcompile qat``: quantization-aware training of a model file, then the ordinary compile of its
 trained codes (``qcompiler.qat``)."""
 import copy
+import hashlib
+import json
 import logging
 import math
+import os
+import pickle
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,9 +41,9 @@ def add_parser(sub) -> None:
                         "seen more than twice, they overfit")
     q.add_argument("--train-norms", action="store_true",
                    help="train the norm weights and biases as well (the artifact keeps them float)")
-    q.add_argument("--learn", default="all", choices=["all", "scales", "weights"],
-                   help="what trains: all (default): the weights and their scales; scales: the scales only, "
-                        "the weights as the init left them; weights: the weights only")
+    q.add_argument("--learn", default="scales", choices=["all", "scales", "weights"],
+                   help="what trains: scales (default): the scales only, the weights as the init left them; "
+                        "all: the weights and their scales; weights: the weights only")
     q.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="matmuls of the training steps: auto (default) = bf16 where the hardware has it "
                         "(CUDA, AVX512-BF16/AMX CPUs), else fp32; weights, scales and fake quantization stay fp32")
@@ -92,6 +96,39 @@ def start_tokens(src) -> list[int]:
     return [0]
 
 
+def sampled_sequences(src, n: int, seq_len: int, autocast, progress: bool) -> tuple[list, bool]:
+    """``n`` sequences of ``seq_len`` tokens the float model ``src.model`` writes itself
+    (``qat.sample_sequences``, seed 1), kept under ``~/.cache/qcompiler/qat-samples`` keyed by the
+    model's weights and these options: a rerun with other training options reads them back
+    instead of sampling again. Returns the sequences and whether they came from the cache."""
+    import torch
+
+    from .models import CACHE_DIR
+    from .qat import sample_sequences
+    start, device = start_tokens(src), next(src.model.parameters()).device
+    autocast = autocast if device.type == "cuda" else None
+    h = hashlib.sha256(json.dumps({"n": n, "seq_len": seq_len, "start": start, "seed": 1, "device": device.type,
+                                   "autocast": str(autocast)}).encode())
+    for name, t in src.model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    path = CACHE_DIR / "qat-samples" / f"{h.hexdigest()[:24]}.pt"
+    try:
+        ids = torch.load(path, weights_only=True)
+        if ids.shape == (n, seq_len):
+            log.info("sampled sequences read from %s", path)
+            return list(ids), True
+    except (OSError, RuntimeError, AttributeError, ValueError, pickle.UnpicklingError):  # none yet, or unreadable
+        pass
+    samples = sample_sequences(src.model, n, seq_len, start, seed=1, batch=sampling_batch(src.config, seq_len),
+                               autocast=autocast, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save(torch.stack(samples), tmp)
+    tmp.replace(path)
+    return samples, False
+
+
 def train_source(a, src, on_step=None):
     """Quantization-aware training of ``src`` (a ``ModelSource``) as the parsed ``qcompile qat``
     options ``a`` say; leaves the trained codes and the run's record in ``src.checkpoint``.
@@ -102,7 +139,7 @@ def train_source(a, src, on_step=None):
     from .calibration import CalibrationConfig, load_calibration
     from .checkpoint import CheckpointCodes
     from .cli import PER_CHANNEL, _group_size
-    from .qat import autocast_dtype, convert, prepare, qat_target, sample_sequences, train
+    from .qat import autocast_dtype, convert, prepare, qat_target, train
     from .targets import W8A8, make_target
     if a.target not in ("w4a16", "w8a16", "w8a8"):
         raise ValueError(f"qcompile qat trains w4a16, w8a16 or w8a8, not {a.target}")
@@ -123,16 +160,14 @@ def train_source(a, src, on_step=None):
     batch = a.batch_tokens // a.seq_len
     device = next(src.model.parameters()).device
     autocast = {"auto": autocast_dtype(device), "bf16": torch.bfloat16, "fp32": None}[a.precision]
-    sampling_s = 0.0
+    sampling_s, cached = 0.0, False
     if a.generate:
         if a.steps * batch > 2 * a.generate:
             log.warning("each of the %d sampled sequences is trained on %.1f times: more than twice overfits "
                         "them (--generate %d or more)", a.generate, a.steps * batch / a.generate,
                         math.ceil(a.steps * batch / 2))
         t0 = time.perf_counter()
-        samples = sample_sequences(src.model, a.generate, a.seq_len, start_tokens(src), seed=1,
-                                   batch=sampling_batch(src.config, a.seq_len),
-                                   autocast=autocast if device.type == "cuda" else None, progress=not a.quiet)
+        samples, cached = sampled_sequences(src, a.generate, a.seq_len, autocast, not a.quiet)
         sampling_s = time.perf_counter() - t0
         source = f"{a.generate} sequences of {a.seq_len} tokens sampled from the float model"
     else:
@@ -149,6 +184,7 @@ def train_source(a, src, on_step=None):
     record = {"init": a.init, "loss": a.loss, "steps": res.steps, "tokens": res.tokens, "lr": a.lr,
               "batch_tokens": batch * a.seq_len, "learn": a.learn,
               "train_norms": a.train_norms, "seconds": res.seconds, "sampling_seconds": round(sampling_s, 1),
+              "samples_cached": cached,
               "precision": "bf16" if autocast is not None else "fp32",
               "loss_first": res.loss_first, "loss_last": res.loss_last, "curve": res.curve,
               "data": {"source": source, "sha256": res.data_sha256}}

@@ -174,7 +174,9 @@ def test_scales_alone_train_with_the_weights_held():
         train(held, teacher, [_ids(32)[0]], steps=1, train_weights=False)
 
 
-def test_qcompile_qat_and_its_bad_input(tmp_path, capsys, caplog):
+def test_qcompile_qat_and_its_bad_input(tmp_path, capsys, caplog, monkeypatch):
+    from qcompiler import models, qat
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path / "cache")
     model = str(EXAMPLES / "tiny_llama.py")
     args = ["--steps", "3", "--batch-tokens", "64", "--seq-len", "32", "-g", "32", "--symmetric", "-q"]
     assert main(["qat", model, "-o", str(tmp_path / "art"), *args]) == 0
@@ -194,11 +196,17 @@ def test_qcompile_qat_and_its_bad_input(tmp_path, capsys, caplog):
     assert "--generate takes a number" in capsys.readouterr().err
     # text the model writes itself stands in for none (GPTQ calibrates on it); the norms train too, kept float
     assert main(["qat", plain, "-o", str(tmp_path / "gen"), *args, "--generate", "4", "--train-norms",
-                 "--init", "gptq", "--learn", "scales"]) == 0
+                 "--init", "gptq"]) == 0
     man = json.loads((tmp_path / "gen" / "manifest.json").read_text())["training"]
     assert man["data"]["source"] == "4 sequences of 32 tokens sampled from the float model" and man["train_norms"]
-    assert man["learn"] == "scales"
-    assert man["tokens"] == 3 * 64
+    assert man["learn"] == "scales"  # the default
+    assert man["tokens"] == 3 * 64 and not man["samples_cached"]
+    # the same model and sampling options again: the sequences come from the cache, not the model
+    with monkeypatch.context() as m:
+        m.setattr(qat, "sample_sequences", lambda *a, **k: pytest.fail("sampled again"))
+        assert main(["qat", plain, "-o", str(tmp_path / "gen1"), *args, "--generate", "4", "--learn", "all"]) == 0
+    again = json.loads((tmp_path / "gen1" / "manifest.json").read_text())["training"]
+    assert again["samples_cached"] and again["data"]["sha256"] == man["data"]["sha256"]
     with caplog.at_level(logging.WARNING, logger="qcompiler.qat_cli"):  # 6 sequences' worth from 2
         assert main(["qat", plain, "-o", str(tmp_path / "gen2"), *args, "--generate", "2"]) == 0
     assert "trained on 3.0 times" in caplog.text and "--generate 3 or more" in caplog.text
