@@ -5,9 +5,9 @@ tokens of the Britannica article) against training minutes, beside the PTQ ancho
         [--steps 300 --generate 300 --learn scales|all ...] [--points 4]
 
 Options after the bench's own are ``qcompile qat``'s (the same parser). Each curve point
-evaluates the fake-quantized model in fp32 (the reference ops' arithmetic) at evenly spaced
-steps; evaluation time is not training time. The last row is the compiled artifact, evaluated
-through the served path and through the reference ops."""
+evaluates the fake-quantized model in fp32 (the reference ops' arithmetic): the init's codes
+(step 0), then evenly spaced steps; evaluation time is not training time. The last row is the
+compiled artifact, evaluated through the served path and through the reference ops."""
 import argparse
 import json
 import sys
@@ -26,6 +26,7 @@ from qcompiler.compiler import compile_model  # noqa: E402
 from qcompiler.data import britannica_text  # noqa: E402
 from qcompiler.evaluate import eval_tokens, perplexity  # noqa: E402
 from qcompiler.models import load_model_py  # noqa: E402
+from qcompiler.qat import SCALE_LR  # noqa: E402
 from qcompiler.qat_cli import add_parser, train_source  # noqa: E402
 
 ANCHORS = {True: {"float": 22.62, "RTN": 32.68, "our GPTQ": 26.31, "llm-compressor GPTQ": 30.91},
@@ -46,7 +47,7 @@ def main():
     tokens = eval_tokens(src.tokenizer, britannica_text(), ours.windows * 1024)
     ppl = lambda m: perplexity(lambda ids, pos: m(input_ids=ids[None], position_ids=pos[None]).logits[0],  # noqa: E731
                                tokens, 1024)
-    marks = {round(a.steps * (k + 1) / ours.points) for k in range(ours.points)}
+    marks = {0} | {round(a.steps * (k + 1) / ours.points) for k in range(ours.points)}  # 0: the init's codes
     curve = []
 
     def on_step(step, seconds):
@@ -56,8 +57,8 @@ def main():
 
     sym = bool(a.symmetric)  # w4a16's default: asymmetric
     print(f"SmolLM2-135M W4A16 g64 {'sym' if sym else 'asym'}, QAT init {a.init}, {a.steps} steps x "
-          f"{a.batch_tokens} tokens, lr {a.lr}, --learn {a.learn}, --generate {a.generate}, "
-          f"--train-norms {a.train_norms}, "
+          f"{a.batch_tokens} tokens, lr {a.lr}, scale lr {a.lr * SCALE_LR if a.scale_lr is None else a.scale_lr:g}, "
+          f"--learn {a.learn}, --generate {a.generate}, --train-norms {a.train_norms}, "
           f"{cpu_name()}, torch {torch.__version__}, {ours.threads} threads",
           flush=True)
     res = train_source(a, src, on_step)

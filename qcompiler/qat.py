@@ -268,15 +268,19 @@ def sample_sequences(model: nn.Module, n: int, seq_len: int, start: list[int], s
 def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor], steps: int, lr: float = 1e-3,
           batch: int = 4, loss: str = "kd", progress: bool = False, autocast: Optional[torch.dtype] = None,
           on_step: Optional[Callable[[int, float], None]] = None, train_vectors: bool = False,
-          train_weights: bool = True) -> TrainResult:
+          train_weights: bool = True, scale_lr: Optional[float] = None) -> TrainResult:
     """AdamW on the fake-quantized linears' weights (but with ``train_weights=False``) and scales
     (where ``learn_scales``), everything else frozen, but for the norms and biases with
-    ``train_vectors``; ``batch`` samples a step, cycling through
+    ``train_vectors``. ``lr``: the weights' and vectors' rate; ``scale_lr``: the scales' (default
+    ``lr * SCALE_LR``); both follow one cosine to 0. ``batch`` samples a step, cycling through
     ``samples``. ``autocast``: the dtype forward and backward matmuls run in (master weights,
-    scales and the fake quantization stay fp32). ``on_step(n, seconds)`` runs after the n-th step
-    (``seconds`` of training so far), in eval mode, its own time not counted."""
+    scales and the fake quantization stay fp32). ``on_step(n, seconds)`` runs before the first
+    step (``n`` 0) and after the n-th (``seconds`` of training so far), in eval mode, its own time
+    not counted."""
     if steps < 1:
         raise ValueError(f"QAT steps must be >= 1, got {steps}")
+    if lr <= 0 or (scale_lr is not None and scale_lr <= 0):
+        raise ValueError(f"QAT learning rates must be > 0, got lr {lr}, scale_lr {scale_lr}")
     if loss not in ("kd", "ce"):
         raise ValueError(f"unknown QAT loss {loss!r}; available: kd, ce")
     if not samples:
@@ -293,7 +297,7 @@ def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor],
     for p in weights + scales + vectors:
         p.requires_grad_(True)
     groups = ([{"params": weights + vectors, "lr": lr}] if weights + vectors else []) + (
-        [{"params": scales, "lr": lr * SCALE_LR}] if scales else [])
+        [{"params": scales, "lr": lr * SCALE_LR if scale_lr is None else scale_lr}] if scales else [])
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     h, losses, tokens, t0, paused = hashlib.sha256(), [], 0, time.perf_counter(), 0.0
@@ -303,6 +307,10 @@ def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor],
     device = fq[0].weight.device
     if device.type == "cpu":
         _keep_freed_memory()
+    if on_step is not None:
+        model.eval()
+        on_step(0, 0.0)
+        model.train()
     bar = tqdm(range(steps), desc="qat", unit="step", disable=None if progress else True)
     for i in bar:
         ids = torch.stack([samples[(i * batch + j) % len(samples)] for j in range(batch)]).to(device)

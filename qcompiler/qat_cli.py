@@ -27,8 +27,10 @@ def add_parser(sub) -> None:
                    help="start from this PTQ method's codes (default rtn)")
     q.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     q.add_argument("--lr", type=float, default=1e-3,
-                   help="AdamW learning rate of the weights, cosine to 0; scales at a tenth of it (default 1e-3, "
-                        "measured on a 135M model; billions of parameters want 1e-5 to 1e-4)")
+                   help="AdamW learning rate of the weights, cosine to 0 (default 1e-3, measured on a 135M "
+                        "model; billions of parameters want 1e-5 to 1e-4)")
+    q.add_argument("--scale-lr", type=float, default=None,
+                   help="learning rate of the scales, cosine to 0 (default: a tenth of --lr)")
     q.add_argument("--batch-tokens", type=int, default=1024, help="tokens per step (default 1024)")
     q.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default 512)")
     q.add_argument("--loss", default="kd", choices=["kd", "ce"],
@@ -132,14 +134,14 @@ def sampled_sequences(src, n: int, seq_len: int, autocast, progress: bool) -> tu
 def train_source(a, src, on_step=None):
     """Quantization-aware training of ``src`` (a ``ModelSource``) as the parsed ``qcompile qat``
     options ``a`` say; leaves the trained codes and the run's record in ``src.checkpoint``.
-    ``on_step(step, seconds)`` runs after each optimizer step (``qat.train``).
+    ``on_step(step, seconds)`` runs before the first optimizer step and after each (``qat.train``).
     Returns the ``TrainResult``."""
     import torch
 
     from .calibration import CalibrationConfig, load_calibration
     from .checkpoint import CheckpointCodes
     from .cli import PER_CHANNEL, _group_size
-    from .qat import autocast_dtype, convert, prepare, qat_target, train
+    from .qat import SCALE_LR, autocast_dtype, convert, prepare, qat_target, train
     from .targets import W8A8, make_target
     if a.target not in ("w4a16", "w8a16", "w8a8"):
         raise ValueError(f"qcompile qat trains w4a16, w8a16 or w8a8, not {a.target}")
@@ -151,6 +153,8 @@ def train_source(a, src, on_step=None):
               make_target(a.target, group_size=group, symmetric=a.symmetric, method="rtn"))
     if a.init != "rtn" and isinstance(target, W8A8):
         raise ValueError("--init applies to w4a16 and w8a16")
+    if a.lr <= 0 or (a.scale_lr is not None and a.scale_lr <= 0):
+        raise ValueError(f"--lr and --scale-lr must be > 0, got {a.lr} and {a.scale_lr}")
     if a.generate < 0:
         raise ValueError(f"--generate takes a number of sequences >= 0, got {a.generate}")
     has_text = bool(a.train_file or src.calibration_data or src.calibration_texts)
@@ -179,9 +183,11 @@ def train_source(a, src, on_step=None):
     teacher = copy.deepcopy(src.model) if a.loss == "kd" else None
     prepare(src.model, target, learn_scales=a.learn != "weights", init=init)
     res = train(src.model, teacher, samples, a.steps, a.lr, batch, a.loss, progress=not a.quiet,
-                autocast=autocast, on_step=on_step, train_vectors=a.train_norms, train_weights=a.learn != "scales")
+                autocast=autocast, on_step=on_step, train_vectors=a.train_norms, train_weights=a.learn != "scales",
+                scale_lr=a.scale_lr)
     codes = convert(src.model)
     record = {"init": a.init, "loss": a.loss, "steps": res.steps, "tokens": res.tokens, "lr": a.lr,
+              "scale_lr": a.lr * SCALE_LR if a.scale_lr is None else a.scale_lr,
               "batch_tokens": batch * a.seq_len, "learn": a.learn,
               "train_norms": a.train_norms, "seconds": res.seconds, "sampling_seconds": round(sampling_s, 1),
               "samples_cached": cached,

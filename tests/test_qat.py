@@ -105,7 +105,7 @@ def test_a_short_run_lowers_held_out_kd_loss_and_beats_rtn(tmp_path):
     calls = []
     res = train(src.model, teacher, samples, steps=40, lr=1e-4, batch=2, on_step=lambda n, s: calls.append((n, s)))
     assert res.loss_last < res.loss_first and res.tokens == 40 * 2 * 64 and len(res.curve) >= 4
-    assert [n for n, _ in calls] == list(range(1, 41))  # after every step, with the training time so far
+    assert [n for n, _ in calls] == list(range(41))  # before the first step, after every step, with the time so far
     assert all(a <= b for (_, a), (_, b) in zip(calls, calls[1:])) and calls[-1][1] <= res.seconds + 0.1
     src.checkpoint = CheckpointCodes(qat_target(target), convert(src.model))
     qat = compile_model(src, None, tmp_path / "qat", verify=False)
@@ -170,8 +170,26 @@ def test_scales_alone_train_with_the_weights_held():
     assert all(torch.equal(m.weight, w) for m, w in zip(fq, weights))
     assert all(not torch.equal(m.scale, s) for m, s in zip(fq, scales)) and res.loss_last < res.loss_first
     held = prepare(load_source(str(EXAMPLES / "tiny_llama.py")).model, TARGETS["w4a16-g64-asym"], learn_scales=False)
+    with pytest.raises(ValueError, match="learning rates must be > 0"):
+        train(held, teacher, [_ids(32)[0]], steps=1, scale_lr=0.0)
     with pytest.raises(ValueError, match="nothing to train"):
         train(held, teacher, [_ids(32)[0]], steps=1, train_weights=False)
+
+
+def test_weights_and_scales_move_at_their_own_rates():
+    """Adam's first step moves each parameter by at most its group's rate (about that much where
+    the gradient is not tiny): the weights by ``lr``, the scales by ``scale_lr``."""
+    import copy
+    for lr, scale_lr in ((1e-3, 1e-6), (1e-6, 1e-3)):
+        src = load_source(str(EXAMPLES / "tiny_llama.py"))
+        teacher = copy.deepcopy(src.model)
+        prepare(src.model, TARGETS["w4a16-g64-asym"])
+        fq = [m for m in src.model.modules() if isinstance(m, FakeQuantLinear)]
+        weights, scales = [m.weight.clone() for m in fq], [m.scale.clone() for m in fq]
+        train(src.model, teacher, [_ids(32)[0]], steps=1, lr=lr, batch=1, scale_lr=scale_lr)
+        dw = max(float((m.weight - w).abs().max()) for m, w in zip(fq, weights))
+        ds = max(float((m.scale - s).abs().max()) for m, s in zip(fq, scales))
+        assert lr / 2 < dw <= lr * 1.001 and scale_lr / 2 < ds <= scale_lr * 1.001, (dw, ds)
 
 
 def test_qcompile_qat_and_its_bad_input(tmp_path, capsys, caplog, monkeypatch):
@@ -185,6 +203,7 @@ def test_qcompile_qat_and_its_bad_input(tmp_path, capsys, caplog, monkeypatch):
     assert man["training"]["tokens"] == 3 * 64 and man["training"]["data"]["source"] == "calibration_data()"
     capsys.readouterr()
     for bad, words in ((["--target", "fp8"], "trains w4a16, w8a16 or w8a8"), (["--steps", "0"], "--steps must be"),
+                       (["--scale-lr", "0"], "--scale-lr must be > 0"),
                        (["--target", "w8a8", "--init", "gptq"], "--init applies")):
         assert main(["qat", model, "-o", str(tmp_path / "bad"), *args, *bad]) == 1
         err = capsys.readouterr().err.strip()
@@ -204,9 +223,11 @@ def test_qcompile_qat_and_its_bad_input(tmp_path, capsys, caplog, monkeypatch):
     # the same model and sampling options again: the sequences come from the cache, not the model
     with monkeypatch.context() as m:
         m.setattr(qat, "sample_sequences", lambda *a, **k: pytest.fail("sampled again"))
-        assert main(["qat", plain, "-o", str(tmp_path / "gen1"), *args, "--generate", "4", "--learn", "all"]) == 0
+        assert main(["qat", plain, "-o", str(tmp_path / "gen1"), *args, "--generate", "4", "--learn", "all",
+                     "--scale-lr", "5e-4"]) == 0
     again = json.loads((tmp_path / "gen1" / "manifest.json").read_text())["training"]
     assert again["samples_cached"] and again["data"]["sha256"] == man["data"]["sha256"]
+    assert again["learn"] == "all" and again["scale_lr"] == 5e-4
     with caplog.at_level(logging.WARNING, logger="qcompiler.qat_cli"):  # 6 sequences' worth from 2
         assert main(["qat", plain, "-o", str(tmp_path / "gen2"), *args, "--generate", "2"]) == 0
     assert "trained on 3.0 times" in caplog.text and "--generate 3 or more" in caplog.text
