@@ -172,6 +172,7 @@ class TrainResult:
     loss_last: float      # mean of the last tenth of the steps
     curve: list           # (step, loss) at about 20 points
     data_sha256: str
+    scale_lr: Optional[float]  # the scales' rate; None where they did not train
 
 
 def _logits(model: nn.Module, ids: Tensor) -> Tensor:
@@ -281,6 +282,7 @@ def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor],
         raise ValueError(f"QAT steps must be >= 1, got {steps}")
     if lr <= 0 or (scale_lr is not None and scale_lr <= 0):
         raise ValueError(f"QAT learning rates must be > 0, got lr {lr}, scale_lr {scale_lr}")
+    scale_lr = lr * SCALE_LR if scale_lr is None else scale_lr
     if loss not in ("kd", "ce"):
         raise ValueError(f"unknown QAT loss {loss!r}; available: kd, ce")
     if not samples:
@@ -297,7 +299,7 @@ def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor],
     for p in weights + scales + vectors:
         p.requires_grad_(True)
     groups = ([{"params": weights + vectors, "lr": lr}] if weights + vectors else []) + (
-        [{"params": scales, "lr": lr * SCALE_LR if scale_lr is None else scale_lr}] if scales else [])
+        [{"params": scales, "lr": scale_lr}] if scales else [])
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     h, losses, tokens, t0, paused = hashlib.sha256(), [], 0, time.perf_counter(), 0.0
@@ -336,7 +338,7 @@ def train(model: nn.Module, teacher: Optional[nn.Module], samples: list[Tensor],
     tail = losses[-max(1, steps // 10):]
     return TrainResult(steps, tokens, round(time.perf_counter() - t0 - paused, 1), round(losses[0], 5),
                        round(sum(tail) / len(tail), 5), [(i, round(v, 5)) for i, v in enumerate(losses)][::every],
-                       h.hexdigest())
+                       h.hexdigest(), scale_lr if scales else None)
 
 
 def qat_target(target: Target) -> Target:

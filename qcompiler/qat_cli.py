@@ -141,7 +141,7 @@ def train_source(a, src, on_step=None):
     from .calibration import CalibrationConfig, load_calibration
     from .checkpoint import CheckpointCodes
     from .cli import PER_CHANNEL, _group_size
-    from .qat import SCALE_LR, autocast_dtype, convert, prepare, qat_target, train
+    from .qat import autocast_dtype, convert, prepare, qat_target, train
     from .targets import W8A8, make_target
     if a.target not in ("w4a16", "w8a16", "w8a8"):
         raise ValueError(f"qcompile qat trains w4a16, w8a16 or w8a8, not {a.target}")
@@ -187,7 +187,7 @@ def train_source(a, src, on_step=None):
                 scale_lr=a.scale_lr)
     codes = convert(src.model)
     record = {"init": a.init, "loss": a.loss, "steps": res.steps, "tokens": res.tokens, "lr": a.lr,
-              "scale_lr": a.lr * SCALE_LR if a.scale_lr is None else a.scale_lr,
+              "scale_lr": res.scale_lr,
               "batch_tokens": batch * a.seq_len, "learn": a.learn,
               "train_norms": a.train_norms, "seconds": res.seconds, "sampling_seconds": round(sampling_s, 1),
               "samples_cached": cached,
