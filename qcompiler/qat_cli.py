@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+INIT_SAMPLES = 256  # calibration samples of the PTQ init (compile's gptq: 64)
 
 
 def add_parser(sub) -> None:
@@ -25,6 +26,9 @@ def add_parser(sub) -> None:
     sym.add_argument("--symmetric", dest="symmetric", action="store_true")
     q.add_argument("--init", default="rtn", choices=["rtn", "imatrix", "gptq"],
                    help="start from this PTQ method's codes (default rtn)")
+    q.add_argument("--calib-samples", type=int, default=None, metavar="N",
+                   help=f"calibration samples of 512 tokens for --init's method (default {INIT_SAMPLES}, four "
+                        "times compile's: better codes to train from, for minutes more of calibration)")
     q.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     q.add_argument("--lr", type=float, default=1e-3,
                    help="AdamW learning rate of the weights, cosine to 0 (default 1e-3, measured on a 135M "
@@ -155,6 +159,9 @@ def train_source(a, src, on_step=None):
         raise ValueError("--init applies to w4a16 and w8a16")
     if a.lr <= 0 or (a.scale_lr is not None and a.scale_lr <= 0):
         raise ValueError(f"--lr and --scale-lr must be > 0, got {a.lr} and {a.scale_lr}")
+    if a.calib_samples is not None and (a.init == "rtn" or a.calib_samples < 1):
+        raise ValueError(f"--calib-samples takes a number >= 1 and applies to --init imatrix or gptq, got "
+                         f"{a.calib_samples} with --init {a.init}")
     if a.generate < 0:
         raise ValueError(f"--generate takes a number of sequences >= 0, got {a.generate}")
     has_text = bool(a.train_file or src.calibration_data or src.calibration_texts)
@@ -178,15 +185,18 @@ def train_source(a, src, on_step=None):
         cfg = CalibrationConfig(samples=a.steps * batch, seq_len=a.seq_len, file=a.train_file, seed=1)
         data = load_calibration(src, cfg, src.config.get("vocab_size"), "qat")
         samples, source = data.samples, data.source
-    init = (ptq_codes(src, target, a.init, CalibrationConfig(file=a.train_file), None if has_text else samples)
+    calib, t0 = CalibrationConfig(samples=a.calib_samples or INIT_SAMPLES, file=a.train_file), time.perf_counter()
+    init = (ptq_codes(src, target, a.init, calib, None if has_text else samples[:calib.samples_for(a.init)])
             if a.init != "rtn" else None)
+    init_s = time.perf_counter() - t0
     teacher = copy.deepcopy(src.model) if a.loss == "kd" else None
     prepare(src.model, target, learn_scales=a.learn != "weights", init=init)
     res = train(src.model, teacher, samples, a.steps, a.lr, batch, a.loss, progress=not a.quiet,
                 autocast=autocast, on_step=on_step, train_vectors=a.train_norms, train_weights=a.learn != "scales",
                 scale_lr=a.scale_lr)
     codes = convert(src.model)
-    record = {"init": a.init, "loss": a.loss, "steps": res.steps, "tokens": res.tokens, "lr": a.lr,
+    record = {"init": a.init, "calib_samples": calib.samples_for(a.init) if init is not None else None,
+              "init_seconds": round(init_s, 1), "loss": a.loss, "steps": res.steps, "tokens": res.tokens, "lr": a.lr,
               "scale_lr": res.scale_lr,
               "batch_tokens": batch * a.seq_len, "learn": a.learn,
               "train_norms": a.train_norms, "seconds": res.seconds, "sampling_seconds": round(sampling_s, 1),

@@ -193,7 +193,8 @@ def test_weights_and_scales_move_at_their_own_rates():
 
 
 def test_qcompile_qat_and_its_bad_input(tmp_path, capsys, caplog, monkeypatch):
-    from qcompiler import models, qat
+    from qcompiler import models, qat, qat_cli
+    from qcompiler.qat_cli import ptq_codes
     monkeypatch.setattr(models, "CACHE_DIR", tmp_path / "cache")
     model = str(EXAMPLES / "tiny_llama.py")
     args = ["--steps", "3", "--batch-tokens", "64", "--seq-len", "32", "-g", "32", "--symmetric", "-q"]
@@ -201,9 +202,12 @@ def test_qcompile_qat_and_its_bad_input(tmp_path, capsys, caplog, monkeypatch):
     man = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert man["target"]["method"] == "qat" and man["training"]["steps"] == 3
     assert man["training"]["tokens"] == 3 * 64 and man["training"]["data"]["source"] == "calibration_data()"
+    assert man["training"]["calib_samples"] is None  # RTN calibrates on nothing
     capsys.readouterr()
     for bad, words in ((["--target", "fp8"], "trains w4a16, w8a16 or w8a8"), (["--steps", "0"], "--steps must be"),
                        (["--scale-lr", "0"], "--scale-lr must be > 0"),
+                       (["--calib-samples", "8"], "applies to --init imatrix or gptq"),
+                       (["--init", "gptq", "--calib-samples", "0"], "--calib-samples takes a number >= 1"),
                        (["--target", "w8a8", "--init", "gptq"], "--init applies")):
         assert main(["qat", model, "-o", str(tmp_path / "bad"), *args, *bad]) == 1
         err = capsys.readouterr().err.strip()
@@ -213,10 +217,17 @@ def test_qcompile_qat_and_its_bad_input(tmp_path, capsys, caplog, monkeypatch):
     assert "no training data" in capsys.readouterr().err
     assert main(["qat", plain, "-o", str(tmp_path / "bad"), *args, "--generate", "-1"]) == 1
     assert "--generate takes a number" in capsys.readouterr().err
-    # text the model writes itself stands in for none (GPTQ calibrates on it); the norms train too, kept float
-    assert main(["qat", plain, "-o", str(tmp_path / "gen"), *args, "--generate", "4", "--train-norms",
-                 "--init", "gptq"]) == 0
+    # text the model writes itself stands in for none (GPTQ calibrates on --calib-samples of it); the norms
+    # train too, kept float
+    calibrated = []
+    with monkeypatch.context() as m:
+        m.setattr(qat_cli, "ptq_codes", lambda *a: calibrated.append(a) or ptq_codes(*a))
+        assert main(["qat", plain, "-o", str(tmp_path / "gen"), *args, "--generate", "4", "--train-norms",
+                     "--init", "gptq", "--calib-samples", "3"]) == 0
+    (_, _, method, cfg, samples), = calibrated
+    assert method == "gptq" and cfg.samples_for(method) == 3 and len(samples) == 3
     man = json.loads((tmp_path / "gen" / "manifest.json").read_text())["training"]
+    assert man["calib_samples"] == 3 and man["init_seconds"] > 0
     assert man["data"]["source"] == "4 sequences of 32 tokens sampled from the float model" and man["train_norms"]
     assert man["learn"] == "scales"  # the default
     assert man["tokens"] == 3 * 64 and not man["samples_cached"]
