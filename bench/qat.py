@@ -26,7 +26,7 @@ from qcompiler.compiler import compile_model  # noqa: E402
 from qcompiler.data import britannica_text  # noqa: E402
 from qcompiler.evaluate import eval_tokens, perplexity  # noqa: E402
 from qcompiler.models import load_model_py  # noqa: E402
-from qcompiler.qat_cli import INIT_SAMPLES, add_parser, train_source  # noqa: E402
+from qcompiler.qat_cli import add_parser, train_source  # noqa: E402
 
 ANCHORS = {True: {"float": 22.62, "RTN": 32.68, "our GPTQ": 26.31, "llm-compressor GPTQ": 30.91},
            False: {"float": 22.62, "RTN": 28.87, "our GPTQ": 25.96, "llm-compressor GPTQ": 26.55}}
@@ -55,8 +55,7 @@ def main():
             print(json.dumps(curve[-1]), flush=True)
 
     sym = bool(a.symmetric)  # w4a16's default: asymmetric
-    calib = f" ({a.calib_samples or INIT_SAMPLES} calibration samples)" if a.init != "rtn" else ""
-    print(f"SmolLM2-135M W4A16 g64 {'sym' if sym else 'asym'}, QAT init {a.init}{calib}, {a.steps} steps x "
+    print(f"SmolLM2-135M W4A16 g64 {'sym' if sym else 'asym'}, QAT init {a.init}, {a.steps} steps x "
           f"{a.batch_tokens} tokens, lr {a.lr}, --scale-lr {a.scale_lr or 'default'}, --learn {a.learn}, "
           f"--generate {a.generate}, --train-norms {a.train_norms}, "
           f"{cpu_name()}, torch {torch.__version__}, {ours.threads} threads",
@@ -70,7 +69,8 @@ def main():
         print(f"| {c['train_min']} | {c['step']} | {c['ppl']:.2f} |")
     rec = src.checkpoint.record
     print(f"\nartifact {out.name}: served {served:.3f}, reference ops {reference:.3f}; training {res.seconds / 60:.1f} min "
-          f"(scale lr {res.scale_lr}), init {rec['init']} {rec['init_seconds'] / 60:.1f} min, "
+          f"(scale lr {res.scale_lr}), init {rec['init']} on {rec['calib_samples']} samples "
+          f"{rec['init_seconds'] / 60:.1f} min, "
           f"{res.tokens} tokens, KD loss {res.loss_first:.4f} -> {res.loss_last:.4f}; data: {rec['data']['source']}, "
           + ("read from the cache" if rec["samples_cached"] else f"sampled in {rec['sampling_seconds'] / 60:.1f} min"))
     print("anchors: " + ", ".join(f"{k} {v}" for k, v in ANCHORS[sym].items()))

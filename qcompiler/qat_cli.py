@@ -185,9 +185,10 @@ def train_source(a, src, on_step=None):
         cfg = CalibrationConfig(samples=a.steps * batch, seq_len=a.seq_len, file=a.train_file, seed=1)
         data = load_calibration(src, cfg, src.config.get("vocab_size"), "qat")
         samples, source = data.samples, data.source
-    calib, t0 = CalibrationConfig(samples=a.calib_samples or INIT_SAMPLES, file=a.train_file), time.perf_counter()
-    init = (ptq_codes(src, target, a.init, calib, None if has_text else samples[:calib.samples_for(a.init)])
-            if a.init != "rtn" else None)
+    n_calib, t0 = (a.calib_samples or INIT_SAMPLES) if a.init != "rtn" else None, time.perf_counter()
+    init = (ptq_codes(src, target, a.init, CalibrationConfig(samples=n_calib, file=a.train_file),
+                      None if has_text else samples[:n_calib])
+            if n_calib else None)
     init_s = time.perf_counter() - t0
     teacher = copy.deepcopy(src.model) if a.loss == "kd" else None
     prepare(src.model, target, learn_scales=a.learn != "weights", init=init)
@@ -195,7 +196,7 @@ def train_source(a, src, on_step=None):
                 autocast=autocast, on_step=on_step, train_vectors=a.train_norms, train_weights=a.learn != "scales",
                 scale_lr=a.scale_lr)
     codes = convert(src.model)
-    record = {"init": a.init, "calib_samples": calib.samples_for(a.init) if init is not None else None,
+    record = {"init": a.init, "calib_samples": n_calib,
               "init_seconds": round(init_s, 1), "loss": a.loss, "steps": res.steps, "tokens": res.tokens, "lr": a.lr,
               "scale_lr": res.scale_lr,
               "batch_tokens": batch * a.seq_len, "learn": a.learn,
